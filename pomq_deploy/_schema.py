@@ -1,0 +1,102 @@
+"""YAML in, typed frozen dataclasses out: the one place where loose mappings become checked objects.
+
+Schemas are pydantic dataclasses (real dataclasses, validated on construction). A validation failure
+becomes one line naming the file, the key path (``blocks[3].w``) and what is allowed there.
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from .errors import PomqError
+
+T = TypeVar("T")
+
+# Unknown keys are errors, and instances are immutable.
+STRICT = ConfigDict(extra="forbid")
+
+
+def read_yaml(path: Path, error: type[PomqError]) -> dict:
+    """The top-level mapping of a YAML file, or ``error`` naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise error(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse(cls: type[T], data: Any, source: str, error: type[PomqError]) -> T:
+    """Validate ``data`` into ``cls``; on failure raise ``error`` with the first problem as one line."""
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise error(f"{source}: {_describe(cls, e.errors()[0])}") from None
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass as plain dicts/lists, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    """The dataclass inside Optional[...] or tuple[..., ...], if there is one."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        inner = _unwrap(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _fields_at(cls: type, loc: tuple) -> list[str]:
+    """Names of the keys allowed in the mapping found at ``loc`` inside ``cls``."""
+    tp: Any = cls
+    for part in loc:
+        tp = _unwrap(tp)
+        if tp is None:
+            return []
+        if isinstance(part, str):
+            tp = typing.get_type_hints(tp).get(part)
+    tp = _unwrap(tp)
+    return [f.name for f in dataclasses.fields(tp)] if tp is not None else []
+
+
+def _describe(cls: type, err: dict) -> str:
+    loc, kind = tuple(err["loc"]), err["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        allowed = ", ".join(_fields_at(cls, loc[:-1]))
+        return f"unknown key '{_key_path(loc)}'; allowed keys here: {allowed}"
+    if kind == "missing":
+        return f"missing required key '{_key_path(loc)}'"
+    where = f"'{_key_path(loc)}'" if loc else "top level"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list, types.NoneType)) and kind != "none_required" else f" (got {got!r})"
+    return f"{where}: {err['msg']}{shown}"

@@ -1,0 +1,1 @@
+"""The ``pomq-deploy`` command line: one module per subcommand, registered in ``main.COMMANDS``."""

@@ -1,0 +1,18 @@
+"""Terminal output shared by the subcommands: results on stdout, progress and logs on stderr."""
+
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+def progress_iter(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    """Yield ``items`` while drawing a progress bar on stderr (only when stderr is a terminal)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        yield from progress.track(items, total=total, description=description)

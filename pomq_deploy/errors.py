@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Everything a user can fix (a bad recipe, a missing file, a backend that is not installed) raises a
+subclass of :class:`PomqError`. The CLI catches that one type and prints its message as a single line
+with exit code 2; any other exception is our own bug and keeps its traceback.
+"""
+
+
+class PomqError(Exception):
+    """An error the user can fix; its message is one line that names the file or field at fault."""
+
+
+class RecipeError(PomqError):
+    """A recipe file is missing, unreadable or does not fit the schema."""
+
+
+class DataError(PomqError):
+    """A data set path is missing, empty or in a format we cannot read."""
+
+
+class CheckpointError(PomqError):
+    """A checkpoint file is missing, unreadable, or its tensors do not fit the model."""

@@ -1,0 +1,89 @@
+"""Recipes: one YAML per model saying which weights, which data and which defaults to use.
+
+Relative paths inside a recipe are relative to the recipe file, so the committed recipes work from any
+working directory. ``--recipe`` takes a path or the bare name of a recipe in the repository's recipes/.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import NonNegativeInt, PositiveInt
+from pydantic.dataclasses import dataclass
+
+from ._schema import STRICT, parse, read_yaml
+from .errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPE = "deit_fmnist"
+
+
+@dataclass(frozen=True, config=STRICT)
+class ModelSpec:
+    arch: str  # a timm model name, e.g. deit_tiny_patch16_224 (deit_fmnist is registered by pomq_deploy)
+    checkpoint: Optional[str] = None  # .safetensors or .pth state dict in timm's key format
+
+
+@dataclass(frozen=True, config=STRICT)
+class DataSpec:
+    kind: Literal["fashion_mnist", "image_folder"]
+    # fashion_mnist: the folder holding the four IDX files; image_folder: the evaluation folder (<class>/<image>).
+    root: Optional[str] = None
+    # image_folder only: the folder calibration images come from (ImageNet's train/); default: root.
+    calib_root: Optional[str] = None
+    calib_images: PositiveInt = 1000  # FQ-ViT: 10 batches x 100 shuffled training images
+    calib_batch: PositiveInt = 100
+    seed: int = 0
+    workers: NonNegativeInt = 0  # DataLoader worker processes for decoding image folders
+
+
+@dataclass(frozen=True, config=STRICT)
+class EvalSpec:
+    batch_size: PositiveInt = 100
+    limit: Optional[PositiveInt] = None  # evaluate only the first N images
+
+
+@dataclass(frozen=True, config=STRICT)
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    eval: EvalSpec = EvalSpec()
+
+
+def find_recipe(spec: Optional[str]) -> Path:
+    """A recipe path from a path or a bare recipe name (default: the embedded reference recipe)."""
+    spec = spec or DEFAULT_RECIPE
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{spec}.yaml"
+    if path.suffix == "" and "/" not in spec and named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise RecipeError(f"{spec}: no such recipe file or recipe name; recipes in {RECIPES_DIR}: {known}")
+
+
+def _resolve(base: Path, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_recipe(spec: Optional[str] = None) -> Recipe:
+    """Load and validate a recipe; its relative paths come back resolved against the recipe's folder."""
+    path = find_recipe(spec)
+    recipe = parse(Recipe, read_yaml(path, RecipeError), str(path), RecipeError)
+    import timm  # lazily: `--help` must not pay for it
+
+    from . import models  # noqa: F401  (registers deit_fmnist with timm)
+
+    if not timm.is_model(recipe.model.arch):
+        raise RecipeError(f"{path}: model.arch '{recipe.model.arch}' is not a timm model name "
+                          f"(see timm.list_models(), e.g. deit_tiny_patch16_224)")
+    base = path.resolve().parent
+    model = dataclasses.replace(recipe.model, checkpoint=_resolve(base, recipe.model.checkpoint))
+    data = dataclasses.replace(recipe.data, root=_resolve(base, recipe.data.root),
+                               calib_root=_resolve(base, recipe.data.calib_root))
+    return dataclasses.replace(recipe, model=model, data=data)

@@ -1,0 +1,52 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pomq_deploy.models  # noqa: F401  (registers deit_fmnist with timm)
+from pomq_deploy.data.fashion_mnist import DEBIAN_ROOT
+from pomq_deploy.data.idx import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _have_gpu_stack() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _have_gpu_stack():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA and TensorRT")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    """Debian's Fashion-MNIST; tools/bootstrap.sh installs it, so its absence is a failure, not a skip."""
+    if not (DEBIAN_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"{DEBIAN_ROOT} is missing: run tools/bootstrap.sh (apt-get install dataset-fashion-mnist)")
+    return DEBIAN_ROOT
+
+
+def make_fmnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0, gz: bool = True) -> Path:
+    """A tiny Fashion-MNIST folder of random images, labels cycling through the 10 classes."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", (np.arange(n) % 10).astype(np.uint8))
+    return root
+
+
+@pytest.fixture
+def tiny_fmnist(tmp_path) -> Path:
+    return make_fmnist(tmp_path / "fmnist")

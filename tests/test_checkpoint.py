@@ -1,0 +1,61 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pomq_deploy.errors import CheckpointError
+from pomq_deploy.models.loading import create_model, read_state_dict
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    return timm.create_model("test_vit").state_dict()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pth", "wrapped", "ddp"])
+def test_loads_each_format(tmp_path, weights, kind):
+    path = tmp_path / ("m.safetensors" if kind == "safetensors" else "m.pth")
+    if kind == "safetensors":
+        save_file(weights, str(path))
+    elif kind == "pth":
+        torch.save(weights, path)
+    elif kind == "wrapped":  # DeiT / timm training checkpoints keep the weights under "model"
+        torch.save({"model": weights, "epoch": 3}, path)
+    else:
+        torch.save({f"module.{k}": v for k, v in weights.items()}, path)
+    model = create_model("test_vit", path)
+    assert not model.training
+    assert torch.equal(model.state_dict()["head.weight"], weights["head.weight"])
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "m.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a module, not tensors: weights_only refuses it
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_state_dict(path)
+
+
+def test_shape_mismatch_is_one_line(tmp_path, weights):
+    path = tmp_path / "m.safetensors"
+    save_file({**weights, "head.weight": torch.zeros(10, weights["head.weight"].shape[1])}, str(path))
+    with pytest.raises(CheckpointError, match=r"tensors do not fit test_vit: 1 shape mismatch\(es\), e.g. head.weight \(10, 64\) vs model \(1000, 64\)"):
+        create_model("test_vit", path)
+
+
+def test_missing_and_unexpected_keys(tmp_path, weights):
+    path = tmp_path / "m.safetensors"
+    state = {k: v for k, v in weights.items() if k != "norm.bias"}
+    save_file({**state, "extra.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match="1 missing, e.g. norm.bias; 1 unexpected, e.g. extra.weight"):
+        create_model("test_vit", path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        create_model("test_vit", tmp_path / "nope.safetensors")
+
+
+def test_no_checkpoint_given():
+    with pytest.raises(CheckpointError, match="pass --checkpoint FILE"):
+        create_model("test_vit", None)

@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pomq_deploy.cli.main import COMMANDS, main
+
+from conftest import make_fmnist
+from test_image_folder import make_folder
+
+CLI = Path(sys.executable).parent / "pomq-deploy"
+
+
+def test_console_script_help():
+    out = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: pomq-deploy" in out and "eval" in out
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from pomq_deploy.cli.main import build_parser; build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'timm', 'onnxruntime', 'tensorrt') if m in sys.modules]; "
+            "sys.exit(f'imported {heavy}' if heavy else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: pomq-deploy {command}" in out and "examples:" in out
+
+
+@pytest.fixture(scope="module")
+def random_deit_fmnist(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "deit_fmnist_random.safetensors"
+    save_file(timm.create_model("deit_fmnist").state_dict(), str(path))
+    return path
+
+
+def test_eval_json_on_generated_data(tmp_path, random_deit_fmnist, capsys):
+    data = make_fmnist(tmp_path / "fm", n_test=30)
+    rc = main(["eval", "--checkpoint", str(random_deit_fmnist), "--data", str(data), "--batch-size", "8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["images"] == 30 and set(out) >= {"top1", "top5", "images", "seconds"}
+    assert 0.0 <= out["top1"] <= out["top5"] <= 1.0
+
+
+def user_error(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nmodel: {arch: deit_fmnist}\ndata: {kind: fashion_mnist}\nevaluation: {}\n")
+    assert f"{path}: unknown key 'evaluation'" in user_error(["eval", "--recipe", str(path)], capsys)
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    err = user_error(["eval", "--checkpoint", str(tmp_path / "none.safetensors")], capsys)
+    assert "none.safetensors: no such checkpoint file" in err
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, capsys):
+    path = tmp_path / "small.safetensors"
+    save_file(timm.create_model("deit_fmnist", embed_dim=96).state_dict(), str(path))
+    assert "tensors do not fit deit_fmnist" in user_error(["eval", "--checkpoint", str(path)], capsys)
+
+
+def test_data_path_that_does_not_exist(tmp_path, random_deit_fmnist, capsys):
+    err = user_error(["eval", "--checkpoint", str(random_deit_fmnist), "--data", str(tmp_path / "nope")], capsys)
+    assert "nope: no such data folder" in err
+
+
+def test_empty_image_folder(tmp_path, capsys):
+    ckpt = tmp_path / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(ckpt))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: {arch: test_vit}\ndata: {kind: image_folder}\n")
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    err = user_error(["eval", "--recipe", str(recipe), "--checkpoint", str(ckpt), "--data", str(tmp_path / "val")], capsys)
+    assert "empty evaluation image folder" in err
+    make_folder(tmp_path / "val2")
+    assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(ckpt), "--data", str(tmp_path / "val2"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 6

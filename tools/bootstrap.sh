@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs: Fashion-MNIST from Debian (when missing), a Python 3.11 venv in .venv,
+# and this package with its pinned dependencies (torch 2.14.1 + torchvision 0.29.1, timm, onnxruntime, ...).
+# Safe to run again: every step is skipped or quick when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  echo "bootstrap: installing Debian's dataset-fashion-mnist" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python=$(command -v python3.11 || command -v python3)
+  "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || { echo "bootstrap: needs Python 3.11, found $("$python" --version)" >&2; exit 1; }
+  "$python" -m venv .venv
+fi
+
+# Reinstall only when pyproject.toml changed since the last successful install (pip is slow to say "nothing to do").
+stamp=.venv/.pomq-deploy-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import pomq_deploy' 2>/dev/null; then
+  echo "bootstrap: installing pomq-deploy and its pinned dependencies into .venv (first time: a few minutes, ~6 GB with torch)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
+    | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e "^ " -e "^$" || true; } >&2
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bootstrap: pip install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
