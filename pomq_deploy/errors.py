@@ -20,3 +20,7 @@ class DataError(PomqError):
 
 class CheckpointError(PomqError):
     """A checkpoint file is missing, unreadable, or its tensors do not fit the model."""
+
+
+class PlanError(PomqError):
+    """A bit-width plan is malformed or does not fit the model it is applied to."""

@@ -44,3 +44,62 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         recipe = dataclasses.replace(recipe, eval=dataclasses.replace(
             ev, limit=limit if limit is not None else ev.limit, batch_size=batch or ev.batch_size))
     return recipe
+
+
+def uniform_spec(text: str) -> str:
+    from ..plan import parse_uniform
+
+    try:
+        parse_uniform(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_quant_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from ..plan import SCHEME_NAMES
+    from ..quant.schemes import OBSERVERS
+
+    g = p.add_argument_group("quantization")
+    which = g.add_mutually_exclusive_group(required=required)
+    which.add_argument("--plan", metavar="P", type=Path, help="bit-width plan YAML (names its recipe and scheme)")
+    which.add_argument("--uniform", metavar="W/A/ATTN", type=uniform_spec,
+                       help="the same widths in every block, e.g. 8/8/8, 8/8/4, 4/4/4")
+    g.add_argument("--scheme", choices=SCHEME_NAMES, help="quantization scheme (default: the plan's, else fqvit)")
+    g.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
+    g.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
+                   help="activation format to emulate: ort = uint8 asymmetric (FQ-ViT's), tensorrt = int8 symmetric")
+
+
+def load_plan_arg(args: argparse.Namespace):
+    """The --plan file, if one was given, and the recipe name it implies (--recipe wins)."""
+    from ..plan import load_plan
+
+    if getattr(args, "plan", None) is None:
+        return None
+    plan = load_plan(args.plan)
+    if args.recipe is None:
+        args.recipe = plan.model
+    return plan
+
+
+def resolve_plan(args: argparse.Namespace, plan, recipe: Recipe, n_blocks: int):
+    """The plan to apply: the --plan file (with --scheme overriding its scheme) or the --uniform widths."""
+    from ..plan import uniform_plan
+
+    scheme = scheme_of(args, plan)
+    if plan is None:
+        return uniform_plan(args.uniform, n_blocks, recipe.name, scheme)
+    plan = dataclasses.replace(plan, scheme=scheme, model=recipe.name)
+    plan.check_blocks(n_blocks, str(args.plan))
+    return plan
+
+
+def scheme_of(args: argparse.Namespace, plan) -> str:
+    return args.scheme or (plan.scheme if plan is not None else "fqvit")
+
+
+def calib_track(items, total, description):
+    from ._console import progress_iter
+
+    return progress_iter(items, total, description)

@@ -1,0 +1,47 @@
+"""pomq-deploy calibrate: fit and cache the quantizers of a recipe's model for one scheme and observer."""
+
+import argparse
+import json
+
+from ._common import add_recipe_arguments, calib_track, recipe_from_args
+
+HELP = "calibrate a recipe's model for a scheme and cache the result"
+DESCRIPTION = """\
+Run the calibration images (FQ-ViT: 10 batches x 100 shuffled training images, set in the recipe)
+through the FP32 model, fit every activation's quantizer for 4 and 8 bits, and cache them on disk
+(under $POMQ_DEPLOY_CACHE, default ~/.cache/pomq-deploy). Later commands that quantize with the same
+recipe, checkpoint, scheme, observer and calibration set load the cache instead of calibrating again.
+
+examples:
+  pomq-deploy calibrate --scheme fqvit
+  pomq-deploy calibrate --scheme tsptq --observer omse --force
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..plan import SCHEME_NAMES
+    from ..quant.schemes import OBSERVERS
+
+    add_recipe_arguments(p)
+    p.add_argument("--scheme", choices=SCHEME_NAMES, default="fqvit", help="quantization scheme (default: fqvit)")
+    p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
+    p.add_argument("--force", action="store_true", help="calibrate again even if a cached calibration exists")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..quant.calibration import calibrated_model
+    from ._console import stdout
+
+    recipe = recipe_from_args(args)
+    model, info = calibrated_model(recipe, args.scheme, args.observer, force=args.force, track=calib_track)
+    out = {"recipe": recipe.name, "scheme": args.scheme, "observer": args.observer, "cache": str(info.path),
+           "cached": info.cached, "seconds": round(info.seconds, 2), "blocks": model.num_blocks,
+           "activations": len(model.act_quants)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        verb = "loaded from cache" if info.cached else "calibrated"
+        stdout.print(f"{recipe.name}: {args.scheme}/{args.observer} {verb} in {info.seconds:.1f} s "
+                     f"({model.num_blocks} blocks, {len(model.act_quants)} activations) -> {info.path}")
+    return 0

@@ -1,0 +1,92 @@
+"""Bit-width plans: per encoder block, the widths of its weights (``w``), of the activations entering its
+Linear layers and LayerNorms (``a``) and of its post-Softmax attention (``attn``), each 4 or 8.
+
+A plan is a small YAML file a person can read, edit and diff (see DESIGN.md). Its id is a hash of what
+changes the quantized model (model, scheme, blocks), so identical plans share artifacts and results.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from ._schema import STRICT, parse, read_yaml, to_plain
+from .errors import PlanError
+
+Bits = Literal[4, 8]
+SCHEME_NAMES = ("fqvit", "tsptq", "minmax")
+
+
+@dataclass(frozen=True, config=STRICT)
+class BlockBits:
+    w: Bits
+    a: Bits
+    attn: Bits
+
+
+@dataclass(frozen=True, config=STRICT)
+class Plan:
+    model: str  # the recipe name
+    scheme: Literal["fqvit", "tsptq", "minmax"]
+    blocks: tuple[BlockBits, ...] = Field(min_length=1)
+    measured: Optional[dict[str, Any]] = None  # written by search/build, informational only
+
+    @property
+    def is_mixed(self) -> bool:
+        """The paper's constraint 2: not every width 4 and not every width 8."""
+        widths = {v for b in self.blocks for v in (b.w, b.a, b.attn)}
+        return widths == {4, 8}
+
+    @property
+    def plan_id(self) -> str:
+        key = {"model": self.model, "scheme": self.scheme, "blocks": [[b.w, b.a, b.attn] for b in self.blocks]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def check_blocks(self, n_blocks: int, source: str = "plan") -> None:
+        if len(self.blocks) != n_blocks:
+            raise PlanError(f"{source}: 'blocks' has {len(self.blocks)} rows but model {self.model} has {n_blocks} "
+                            f"encoder blocks; give one {{w, a, attn}} row per block")
+
+    def describe(self) -> str:
+        """Compact text, e.g. ``w 4,4,8,... a 8,... attn 4,...``."""
+        return " ".join(f"{k} " + ",".join(str(getattr(b, k)) for b in self.blocks) for k in ("w", "a", "attn"))
+
+
+def parse_uniform(text: str) -> tuple[int, int, int]:
+    """``W/A/ATTN`` (e.g. ``8/8/4``) as three widths, each 4 or 8."""
+    parts = text.split("/")
+    if len(parts) != 3 or any(p not in ("4", "8") for p in parts):
+        raise ValueError(f"expected W/A/ATTN with each of 4 or 8, e.g. 8/8/4; got {text!r}")
+    w, a, attn = (int(p) for p in parts)
+    return w, a, attn
+
+
+def uniform_plan(text: str, n_blocks: int, model: str, scheme: str) -> Plan:
+    w, a, attn = parse_uniform(text)
+    return Plan(model=model, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=attn) for _ in range(n_blocks)))
+
+
+def load_plan(path: Path) -> Plan:
+    return parse(Plan, read_yaml(path, PlanError), str(path), PlanError)
+
+
+def dump_plan(plan: Plan) -> str:
+    """YAML with one flow-style row per block, as in DESIGN.md."""
+    lines = [f"model: {plan.model}", f"scheme: {plan.scheme}", "blocks:"]
+    lines += [f"  - {{w: {b.w}, a: {b.a}, attn: {b.attn}}}" for b in plan.blocks]
+    if plan.measured is not None:
+        lines.append(yaml.safe_dump({"measured": to_plain(plan.measured)}, sort_keys=False).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    """Write atomically: a temporary name, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump_plan(plan))
+    os.replace(tmp, path)

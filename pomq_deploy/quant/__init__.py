@@ -1,0 +1,1 @@
+"""Post-training quantization: observers and quantizers (pure math), schemes, the fake-quant model, calibration."""

@@ -1,0 +1,87 @@
+"""Calibrate once, materialise any plan fast.
+
+Calibration fits, for every activation, a quantizer for 4 and 8 bits in both formats (see
+``QuantModel.calibrate``) and stores them on disk, keyed by everything that changes them: the recipe's
+model and checkpoint contents, the scheme, the observer and the calibration set. Applying a plan then
+only picks fitted quantizers and fake-quantizes the weights: no new calibration pass.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .. import __version__
+from ..recipe import Recipe
+from .model import QuantModel
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "POMQ_DEPLOY_CACHE"
+# Bump when the fitted state's meaning changes, so that old cache files are not reused.
+CALIB_FORMAT = 1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pomq-deploy")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibInfo:
+    path: Path
+    cached: bool  # True: loaded from the cache; False: calibrated now
+    seconds: float
+
+
+def calibration_key(recipe: Recipe, scheme: str, observer: str) -> dict:
+    return {"format": CALIB_FORMAT, "arch": recipe.model.arch, "checkpoint_sha256": file_sha256(recipe.model.checkpoint),
+            "scheme": scheme, "observer": observer, "data": dataclasses.asdict(recipe.data) | {"workers": None}}
+
+
+def cache_path(recipe: Recipe, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "calib" / f"{recipe.name}-{key['scheme']}-{key['observer']}-{digest}.pt"
+
+
+Track = Callable[[Iterable, int, str], Iterable]
+
+
+def calibrated_model(recipe: Recipe, scheme: str, observer: str = "minmax", force: bool = False,
+                     track: Optional[Track] = None) -> tuple[QuantModel, CalibInfo]:
+    """The recipe's model wrapped for ``scheme``, with its quantizers calibrated or loaded from the cache."""
+    from ..data import calibration_batches
+    from ..models.loading import create_model
+
+    start = time.perf_counter()
+    model = create_model(recipe.model.arch, recipe.model.checkpoint)
+    key = calibration_key(recipe, scheme, observer)
+    path = cache_path(recipe, key)
+    qmodel = QuantModel(model, scheme, observer)
+    if path.is_file() and not force:
+        qmodel.load_state(torch.load(path, weights_only=True)["points"])
+        log.info("calibration loaded from %s", path)
+        return qmodel, CalibInfo(path, True, time.perf_counter() - start)
+    batches = calibration_batches(recipe.data, model)
+    progress = track(batches, len(batches), f"calibrate {scheme}/{observer}") if track else None
+    state = qmodel.calibrate(batches, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"key": key, "version": __version__, "points": state}, tmp)
+    os.replace(tmp, path)
+    log.info("calibration saved to %s", path)
+    return qmodel, CalibInfo(path, False, time.perf_counter() - start)

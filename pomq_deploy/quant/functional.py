@@ -1,0 +1,151 @@
+"""The quantization math, as pure functions on tensors.
+
+Conventions (FQ-ViT's, and ONNX QuantizeLinear's): ``q = clamp(round(x / s) + z, qmin, qmax)`` and
+``x_hat = (q - z) * s``, with round-half-to-even (``torch.round``, like ONNX). Activations are uint
+asymmetric (``z`` from the minimum) in FQ-ViT's format or int symmetric (``z = 0``) for TensorRT; weights
+are int symmetric per output channel. Every search here minimises the L2 (mean squared) error on the
+calibration data it is given, as FQ-ViT's OMSE and PTF do on their last calibration batch.
+"""
+
+import torch
+
+EPS = 1e-8
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide code: [0, 2^b - 1] unsigned, [-2^(b-1), 2^(b-1) - 1] signed."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def uniform_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering [lo, hi] (element-wise, so per-tensor or per-channel).
+
+    Asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = qmin - round(lo / s)`` (FQ-ViT), with the range
+    widened to include 0 so that zero is exact. Symmetric: ``s = max(|lo|, |hi|) / qmax``, ``z = 0``
+    (the TensorRT / ONNX Runtime convention; FQ-ViT divides by 127.5 and clips the top code instead).
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=EPS)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize then dequantize: exactly what a QuantizeLinear -> DequantizeLinear pair computes."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, shift: torch.Tensor) -> torch.Tensor:
+    """Per-channel power-of-two scales ``s * 2^shift_c`` (PTF, O-2SF) over the last dimension.
+
+    Written as ``Mul(2^-shift) -> Q/DQ(s, z) -> Mul(2^shift)``: the same arithmetic as a per-channel scale
+    sharing one integer zero point, in the per-tensor form TensorRT accepts for activations.
+    """
+    factor = torch.pow(2.0, shift.to(x.dtype))
+    return fake_quant(x / factor, scale, zero_point, qmin, qmax) * factor
+
+
+def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel (dim 0) min/max fake quantization of a weight tensor."""
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+    qmin, qmax = qrange(bits, symmetric=True)
+    scale = (amax / qmax).clamp(min=EPS).reshape(-1, *([1] * (w.ndim - 1)))
+    return fake_quant(w, scale, 0.0, qmin, qmax)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, dim=None) -> torch.Tensor:
+    return (a - b).pow(2).mean() if dim is None else (a - b).pow(2).mean(dim=dim)
+
+
+def omse_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+               steps: int = 90, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """FQ-ViT's OMSE: shrink [lo, hi] by 1% at a time (up to 90 times), keep the range of lowest L2 error."""
+    qmin, qmax = qrange(bits, symmetric)
+    best, best_err = (lo, hi), None
+    for i in range(steps):
+        cand_lo, cand_hi = lo * (1.0 - i * step), hi * (1.0 - i * step)
+        scale, zp = uniform_qparams(cand_lo, cand_hi, bits, symmetric)
+        err = mse(fake_quant(x, scale, zp, qmin, qmax), x)
+        if best_err is None or err < best_err:
+            best, best_err = (cand_lo, cand_hi), err
+    return best
+
+
+def ptf_search(x2d: torch.Tensor, lo_c: torch.Tensor, hi_c: torch.Tensor, bits: int, symmetric: bool,
+               max_shift: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FQ-ViT's power-of-two factor for LayerNorm inputs ``x2d`` (tokens, channels).
+
+    One layer-wide range gives ``s8 = (max - min) / (qmax - qmin)`` and the zero point; the base scale is
+    ``s1 = s8 / 2^K`` (K = 3), and channel c uses ``s1 * 2^alpha_c`` with ``alpha_c`` in {0..K} chosen to
+    minimise that channel's L2 error. Returns (s1, zero point, alpha).
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    s_top, zp = uniform_qparams(lo_c.min(), hi_c.max(), bits, symmetric)
+    base = s_top / 2**max_shift
+    errors = torch.stack([mse(fake_quant(x2d, base * 2**a, zp, qmin, qmax), x2d, dim=0) for a in range(max_shift + 1)])
+    return base, zp, errors.argmin(dim=0)  # argmin keeps the smallest alpha on ties, as FQ-ViT's list.index(min)
+
+
+def o2sf_search(x2d: torch.Tensor, lo_c: torch.Tensor, hi_c: torch.Tensor, bits: int, symmetric: bool,
+                normal_fractions=(1.0, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TSPTQ-ViT's outlier-aware two scales for LayerNorm inputs ``x2d`` (tokens, channels).
+
+    For each candidate fraction f, the channels whose range is within the f-quantile of channel ranges are
+    "normal": their joint range sets the base scale s and zero point. The remaining outlier channels share
+    one second scale ``s * 2^m``, with m the smallest power of two that fits every outlier channel. The
+    candidate with the lowest L2 error on ``x2d`` wins (f = 1: one scale, no outliers). Returns
+    (s, zero point, shift) where shift_c is 0 for normal channels and m for outliers.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    width = hi_c - lo_c
+    best, best_err = None, None
+    for f in normal_fractions:
+        normal = width <= torch.quantile(width, f)
+        scale, zp = uniform_qparams(lo_c[normal].min(), hi_c[normal].max(), bits, symmetric)
+        # the codes [qmin, qmax] cover [(qmin - z) s 2^m, (qmax - z) s 2^m]; find the m each channel needs
+        need_hi = torch.log2((hi_c.clamp(min=0) / ((qmax - zp) * scale)).clamp(min=1.0)) if qmax > zp else torch.zeros_like(hi_c)
+        need_lo = torch.log2((lo_c.clamp(max=0) / ((qmin - zp) * scale)).clamp(min=1.0)) if qmin < zp else torch.zeros_like(lo_c)
+        m = int(torch.ceil(torch.maximum(need_hi, need_lo)[~normal]).max()) if (~normal).any() else 0
+        shift = torch.where(normal, 0, m).to(torch.int64)
+        err = mse(fake_quant_shifted(x2d, scale, zp, qmin, qmax, shift), x2d)
+        if best_err is None or err < best_err:
+            best, best_err = (scale, zp, shift), err
+    return best
+
+
+def log2_quant(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """FQ-ViT's LIS output quantizer: ``q = clamp(round(-log2 p), 0, 2^b - 1)``, ``p_hat = 2^-q``, and 0 where
+    ``round(-log2 p) >= 2^b`` (a probability too small for the code range)."""
+    q = torch.round(-torch.log2(p)).clamp(min=0)
+    return torch.where(q >= 2**bits, torch.zeros_like(p), torch.pow(2.0, -q))
+
+
+def two_scale_regions(lo: torch.Tensor, hi: torch.Tensor, bits: int, m: int, symmetric: bool):
+    """V-2SF grids: a coarse and a fine uniform grid of ``bits - 1`` bits each (one bit flags the region),
+    the fine step 2^m times smaller. Returns ((s_c, z_c), (s_f, z_f), (qmin, qmax)) for the half-width code."""
+    qmin, qmax = qrange(bits - 1, symmetric)
+    coarse = uniform_qparams(lo, hi, bits - 1, symmetric)
+    s_f = coarse[0] / 2**m
+    z_f = torch.zeros_like(s_f) if symmetric else (qmin - torch.round(torch.clamp(lo, max=0.0) / s_f)).clamp(qmin, qmax)
+    return coarse, (s_f, z_f), (qmin, qmax)
+
+
+def two_scale_quant(x: torch.Tensor, coarse, fine, qmin: int, qmax: int) -> torch.Tensor:
+    """Values inside the fine grid's range take the fine grid, the rest the coarse one."""
+    (s_c, z_c), (s_f, z_f) = coarse, fine
+    inside = (x >= (qmin - z_f) * s_f) & (x <= (qmax - z_f) * s_f)
+    return torch.where(inside, fake_quant(x, s_f, z_f, qmin, qmax), fake_quant(x, s_c, z_c, qmin, qmax))
+
+
+def v2sf_search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, max_m: int = 12) -> int:
+    """TSPTQ-ViT's value-aware two scales (in PTQ4ViT's twin-uniform spirit): the fine/coarse ratio 2^m,
+    m in 1..max_m, of lowest L2 error on ``x``."""
+    errors = []
+    for m in range(1, max_m + 1):
+        coarse, fine, (qmin, qmax) = two_scale_regions(lo, hi, bits, m, symmetric)
+        errors.append(float(mse(two_scale_quant(x, coarse, fine, qmin, qmax), x)))
+    return 1 + min(range(len(errors)), key=errors.__getitem__)

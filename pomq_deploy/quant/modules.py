@@ -1,0 +1,80 @@
+"""Modules inserted into a timm model, in place, to observe and fake-quantize it.
+
+``ActQuant`` sits on an activation; ``QuantWeighted`` wraps a Linear or Conv2d (quantizing its input, its
+weight and optionally its output); ``QuantInput`` quantizes what enters a LayerNorm. Nothing of timm's
+forward code is copied: the wrappers replace child modules, and the post-Softmax quantizer takes the
+place of the attention's ``attn_drop`` (timm applies it right after Softmax on the explicit path).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import weight_fake_quant
+from .observers import RangeObserver
+from .quantizers import FORMATS, Quantizer, fit
+from .schemes import method_for
+
+
+class ActQuant(nn.Module):
+    """One quantized activation. States: ``fp`` (pass through), ``observe`` (update the range),
+    ``fit`` (update, then fit a quantizer per bit-width and format on this batch), ``quant`` (apply ``active``)."""
+
+    def __init__(self, role: str, block: Optional[int]):
+        super().__init__()
+        self.role, self.block = role, block
+        self.state = "fp"
+        self.scheme: Optional[str] = None
+        self.observer: Optional[RangeObserver] = None
+        self.fitted: dict[str, Quantizer] = {}  # "asym8" -> quantizer
+        self.active: Optional[Quantizer] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state == "quant":
+            return self.active(x) if self.active is not None else x
+        if self.state in ("observe", "fit"):
+            self.observer.update(x)
+            if self.state == "fit":
+                self.fitted = {f"{fmt}{bits}": fit(method_for(self.scheme, self.role, bits), self.observer, x, bits, fmt)
+                               for bits in (4, 8) for fmt in FORMATS}
+        return x
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, block={self.block}, state={self.state}, active={self.active}"
+
+
+class QuantWeighted(nn.Module):
+    """A Linear or Conv2d with a quantized input, weight (symmetric per output channel) and optional output."""
+
+    def __init__(self, layer: nn.Module, block: Optional[int], in_quant: ActQuant, out_quant: Optional[ActQuant] = None):
+        super().__init__()
+        self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
+        self.weight_bits: Optional[int] = None
+        self._qweights: dict[int, torch.Tensor] = {}  # bits -> fake-quantized weight, computed once
+
+    def quantized_weight(self, bits: int) -> torch.Tensor:
+        if bits not in self._qweights:
+            self._qweights[bits] = weight_fake_quant(self.layer.weight.detach(), bits)
+        return self._qweights[bits]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_quant(x)
+        w = self.layer.weight if self.weight_bits is None else self.quantized_weight(self.weight_bits)
+        if isinstance(self.layer, nn.Conv2d):
+            y = self.layer._conv_forward(x, w, self.layer.bias)
+        else:
+            y = F.linear(x, w, self.layer.bias)
+        return self.out_quant(y) if self.out_quant is not None else y
+
+
+class QuantInput(nn.Module):
+    """Quantize the input of a module (a LayerNorm) with per-channel-capable ``quant``."""
+
+    def __init__(self, module: nn.Module, quant: ActQuant):
+        super().__init__()
+        self.module, self.quant = module, quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.quant(x))

@@ -1,0 +1,75 @@
+import pytest
+
+from pomq_deploy.errors import PlanError
+from pomq_deploy.plan import BlockBits, Plan, dump_plan, load_plan, parse_uniform, save_plan, uniform_plan
+
+PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's first/last-two-blocks-4-bit plan
+
+
+def paper_plan():
+    return Plan(model="deit_fmnist", scheme="fqvit", blocks=tuple(BlockBits(w=b, a=8, attn=b) for b in PAPER))
+
+
+def test_yaml_roundtrip_and_format(tmp_path):
+    plan = paper_plan()
+    path = tmp_path / "p.yaml"
+    save_plan(plan, path)
+    text = path.read_text()
+    assert "  - {w: 4, a: 8, attn: 4}\n" in text and text.startswith("model: deit_fmnist\nscheme: fqvit\nblocks:\n")
+    assert load_plan(path) == plan
+    assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]  # no temporary file left behind
+
+
+def test_measured_roundtrips(tmp_path):
+    plan = Plan(model="m", scheme="tsptq", blocks=(BlockBits(w=8, a=8, attn=4),),
+                measured={"top1": 0.87, "latency_ms": {"median": 3.4, "backend": "ort-cpu"}})
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_plan(plan))
+    assert load_plan(path) == plan
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{w: 5, a: 8, attn: 4}", r"'blocks\[1\].w': Input should be 4 or 8 \(got 5\)"),
+        ("{w: 4, a: 8}", r"missing required key 'blocks\[1\].attn'"),
+        ("{w: 4, a: 8, attn: 4, x: 1}", r"unknown key 'blocks\[1\].x'; allowed keys here: w, a, attn"),
+    ],
+)
+def test_bad_rows_name_the_file_and_block(tmp_path, row, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model: m\nscheme: fqvit\nblocks:\n  - {{w: 4, a: 8, attn: 4}}\n  - {row}\n")
+    with pytest.raises(PlanError, match=message) as e:
+        load_plan(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_bad_scheme_and_unknown_top_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: m\nscheme: awq\nblocks: [{w: 4, a: 8, attn: 4}]\n")
+    with pytest.raises(PlanError, match=r"'scheme': Input should be 'fqvit', 'tsptq' or 'minmax'"):
+        load_plan(path)
+    path.write_text("model: m\nscheme: fqvit\nblocks: [{w: 4, a: 8, attn: 4}]\nbits: 3\n")
+    with pytest.raises(PlanError, match="unknown key 'bits'; allowed keys here: model, scheme, blocks, measured"):
+        load_plan(path)
+
+
+def test_block_count_must_fit_the_model():
+    with pytest.raises(PlanError, match="has 12 rows but model deit_fmnist has 4 encoder blocks"):
+        paper_plan().check_blocks(4, "p.yaml")
+
+
+def test_uniform_and_mixed():
+    plan = uniform_plan("8/8/4", 3, "m", "fqvit")
+    assert plan.blocks == (BlockBits(w=8, a=8, attn=4),) * 3
+    assert plan.is_mixed and not uniform_plan("8/8/8", 3, "m", "fqvit").is_mixed
+    assert not uniform_plan("4/4/4", 3, "m", "fqvit").is_mixed and paper_plan().is_mixed
+    with pytest.raises(ValueError, match="expected W/A/ATTN"):
+        parse_uniform("8/8/2")
+
+
+def test_plan_id_is_content_hash():
+    a, b = paper_plan(), paper_plan()
+    assert a.plan_id == b.plan_id and len(a.plan_id) == 12
+    assert uniform_plan("8/8/8", 12, "deit_fmnist", "fqvit").plan_id != a.plan_id
+    assert Plan(model="deit_fmnist", scheme="tsptq", blocks=a.blocks).plan_id != a.plan_id

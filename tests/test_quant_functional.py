@@ -1,0 +1,107 @@
+"""The quantization math against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from pomq_deploy.quant import functional as Fq
+
+
+def test_uniform_qparams_asymmetric_and_symmetric():
+    scale, zp = Fq.uniform_qparams(torch.tensor(-1.0), torch.tensor(3.0), 8, symmetric=False)
+    assert float(scale) == pytest.approx(4 / 255) and int(zp) == 64  # 0 - round(-1 / (4/255)) = round(63.75)
+    scale, zp = Fq.uniform_qparams(torch.tensor(-1.0), torch.tensor(3.0), 8, symmetric=True)
+    assert float(scale) == pytest.approx(3 / 127) and int(zp) == 0
+    scale, zp = Fq.uniform_qparams(torch.tensor(0.5), torch.tensor(2.0), 4, symmetric=False)
+    assert float(scale) == pytest.approx(2 / 15) and int(zp) == 0  # range widened to include 0
+
+
+def test_fake_quant_rounds_half_to_even_and_clamps():
+    x = torch.tensor([0.3, 0.375, 0.625, 100.0, -1.0])
+    out = Fq.fake_quant(x, 0.25, 0.0, 0, 255)
+    assert out.tolist() == [0.25, 0.5, 0.5, 63.75, 0.0]  # 1.2->1, 1.5->2, 2.5->2, clamp high, clamp low
+
+
+def test_weight_fake_quant_per_output_channel():
+    w = torch.tensor([[1.0, -0.45, 0.25], [2.0, 1.1, -2.0]])
+    q8 = Fq.weight_fake_quant(w, 8)
+    assert q8[0].tolist() == pytest.approx([1.0, -57 / 127, 32 / 127])  # scale 1/127: -57.15 -> -57, 31.75 -> 32
+    assert q8[1].tolist() == pytest.approx([2.0, 2 * 70 / 127, -2.0])  # scale 2/127: 69.85 -> 70
+    q4 = Fq.weight_fake_quant(w, 4)
+    assert q4[0].tolist() == pytest.approx([1.0, -3 / 7, 2 / 7])  # scale 1/7: -3.15 -> -3, 1.75 -> 2
+
+
+def test_omse_shrinks_range_when_clipping_pays():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(10000, generator=g), torch.tensor([2.0])])
+    lo, hi = Fq.omse_range(x, torch.tensor(0.0), torch.tensor(2.0), 4, symmetric=False)
+    i = round((1 - float(hi) / 2.0) / 0.01)
+    assert float(hi) == pytest.approx(2.0 * (1 - 0.01 * i)) and 30 <= i <= 60
+
+    def err(h):
+        s, z = Fq.uniform_qparams(torch.tensor(0.0), torch.tensor(h), 4, False)
+        return float(Fq.mse(Fq.fake_quant(x, s, z, 0, 15), x))
+
+    assert err(float(hi)) <= min(err(2.0), err(2.0 * (1 - 0.01 * (i - 1))), err(2.0 * (1 - 0.01 * (i + 1))))
+
+
+def test_ptf_picks_the_known_alpha():
+    # channels of range [0, 8], [0, 1], [0, 2]: s8 = 8/255, s1 = s8/8 = 1/255, so alpha = 3, 0, 1
+    t = torch.linspace(0, 1, 1001)
+    x = torch.stack([8 * t, t, 2 * t], dim=1)
+    base, zp, alpha = Fq.ptf_search(x, x.amin(0), x.amax(0), 8, symmetric=False)
+    assert float(base) == pytest.approx(1 / 255) and int(zp) == 0
+    assert alpha.tolist() == [3, 0, 1]
+    # the shifted quantizer is exact on each channel's own grid points
+    q = Fq.fake_quant_shifted(x, base, zp, 0, 255, alpha)
+    assert float((q - x).abs().max()) <= 8 / 255 / 2 + 1e-6
+
+
+def test_log2_quant_values():
+    p = torch.tensor([1.0, 0.75, 0.5, 0.3, 0.1, 2.0**-15, 2.0**-16, 0.0])
+    # -log2 p = 0, 0.415, 1, 1.737, 3.32, 15, 16 (>= 2^4: zero), inf (zero)
+    assert Fq.log2_quant(p, 4).tolist() == [1.0, 1.0, 0.5, 0.25, 0.125, 2.0**-15, 0.0, 0.0]
+    assert float(Fq.log2_quant(torch.tensor([2.0**-16]), 8)) == 2.0**-16
+
+
+def test_two_scale_grids_by_hand():
+    coarse, fine, (qmin, qmax) = Fq.two_scale_regions(torch.tensor(0.0), torch.tensor(1.0), 8, 3, symmetric=False)
+    assert (qmin, qmax) == (0, 127)
+    assert float(coarse[0]) == pytest.approx(1 / 127) and float(fine[0]) == pytest.approx(1 / 1016)
+    out = Fq.two_scale_quant(torch.tensor([0.05, 0.5]), coarse, fine, qmin, qmax)
+    assert out.tolist() == pytest.approx([51 / 1016, 64 / 127])  # 50.8 -> 51 on the fine grid; 63.5 -> 64 coarse
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_v2sf_beats_one_scale_on_heavy_tailed_values(bits):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([-0.01 * torch.log(torch.rand(20000, generator=g)), torch.rand(20, generator=g)]).clamp(max=1.0)
+    lo, hi = x.min(), x.max()
+    m = Fq.v2sf_search(x, lo, hi, bits, symmetric=False)
+    coarse, fine, (qmin, qmax) = Fq.two_scale_regions(lo, hi, bits, m, symmetric=False)
+    two = float(Fq.mse(Fq.two_scale_quant(x, coarse, fine, qmin, qmax), x))
+    s, z = Fq.uniform_qparams(lo, hi, bits, symmetric=False)
+    one = float(Fq.mse(Fq.fake_quant(x, s, z, 0, 2**bits - 1), x))
+    assert m >= 2 and two < one / 4
+
+
+def test_o2sf_gives_the_outlier_channel_a_second_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2000, 7, generator=g) * 2 - 1
+    x[:, 6] *= 20  # one outlier channel in [-20, 20]
+    x[0, :6], x[1, :6], x[0, 6], x[1, 6] = 1.5, -1.0, 20.0, -20.0
+    scale, zp, shift = Fq.o2sf_search(x, x.amin(0), x.amax(0), 8, symmetric=False)
+    # base range [-1, 1.5]: s = 2.5/255, z = 102, codes cover [-1, 1.5]; the outlier needs 20 / 1 -> 2^5
+    assert float(scale) == pytest.approx(2.5 / 255, rel=1e-6) and int(zp) == 102
+    assert shift.tolist() == [0, 0, 0, 0, 0, 0, 5]
+    s1, z1 = Fq.uniform_qparams(x.min(), x.max(), 8, False)
+    one = Fq.mse(Fq.fake_quant(x, s1, z1, 0, 255), x)
+    two = Fq.mse(Fq.fake_quant_shifted(x, scale, zp, 0, 255, shift), x)
+    assert float(two) < 0.7 * float(one)
+
+
+def test_qrange():
+    assert Fq.qrange(8, False) == (0, 255) and Fq.qrange(8, True) == (-128, 127)
+    assert Fq.qrange(4, False) == (0, 15) and Fq.qrange(4, True) == (-8, 7)
+    assert math.isclose(2**-15, 3.0517578125e-05)
