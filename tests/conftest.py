@@ -50,3 +50,13 @@ def make_fmnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0, 
 @pytest.fixture
 def tiny_fmnist(tmp_path) -> Path:
     return make_fmnist(tmp_path / "fmnist")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Keep calibration caches out of the user's home directory during tests."""
+    from pomq_deploy.quant.calibration import CACHE_ENV
+
+    import os
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("pomq-cache"))

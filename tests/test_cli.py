@@ -95,3 +95,47 @@ def test_empty_image_folder(tmp_path, capsys):
     make_folder(tmp_path / "val2")
     assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(ckpt), "--data", str(tmp_path / "val2"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 6
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, random_deit_fmnist):
+    data = make_fmnist(tmp_path / "fm", n_train=30, n_test=16)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"name: tiny\nmodel: {{arch: deit_fmnist, checkpoint: {random_deit_fmnist}}}\n"
+                    f"data: {{kind: fashion_mnist, root: {data}, calib_images: 20, calib_batch: 10}}\n")
+    return path
+
+
+def test_quantized_eval_json(tiny_recipe, capsys):
+    assert main(["eval", "--recipe", str(tiny_recipe), "--uniform", "8/8/4", "--scheme", "tsptq", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 16 and out["scheme"] == "tsptq" and len(out["plan"]) == 12
+    assert out["plan"][0] == {"w": 8, "a": 8, "attn": 4} and len(out["plan_id"]) == 12
+
+
+def test_calibrate_then_cached(tiny_recipe, capsys):
+    assert main(["calibrate", "--recipe", str(tiny_recipe), "--scheme", "minmax", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["calibrate", "--recipe", str(tiny_recipe), "--scheme", "minmax", "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert not first["cached"] and second["cached"] and first["cache"] == second["cache"]
+    assert second["blocks"] == 12 and second["activations"] == 12 * 8 + 3
+
+
+def test_plan_with_wrong_block_count(tiny_recipe, tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n" + "  - {w: 4, a: 8, attn: 4}\n" * 3)
+    err = user_error(["eval", "--recipe", str(tiny_recipe), "--plan", str(plan)], capsys)
+    assert f"{plan}: 'blocks' has 3 rows but model tiny has 12 encoder blocks" in err
+
+
+def test_plan_with_bad_width(tiny_recipe, tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n  - {w: 4, a: 8, attn: 4}\n  - {w: 2, a: 8, attn: 4}\n")
+    assert "'blocks[1].w': Input should be 4 or 8 (got 2)" in user_error(["eval", "--plan", str(plan)], capsys)
+
+
+def test_bad_uniform_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--uniform", "8/8/2"])
+    assert e.value.code == 2 and "expected W/A/ATTN" in capsys.readouterr().err

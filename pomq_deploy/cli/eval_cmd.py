@@ -36,15 +36,16 @@ def run(args: argparse.Namespace) -> int:
     from ..data import eval_dataset, eval_loader
     from ..evaluate import evaluate
     from ..models.loading import create_model
-    from ..quant.calibration import calibrated_model
+    from ..quant.calibration import calibrate_cached, quant_model
     from ._console import progress_iter, stdout
 
     plan = load_plan_arg(args)
     recipe = recipe_from_args(args)
     quantized = plan is not None or args.uniform is not None
     if quantized:
-        model, _ = calibrated_model(recipe, scheme_of(args, plan), args.observer, track=calib_track)
-        plan = resolve_plan(args, plan, recipe, model.num_blocks)
+        model = quant_model(recipe, scheme_of(args, plan), args.observer)
+        plan = resolve_plan(args, plan, recipe, model.num_blocks)  # before calibrating: a bad plan fails fast
+        calibrate_cached(model, recipe, track=calib_track)
         model.apply(plan, "sym" if args.target == "tensorrt" else "asym")
         label = f"{plan.scheme} {args.uniform or plan.plan_id}"
     else:

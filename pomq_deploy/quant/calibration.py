@@ -61,27 +61,39 @@ def cache_path(recipe: Recipe, key: dict) -> Path:
 Track = Callable[[Iterable, int, str], Iterable]
 
 
-def calibrated_model(recipe: Recipe, scheme: str, observer: str = "minmax", force: bool = False,
-                     track: Optional[Track] = None) -> tuple[QuantModel, CalibInfo]:
-    """The recipe's model wrapped for ``scheme``, with its quantizers calibrated or loaded from the cache."""
-    from ..data import calibration_batches
+def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax") -> QuantModel:
+    """The recipe's model wrapped for ``scheme``, not yet calibrated (cheap: use it to check a plan first)."""
     from ..models.loading import create_model
 
+    return QuantModel(create_model(recipe.model.arch, recipe.model.checkpoint), scheme, observer)
+
+
+def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, track: Optional[Track] = None) -> CalibInfo:
+    """Load ``qmodel``'s fitted quantizers from the cache, or calibrate now and store them."""
+    from ..data import calibration_batches
+
     start = time.perf_counter()
-    model = create_model(recipe.model.arch, recipe.model.checkpoint)
-    key = calibration_key(recipe, scheme, observer)
+    key = calibration_key(recipe, qmodel.scheme, qmodel.observer)
     path = cache_path(recipe, key)
-    qmodel = QuantModel(model, scheme, observer)
     if path.is_file() and not force:
         qmodel.load_state(torch.load(path, weights_only=True)["points"])
         log.info("calibration loaded from %s", path)
-        return qmodel, CalibInfo(path, True, time.perf_counter() - start)
-    batches = calibration_batches(recipe.data, model)
-    progress = track(batches, len(batches), f"calibrate {scheme}/{observer}") if track else None
+        return CalibInfo(path, True, time.perf_counter() - start)
+    batches = calibration_batches(recipe.data, qmodel)
+    progress = track(batches, len(batches), f"calibrate {qmodel.scheme}/{qmodel.observer}") if track else None
     state = qmodel.calibrate(batches, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"key": key, "version": __version__, "points": state}, tmp)
     os.replace(tmp, path)
     log.info("calibration saved to %s", path)
-    return qmodel, CalibInfo(path, False, time.perf_counter() - start)
+    return CalibInfo(path, False, time.perf_counter() - start)
+
+
+def calibrated_model(recipe: Recipe, scheme: str, observer: str = "minmax", force: bool = False,
+                     track: Optional[Track] = None) -> tuple[QuantModel, CalibInfo]:
+    """The recipe's model wrapped for ``scheme``, with its quantizers calibrated or loaded from the cache."""
+    start = time.perf_counter()
+    qmodel = quant_model(recipe, scheme, observer)
+    info = calibrate_cached(qmodel, recipe, force, track)
+    return qmodel, dataclasses.replace(info, seconds=time.perf_counter() - start)
