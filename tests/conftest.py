@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,5 @@ def tiny_fmnist(tmp_path) -> Path:
 def _calibration_cache(tmp_path_factory):
     """Keep calibration caches out of the user's home directory during tests."""
     from pomq_deploy.quant.calibration import CACHE_ENV
-
-    import os
 
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("pomq-cache"))

@@ -86,7 +86,8 @@ def main() -> None:
         "Regenerate with:",
         "",
         "```bash",
-        f"python tools/accuracy_table.py{' --limit ' + str(args.limit) if args.limit else ''}",
+        "python tools/accuracy_table.py" + (f" --recipe {args.recipe}" if args.recipe != "deit_fmnist" else "")
+        + (f" --limit {args.limit}" if args.limit else ""),
         "```",
         "",
         "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) |",

@@ -6,6 +6,10 @@ written as safetensors with a JSON beside them (config, seed, epochs, measured t
 
     python tools/train_reference.py                  # ~8-10 min/epoch on 2 CPU cores (bf16 autocast)
     python tools/train_reference.py --epochs 10 --out checkpoints/deit_fmnist.safetensors
+
+Resuming with a larger --epochs than the saved run had extends the schedule: the cosine is recomputed over
+the new total, so the learning rate rises once (a warm restart) and anneals again. Each history entry
+records the total its epoch was scheduled for.
 """
 
 import argparse
@@ -45,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", action="store_true", help="train in FP32 (bf16 autocast is ~1.3x faster here)")
+    p.add_argument("--no-augment", action="store_true", help="no random crop/flip (e.g. for the final annealing epochs)")
     return p.parse_args()
 
 
@@ -101,6 +106,8 @@ def main() -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], state["history"]
+        # the peak learning rate given now applies to the rest of the schedule
+        sched.base_lrs = [args.lr] * len(opt.param_groups)
         print(f"resuming from {state_path} after epoch {start_epoch}")
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +125,7 @@ def main() -> None:
             t0, loss_sum = time.time(), 0.0
             for step in range(steps_per_epoch):
                 idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-                x, y = augment(train_x[idx], g), train_y[idx]
+                x, y = (train_x[idx] if args.no_augment else augment(train_x[idx], g)), train_y[idx]
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
                     loss = F.cross_entropy(model(x).float(), y, label_smoothing=args.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -131,7 +138,8 @@ def main() -> None:
             model.eval()
             res = evaluate(predict, zip(test_x.split(500), test_y.split(500)))
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_top1_bf16": res.top1,
-                            "seconds": time.time() - t0})
+                            "seconds": time.time() - t0, "schedule_epochs": args.epochs, "peak_lr": args.lr,
+                            "augment": not args.no_augment})
             progress.console.print(f"epoch {epoch + 1}: loss {loss_sum / steps_per_epoch:.4f}, test top-1 {res.top1:.4f} "
                                    f"({time.time() - t0:.0f} s)")
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -147,7 +155,8 @@ def main() -> None:
         "arch": "deit_fmnist", "config": REFERENCE_CONFIG, "mean": FMNIST_MEAN, "std": FMNIST_STD,
         "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing, "bf16_autocast": not args.no_bf16,
-        "augmentation": "random crop (pad 2) + horizontal flip", "test_top1_fp32": final.top1, "test_top5_fp32": final.top5,
+        "augmentation": "random crop (pad 2) + horizontal flip, where the history says augment",
+        "test_top1_fp32": final.top1, "test_top5_fp32": final.top5,
         "test_images": final.images, "history": history,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "pomq_deploy": pomq_deploy.__version__,
                      "python": platform.python_version()},

@@ -1,0 +1,42 @@
+"""The committed reference model, evaluated for real on Debian's Fashion-MNIST."""
+
+import json
+
+import pytest
+
+from conftest import REPO
+from pomq_deploy.cli.main import main
+from pomq_deploy.models.reference import REFERENCE_CONFIG
+
+CKPT = REPO / "checkpoints" / "deit_fmnist.safetensors"
+SUBSET = 1000
+# FP32 top-1 on the first 1000 test images, measured when the checkpoint was committed, less a margin
+# for library-version drift; the full-set number lives in the JSON beside the checkpoint.
+FP32_FLOOR = 0.88
+
+
+def eval_json(capsys, *extra) -> dict:
+    assert main(["eval", "--limit", str(SUBSET), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_checkpoint_is_small_and_documented():
+    assert CKPT.stat().st_size <= 25 * 2**20
+    meta = json.loads(CKPT.with_suffix(".json").read_text())
+    assert meta["arch"] == "deit_fmnist" and meta["config"] == REFERENCE_CONFIG
+    assert meta["test_images"] == 10000 and meta["test_top1_fp32"] >= 0.90
+    assert {"seed", "epochs", "history"} <= set(meta)
+
+
+def test_fp32_accuracy_floor(fmnist_root, capsys):
+    out = eval_json(capsys)
+    assert out["images"] == SUBSET and out["top1"] >= FP32_FLOOR and out["top5"] >= 0.99
+
+
+@pytest.mark.parametrize("scheme", ["fqvit", "tsptq"])
+def test_8bit_schemes_stay_close_to_fp32(fmnist_root, capsys, scheme):
+    fp32 = eval_json(capsys)["top1"]
+    q8 = eval_json(capsys, "--uniform", "8/8/8", "--scheme", scheme)["top1"]
+    q4 = eval_json(capsys, "--uniform", "4/4/4", "--scheme", scheme)["top1"]
+    assert abs(q8 - fp32) <= 0.01  # docs/accuracy.md: within 0.5 points on the full set
+    assert q4 < q8
