@@ -1,7 +1,9 @@
-"""Regenerate docs/accuracy.md: top-1 of the reference model, FP32 and quantized, on the full test set.
+"""Regenerate docs/accuracy.md: top-1 of the reference model, FP32 and quantized, and ONNX Runtime parity.
 
-For each scheme it calibrates from scratch (timed), then materialises the cached calibration again
-(timed: a plan must need no new calibration pass), and evaluates the uniform and mixed plans.
+For each scheme it calibrates from scratch (timed), materialises the cached calibration again (timed: a
+plan must need no new calibration pass), and evaluates the uniform and mixed plans twice on the same
+images: as the PyTorch fake-quant model, and as the exported Q/DQ ONNX (target ort) run by the ort-cpu
+backend. Parity columns: the fraction of images whose top-1 prediction agrees, and the top-1 difference.
 
     python tools/accuracy_table.py                      # full 10,000-image test set, writes docs/accuracy.md
     python tools/accuracy_table.py --limit 1000 --out /tmp/acc.md
@@ -11,20 +13,25 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
 from pomq_deploy.data import eval_dataset, eval_loader  # noqa: E402
-from pomq_deploy.evaluate import evaluate  # noqa: E402
+from pomq_deploy.evaluate import topk_correct  # noqa: E402
+from pomq_deploy.export import export_fp32, export_quantized  # noqa: E402
 from pomq_deploy.models.loading import create_model  # noqa: E402
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
 from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
+UNIFORM = {"minmax": ["8/8/8", "4/4/4"], "fqvit": ["8/8/8", "8/8/4", "4/4/4"], "tsptq": ["8/8/8", "8/8/4", "4/4/4"]}
+MIXED = {"minmax": 0, "fqvit": 3, "tsptq": 1}  # how many of the mixed plans each scheme is evaluated on
 
 
 def mixed_plans(recipe: str, scheme: str, n: int) -> dict[str, Plan]:
@@ -45,17 +52,35 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "accuracy.md")
     args = p.parse_args()
     recipe = load_recipe(args.recipe)
-    rows: list[tuple[str, str, str, float, float]] = []
+    backend = OrtCpuBackend()
+    work = Path(tempfile.mkdtemp(prefix="pomq-acc-"))
+    rows: list[tuple] = []
 
-    def run(model, label, scheme, plan_text):
+    def run(model, label, scheme, plan_text, plan=None):
+        """Fake-quant (or FP32 PyTorch) and ONNX Runtime on the same batches."""
+        out = work / f"{len(rows)}"
+        info = export_fp32(model, out / "model.onnx") if plan is None else export_quantized(model, plan, "ort", out / "model.onnx")
+        art = backend.build(info.path, out)
         loader = eval_loader(eval_dataset(recipe.data, model), recipe.eval.batch_size, args.limit)
-        res = evaluate(model, loader)
-        rows.append((scheme, plan_text, label, res.top1, res.top5))
-        print(f"{scheme:7s} {plan_text:9s} {label:48s} top-1 {res.top1:.4f}  ({res.seconds:.0f} s)", file=sys.stderr, flush=True)
-        return res
+        n = t1 = t5 = o1 = agree = 0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for images, labels in loader:
+                logits = model(images)
+                ort_logits = torch.from_numpy(backend.run(art, images.numpy()))
+                t1 += topk_correct(logits, labels, 1)
+                t5 += topk_correct(logits, labels, 5)
+                o1 += topk_correct(ort_logits, labels, 1)
+                agree += int((logits.argmax(1) == ort_logits.argmax(1)).sum())
+                n += len(labels)
+        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, agree / n, info.weight_bytes))
+        print(f"{scheme:7s} {plan_text:12s} {label:48s} top-1 {t1 / n:.4f}  ORT {o1 / n:.4f}  agree {agree / n:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        return n
 
     fp = create_model(recipe.model.arch, recipe.model.checkpoint)
-    fp_res = run(fp, "FP32", "-", "-")
+    n = run(fp, "FP32", "-", "-")
+    fp_top1 = rows[0][3]
     timings = []
     for scheme in ("minmax", "fqvit", "tsptq"):
         model, info = calibrated_model(recipe, scheme, force=True)
@@ -65,37 +90,35 @@ def main() -> None:
         materialise = time.perf_counter() - t0
         assert cached.cached
         timings.append((scheme, info.seconds, materialise))
-        uniforms = {"minmax": ["8/8/8", "4/4/4"], "fqvit": ["8/8/8", "8/8/4", "4/4/4"], "tsptq": ["8/8/8", "8/8/4", "4/4/4"]}
-        for u in uniforms[scheme]:
-            model.apply(uniform_plan(u, model.num_blocks, recipe.name, scheme))
-            run(model, f"uniform {u}", scheme, u)
-        if scheme != "minmax":
-            for label, plan in mixed_plans(recipe.name, scheme, model.num_blocks).items():
-                model.apply(plan)
-                run(model, label, scheme, plan.plan_id)
+        for u in UNIFORM[scheme]:
+            run(model, f"uniform {u}", scheme, u, uniform_plan(u, model.num_blocks, recipe.name, scheme))
+        for label, plan in list(mixed_plans(recipe.name, scheme, model.num_blocks).items())[: MIXED[scheme]]:
+            run(model, label, scheme, plan.plan_id, plan)
 
-    n = args.limit or len(eval_dataset(recipe.data, fp))
     lines = [
         "# Accuracy of the reference model under quantization",
         "",
         f"Recipe `{recipe.name}` (`{recipe.model.arch}`), Fashion-MNIST test set, first {n} images; "
         f"calibration: {recipe.data.calib_images} training images in batches of {recipe.data.calib_batch}, seed "
-        f"{recipe.data.seed}, min/max observer; PyTorch fake-quant model (`--target ort`: uint8 asymmetric activations, "
-        "int8/int4 symmetric per-channel weights).",
+        f"{recipe.data.seed}, min/max observer. 'top-1' is the PyTorch fake-quant model in the `ort` target's "
+        "format (uint8 asymmetric activations, int8/int4 symmetric per-channel weights); 'ORT top-1' is the "
+        "exported Q/DQ ONNX run by ONNX Runtime (ort-cpu backend, all graph optimisations) on the same images, "
+        "and 'agree' the fraction of images where both predict the same class.",
         "",
         "Regenerate with:",
         "",
         "```bash",
-        "python tools/accuracy_table.py" + (f" --recipe {args.recipe}" if args.recipe != "deit_fmnist" else "")
+        ".venv/bin/python tools/accuracy_table.py" + (f" --recipe {args.recipe}" if args.recipe != "deit_fmnist" else "")
         + (f" --limit {args.limit}" if args.limit else ""),
         "```",
         "",
-        "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) | ORT top-1 | agree | ORT − PyTorch (points) | ONNX weight bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for scheme, plan_text, label, top1, top5 in rows:
-        delta = "" if scheme == "-" else f"{100 * (top1 - fp_res.top1):+.2f}"
-        lines.append(f"| {scheme} | {plan_text} | {label} | {top1:.4f} | {top5:.4f} | {delta} |")
+    for scheme, plan_text, label, top1, top5, ort1, agree, wbytes in rows:
+        delta = "" if scheme == "-" else f"{100 * (top1 - fp_top1):+.2f}"
+        lines.append(f"| {scheme} | {plan_text} | {label} | {top1:.4f} | {top5:.4f} | {delta} | {ort1:.4f} | {agree:.4f} | "
+                     f"{100 * (ort1 - top1):+.2f} | {wbytes:,} |")
     lines += ["", "Mixed plans are named by plan-id; their widths are in the 'what' column.", "",
               "## Calibration time (this machine, one process)", "",
               "| scheme | full calibration (s) | plan from the cache (s) |", "| --- | --- | --- |"]

@@ -67,8 +67,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, required: bool = False) -> N
                        help="the same widths in every block, e.g. 8/8/8, 8/8/4, 4/4/4")
     g.add_argument("--scheme", choices=SCHEME_NAMES, help="quantization scheme (default: the plan's, else fqvit)")
     g.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
-    g.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
-                   help="activation format to emulate: ort = uint8 asymmetric (FQ-ViT's), tensorrt = int8 symmetric")
+    g.add_argument("--target", choices=("ort", "tensorrt"),
+                   help="activation format: ort = uint8 asymmetric (FQ-ViT's; the default, and ort-cpu's), "
+                   "tensorrt = int8 symmetric, zero point 0 (the tensorrt backend's default)")
 
 
 def load_plan_arg(args: argparse.Namespace):
@@ -103,3 +104,15 @@ def calib_track(items, total, description):
     from ._console import progress_iter
 
     return progress_iter(items, total, description)
+
+
+def calibrated_from_args(args: argparse.Namespace):
+    """(recipe, plan, calibrated QuantModel) for --plan/--uniform: the plan is checked before calibrating."""
+    from ..quant.calibration import calibrate_cached, quant_model
+
+    plan = load_plan_arg(args)
+    recipe = recipe_from_args(args)
+    model = quant_model(recipe, scheme_of(args, plan), args.observer)
+    plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a bad plan fails fast, before calibration
+    calibrate_cached(model, recipe, track=calib_track)
+    return recipe, plan, model

@@ -2,9 +2,9 @@
 
 import argparse
 import json
+from pathlib import Path
 
-from ._common import (add_eval_arguments, add_quant_arguments, add_recipe_arguments, calib_track, load_plan_arg,
-                      recipe_from_args, resolve_plan, scheme_of)
+from ._common import add_eval_arguments, add_quant_arguments, add_recipe_arguments, calibrated_from_args, recipe_from_args
 
 HELP = "measure top-1/top-5 accuracy (FP32, or fake-quantized under a plan)"
 DESCRIPTION = """\
@@ -19,6 +19,7 @@ examples:
   pomq-deploy eval --uniform 8/8/4 --scheme fqvit   # FQ-ViT: PTF + LIS at 4-bit attention
   pomq-deploy eval --plan best.yaml --limit 1000 --json
   pomq-deploy eval --recipe deit_tiny --checkpoint deit_tiny.safetensors --data /data/imagenet/val
+  pomq-deploy eval --artifact engines/deit_fmnist/<plan-id>   # through the built ONNX Runtime model
 """
 
 
@@ -26,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     add_quant_arguments(p)
     add_eval_arguments(p)
+    p.add_argument("--artifact", metavar="DIR", type=Path,
+                   help="evaluate a built artifact (engines/<recipe>/<plan-id>) through its backend instead")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -36,19 +39,18 @@ def run(args: argparse.Namespace) -> int:
     from ..data import eval_dataset, eval_loader
     from ..evaluate import evaluate
     from ..models.loading import create_model
-    from ..quant.calibration import calibrate_cached, quant_model
+    from ..export.onnx_export import TARGET_FORMAT
     from ._console import progress_iter, stdout
 
-    plan = load_plan_arg(args)
-    recipe = recipe_from_args(args)
-    quantized = plan is not None or args.uniform is not None
+    if args.artifact is not None:
+        return _eval_artifact(args)
+    quantized = args.plan is not None or args.uniform is not None
     if quantized:
-        model = quant_model(recipe, scheme_of(args, plan), args.observer)
-        plan = resolve_plan(args, plan, recipe, model.num_blocks)  # before calibrating: a bad plan fails fast
-        calibrate_cached(model, recipe, track=calib_track)
-        model.apply(plan, "sym" if args.target == "tensorrt" else "asym")
+        recipe, plan, model = calibrated_from_args(args)
+        model.apply(plan, TARGET_FORMAT[args.target or "ort"])
         label = f"{plan.scheme} {args.uniform or plan.plan_id}"
     else:
+        recipe = recipe_from_args(args)
         model, label = create_model(recipe.model.arch, recipe.model.checkpoint), "FP32"
     dataset = eval_dataset(recipe.data, model)
     loader = eval_loader(dataset, recipe.eval.batch_size, recipe.eval.limit, recipe.data.workers)
@@ -58,10 +60,37 @@ def run(args: argparse.Namespace) -> int:
         out = {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
                "seconds": round(result.seconds, 3)}
         if quantized:
-            out |= {"scheme": plan.scheme, "observer": args.observer, "target": args.target, "plan_id": plan.plan_id,
+            out |= {"scheme": plan.scheme, "observer": args.observer, "target": args.target or "ort", "plan_id": plan.plan_id,
                     "plan": to_plain(plan.blocks)}
         print(json.dumps(out))
     else:
         stdout.print(f"{recipe.name} ({label}) on {result.images} images: top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
                      f"{result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
+    return 0
+
+
+def _eval_artifact(args: argparse.Namespace) -> int:
+    """Accuracy of a built artifact through its own backend, on its recipe's evaluation split."""
+    from ..artifact import load_artifact
+    from ..backends import get_backend
+    from ..build import evaluate_artifact
+    from ..errors import PomqError
+    from ._common import calib_track
+    from ._console import stdout
+
+    if args.plan is not None or args.uniform is not None:
+        raise PomqError("--artifact evaluates what was built; it takes no --plan or --uniform")
+    built = load_artifact(args.artifact)
+    m = built.manifest
+    args.recipe = args.recipe or m["recipe"]
+    recipe = recipe_from_args(args)
+    art = built.artifact
+    result = evaluate_artifact(get_backend(art.backend), art, recipe, calib_track)  # options travel in the artifact
+    if args.json:
+        print(json.dumps({"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
+                          "seconds": round(result.seconds, 3), "artifact": str(built.directory), "plan_id": m["plan_id"],
+                          "backend": art.backend}))
+    else:
+        stdout.print(f"{built.directory} ({art.backend}) on {result.images} images: top-1 {result.top1:.4f}  "
+                     f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
     return 0

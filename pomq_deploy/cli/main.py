@@ -14,6 +14,9 @@ from ..errors import PomqError
 COMMANDS = {
     "calibrate": "pomq_deploy.cli.calibrate_cmd",
     "eval": "pomq_deploy.cli.eval_cmd",
+    "export": "pomq_deploy.cli.export_cmd",
+    "build": "pomq_deploy.cli.build_cmd",
+    "bench": "pomq_deploy.cli.bench_cmd",
 }
 
 USAGE_ERROR = 2

@@ -1,14 +1,19 @@
 """Data sets a recipe names: the evaluation split and the seeded calibration images."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import DataError
-from ..recipe import DataSpec
 from .fashion_mnist import DEBIAN_ROOT, ArrayImageDataset, load_fashion_mnist
+
+if TYPE_CHECKING:  # the recipe schema (pydantic) is not needed to read data, e.g. in tools/train_reference.py
+    from ..recipe import DataSpec
 
 
 def _data_config(model: nn.Module) -> dict:

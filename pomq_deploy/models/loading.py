@@ -68,3 +68,13 @@ def create_model(arch: str, checkpoint: str | Path | None, **kwargs) -> nn.Modul
     model.load_state_dict(state, strict=True)
     log.debug("loaded %d tensors from %s into %s", len(state), checkpoint, arch)
     return model.eval()
+
+
+def data_model(arch: str) -> nn.Module:
+    """An untrained ``arch`` whose only use is its timm data config (input size, mean, std, crop)."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise RecipeError(f"model.arch '{arch}' is not a timm model name")
+    with torch.device("meta"):  # no memory, no init: the config is all we read
+        return timm.create_model(arch, pretrained=False)

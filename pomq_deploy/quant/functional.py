@@ -49,12 +49,28 @@ def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int,
     return fake_quant(x / factor, scale, zero_point, qmin, qmax) * factor
 
 
+def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel (dim 0) min/max scale of a weight tensor: ``amax_c / qmax``, shape (C_out,)."""
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+    return (amax / qrange(bits, symmetric=True)[1]).clamp(min=EPS)
+
+
 def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel (dim 0) min/max fake quantization of a weight tensor."""
-    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
-    qmin, qmax = qrange(bits, symmetric=True)
-    scale = (amax / qmax).clamp(min=EPS).reshape(-1, *([1] * (w.ndim - 1)))
-    return fake_quant(w, scale, 0.0, qmin, qmax)
+    scale = weight_scale(w, bits).reshape(-1, *([1] * (w.ndim - 1)))
+    return fake_quant(w, scale, 0.0, *qrange(bits, symmetric=True))
+
+
+def fake_quant_onnx(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``fake_quant`` written with the op the ONNX exporter turns into QuantizeLinear -> DequantizeLinear.
+
+    ONNX's 8-bit Q/DQ has no narrower range, so a narrower code (4-bit, V-2SF's half codes) first clips x
+    to what its codes cover; the 8-bit Q then yields exactly the narrow code (the 4-bit emulation DESIGN.md
+    describes for activations)."""
+    lo8, hi8 = (0, 255) if qmin >= 0 else (-128, 127)
+    if (qmin, qmax) != (lo8, hi8):
+        x = torch.clamp(x, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, lo8, hi8)
 
 
 def mse(a: torch.Tensor, b: torch.Tensor, dim=None) -> torch.Tensor:

@@ -6,12 +6,14 @@ Encoder blocks are found by shape, not by class: any module with ``norm1``, ``at
 blocks (patch embedding, Swin's patch merging, the final norm and the head) stay 8-bit.
 """
 
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..plan import Plan
+from .functional import weight_scale
 from .modules import ActQuant, QuantInput, QuantWeighted
 from .observers import RangeObserver
 from .quantizers import FORMATS, from_state, to_state
@@ -115,6 +117,26 @@ class QuantModel(nn.Module):
             raise ValueError(f"calibration state lacks {len(missing)} activations, e.g. {sorted(missing)[0]}")
         for name, aq in self.act_quants.items():
             aq.fitted = {k: from_state(v) for k, v in state[name].items()}
+
+    @contextmanager
+    def onnx_mode(self) -> Iterator[None]:
+        """Forward through exportable Q/DQ ops (same values as the fake-quant path) while exporting."""
+        for aq in self.act_quants.values():
+            aq.exporting = True
+        for w in self.weighted.values():
+            # computed here, outside the trace, so that the exporter sees the scales as constants
+            w.export_scale = None if w.weight_bits is None else weight_scale(w.layer.weight, w.weight_bits)
+        try:
+            yield
+        finally:
+            for aq in self.act_quants.values():
+                aq.exporting = False
+            for w in self.weighted.values():
+                w.export_scale = None
+
+    def weight_bits(self) -> dict[str, int]:
+        """Width of each quantized weight, by its parameter name in this module's state dict."""
+        return {f"model.{name}.layer.weight": w.weight_bits for name, w in self.weighted.items() if w.weight_bits}
 
     def apply(self, plan: Optional[Plan], fmt: str = "asym") -> None:
         """Fake-quantize every activation and weight at the plan's widths (``None``: back to FP32)."""

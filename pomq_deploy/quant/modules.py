@@ -30,10 +30,13 @@ class ActQuant(nn.Module):
         self.observer: Optional[RangeObserver] = None
         self.fitted: dict[str, Quantizer] = {}  # "asym8" -> quantizer
         self.active: Optional[Quantizer] = None
+        self.exporting = False  # forward through the ops the ONNX exporter maps to Q/DQ (QuantModel.onnx_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "quant":
-            return self.active(x) if self.active is not None else x
+            if self.active is None:
+                return x
+            return self.active.onnx(x) if self.exporting else self.active(x)
         if self.state in ("observe", "fit"):
             self.observer.update(x)
             if self.state == "fit":
@@ -53,6 +56,7 @@ class QuantWeighted(nn.Module):
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
         self.weight_bits: Optional[int] = None
         self._qweights: dict[int, torch.Tensor] = {}  # bits -> fake-quantized weight, computed once
+        self.export_scale: Optional[torch.Tensor] = None  # set while exporting (QuantModel.onnx_mode)
 
     def quantized_weight(self, bits: int) -> torch.Tensor:
         if bits not in self._qweights:
@@ -61,7 +65,13 @@ class QuantWeighted(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_quant(x)
-        w = self.layer.weight if self.weight_bits is None else self.quantized_weight(self.weight_bits)
+        if self.weight_bits is None:
+            w = self.layer.weight
+        elif self.export_scale is not None:  # Q/DQ on the float weight; the export's graph pass stores the codes
+            zero = torch.zeros_like(self.export_scale, dtype=torch.int32)
+            w = torch.fake_quantize_per_channel_affine(self.layer.weight, self.export_scale, zero, 0, -128, 127)
+        else:
+            w = self.quantized_weight(self.weight_bits)
         if isinstance(self.layer, nn.Conv2d):
             y = self.layer._conv_forward(x, w, self.layer.bias)
         else:

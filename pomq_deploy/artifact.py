@@ -1,0 +1,107 @@
+"""Build output: ``engines/<recipe>/<plan-id>/`` with the ONNX, the backend's artifact and ``manifest.json``.
+
+The manifest records what was built and what was measured, with the sha256 of every file and of itself,
+so that ``eval``/``bench`` refuse a directory whose files or manifest were changed after the build. A
+build happens in a temporary sibling directory that is renamed into place only when complete.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .backends import Artifact
+from .errors import PomqError
+from .quant.calibration import file_sha256
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class ArtifactError(PomqError):
+    """An artifact directory is missing, incomplete or was changed after its build."""
+
+
+def _self_hash(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict, directory: Path) -> dict:
+    """Add the files' and the manifest's own checksums (call last, after every measurement)."""
+    manifest = dict(manifest)
+    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                         for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest["manifest_sha256"] = _self_hash(manifest)
+    return manifest
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A temporary directory beside ``final`` that replaces it on success and vanishes on failure."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{os.getpid()}.old")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class BuiltArtifact:
+    directory: Path
+    manifest: dict
+
+    @property
+    def artifact(self) -> Artifact:
+        m = self.manifest
+        return Artifact(self.directory / m["artifact"]["file"], m["backend"]["name"], m["backend"]["options"])
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / self.manifest["onnx"]["file"]
+
+
+def load_artifact(directory: Path) -> BuiltArtifact:
+    """Read and verify ``directory/manifest.json`` and the files it lists."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: no such artifact directory; create one with pomq-deploy build")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; this is not a complete build (rebuild with pomq-deploy build)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); rebuild with pomq-deploy build") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(f"{path}: not a pomq-deploy manifest of format {MANIFEST_FORMAT}; rebuild it")
+    if manifest.get("manifest_sha256") != _self_hash(manifest):
+        raise ArtifactError(f"{path}: edited after the build (its checksum does not match its contents); rebuild it")
+    for name, meta in manifest["files"].items():
+        f = directory / name
+        if not f.is_file():
+            raise ArtifactError(f"{f}: listed in the manifest but missing; rebuild the artifact")
+        if f.stat().st_size != meta["bytes"] or file_sha256(f) != meta["sha256"]:
+            raise ArtifactError(f"{f}: changed after the build (sha256 differs from the manifest's); rebuild it")
+    return BuiltArtifact(directory, manifest)

@@ -1,0 +1,104 @@
+"""ONNX Runtime on the CPU: the backend that runs everywhere.
+
+``build`` lets ORT apply all its graph optimisations (Q/DQ fusion into QLinear*/MatMulInteger kernels,
+INT4 DQ -> MatMulNBits, LayerNorm/GELU fusion) once and saves the optimised model beside the ONNX; that
+file is the artifact. ``session.qdq_matmulnbits_accuracy_level`` is set to 0 so that MatMulNBits keeps
+float activations (its default re-quantizes them to int8 on the fly, which the fake-quant model does not).
+"""
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import Artifact, BackendError, LatencyStats
+
+ARTIFACT_NAME = "model.ort.onnx"
+# ORT 1.32 miscompiles int8 (zero point 0) Q/DQ graphs when it converts them to uint8 after propagating
+# Q/DQ through Reshape ("output_dtype INT8 does not match y_zero_point type UINT8"); int8 graphs (the
+# tensorrt target) are loaded with that one pass off.
+INT8_DISABLED = ["QDQS8ToU8Transformer"]
+
+
+class OrtCpuBackend:
+    name = "ort-cpu"
+
+    def __init__(self, threads: Optional[int] = None):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise BackendError(f"the ort-cpu backend needs onnxruntime ({e}); pip install onnxruntime") from None
+        self.threads = threads
+
+    def options(self, disabled_optimizers: Optional[list[str]] = None) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {"threads": self.threads, "disabled_optimizers": disabled_optimizers or [],
+                "graph_optimization_level": "ORT_ENABLE_ALL", "qdq_matmulnbits_accuracy_level": 0,
+                "onnxruntime": ort.__version__}
+
+    def _session(self, model_path: Path, optimized_out: Optional[Path] = None, options: Optional[dict] = None):
+        import onnxruntime as ort
+
+        options = options or self.options()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        so.log_severity_level = 3
+        if options.get("threads"):
+            so.intra_op_num_threads = options["threads"]
+        if optimized_out is not None:
+            so.optimized_model_filepath = str(optimized_out)
+        try:
+            return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=options.get("disabled_optimizers") or [])
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types for a bad file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"{model_path}: ONNX Runtime cannot load this model: {first}") from None
+
+    def build(self, onnx_path: Path, out_dir: Path) -> Artifact:
+        out = Path(out_dir) / ARTIFACT_NAME
+        options = self.options(INT8_DISABLED if _has_int8_activations(Path(onnx_path)) else None)
+        self._session(Path(onnx_path), optimized_out=out, options=options)
+        return Artifact(out, self.name, options)
+
+    def run(self, artifact: Artifact, images: np.ndarray) -> np.ndarray:
+        sess = self._cached(artifact)
+        return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+    def latency(self, artifact: Artifact, batch: int, runs: int = 50, warmup: int = 10) -> LatencyStats:
+        sess = self._cached(artifact)
+        inp = sess.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
+        feed = {inp.name: x}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        return LatencyStats.from_times(batch, times)
+
+    def _cached(self, artifact: Artifact):
+        """One session per artifact file (creating one re-optimises the graph: not per batch)."""
+        key = (str(artifact.path), artifact.path.stat().st_mtime_ns)
+        cache = self.__dict__.setdefault("_sessions", {})
+        if key not in cache:
+            cache[key] = self._session(artifact.path, options=artifact.options)
+        return cache[key]
+
+
+def _has_int8_activations(path: Path) -> bool:
+    """Whether any QuantizeLinear writes int8 (as the tensorrt target's do); weights carry no Q node."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        raise BackendError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    int8 |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"
+             and any(a.name == "value" and a.t.data_type == onnx.TensorProto.INT8 for a in n.attribute)}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in int8 for n in model.graph.node)

@@ -1,0 +1,115 @@
+"""Plan -> Q/DQ ONNX -> backend artifact -> measured manifest: what ``pomq-deploy build`` does."""
+
+import datetime
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from . import __version__
+from ._schema import to_plain
+from .artifact import MANIFEST, MANIFEST_FORMAT, BuiltArtifact, seal, staging_dir, write_json_atomic
+from .backends import Artifact, Backend
+from .evaluate import EvalResult, evaluate
+from .plan import Plan
+from .recipe import Recipe
+
+Track = Callable[[Iterable, int, str], Iterable]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    backend: Backend
+    target: str  # export target: "ort" or "tensorrt"
+    out_root: Path = Path("engines")
+    batch: int = 8  # latency batch size
+    runs: int = 50
+    observer: str = "minmax"
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import timm
+
+    return {"pomq_deploy": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__}
+
+
+def emulated_settings(plan: Optional[Plan], backend: str) -> list[str]:
+    """Plan settings a CPU backend runs without their width's speed-up (the numbers stay the plan's)."""
+    if plan is None:
+        return []
+    notes = []
+    a4 = [i for i, b in enumerate(plan.blocks) if b.a == 4]
+    if a4:
+        notes.append(f"{backend}: 4-bit activations (a=4, blocks {a4}) run as 8-bit Q/DQ clipped to 16 levels: "
+                     "the accuracy effect is real, the kernels are INT8")
+    lis = [i for i, b in enumerate(plan.blocks) if b.attn == 4 and plan.scheme == "fqvit"]
+    if lis:
+        notes.append(f"{backend}: LIS log2 attention (attn=4, blocks {lis}) runs as float log-domain ops")
+    attn4 = [i for i, b in enumerate(plan.blocks) if b.attn == 4 and plan.scheme != "fqvit"]
+    if attn4:
+        notes.append(f"{backend}: 4-bit attention (attn=4, blocks {attn4}) runs as 8-bit Q/DQ clipped to 16 levels")
+    return notes
+
+
+def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, track: Optional[Track] = None) -> EvalResult:
+    """Top-1/top-5 of the built artifact, run by its backend, on the recipe's evaluation split."""
+    from .data import eval_dataset, eval_loader
+    from .models.loading import data_model
+
+    loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model.arch)), recipe.eval.batch_size,
+                         recipe.eval.limit, recipe.data.workers)
+    batches = track(loader, len(loader), f"eval {artifact.path.parent.name}") if track else loader
+    return evaluate(lambda x: torch.from_numpy(backend.run(artifact, x.numpy())), batches)
+
+
+def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optional[Track] = None,
+          status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
+    """Export ``plan`` (None: the FP32 model), build it with the backend, measure it, write the directory."""
+    from .export import export_fp32, export_quantized
+    from .models.loading import create_model
+    from .quant.calibration import calibrate_cached, quant_model
+
+    final = opts.out_root / recipe.name / (plan.plan_id if plan is not None else "fp32")
+    with staging_dir(final) as tmp:
+        onnx_path = tmp / "model.onnx"
+        if plan is None:
+            status("exporting the FP32 model")
+            info = export_fp32(create_model(recipe.model.arch, recipe.model.checkpoint), onnx_path)
+        else:
+            qmodel = quant_model(recipe, plan.scheme, opts.observer)
+            plan.check_blocks(qmodel.num_blocks)
+            calibrate_cached(qmodel, recipe, track=track)
+            status(f"exporting plan {plan.plan_id} ({plan.scheme}, target {opts.target})")
+            info = export_quantized(qmodel, plan, opts.target, onnx_path)
+        status(f"building with {opts.backend.name}")
+        artifact = opts.backend.build(onnx_path, tmp)
+        accuracy = evaluate_artifact(opts.backend, artifact, recipe, track)
+        status(f"timing batch {opts.batch} x {opts.runs} runs")
+        latency = opts.backend.latency(artifact, opts.batch, opts.runs)
+        manifest = {
+            "format": MANIFEST_FORMAT, "tool": "pomq-deploy", "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "recipe": recipe.name, "arch": recipe.model.arch,
+            "plan": to_plain(plan) if plan is not None else None, "plan_id": plan.plan_id if plan is not None else "fp32",
+            "scheme": plan.scheme if plan is not None else None, "observer": opts.observer if plan is not None else None,
+            "target": info.target,
+            "onnx": {"file": onnx_path.name, "bytes": onnx_path.stat().st_size, "weight_bytes": info.weight_bytes,
+                     "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8,
+                     "weights_int4": info.weights_int4, "ops": info.ops},
+            "artifact": {"file": artifact.path.name, "bytes": artifact.bytes},
+            "backend": {"name": artifact.backend, "options": artifact.options},
+            "latency": {"batch": latency.batch, "runs": latency.runs, "median_ms": round(latency.median_ms, 4),
+                        "p90_ms": round(latency.p90_ms, 4)},
+            "accuracy": {"top1": accuracy.top1, "top5": accuracy.top5, "images": accuracy.images},
+            "emulated": emulated_settings(plan, artifact.backend),
+            "versions": versions(),
+        }
+        manifest = seal(manifest, tmp)
+        write_json_atomic(manifest, tmp / MANIFEST)
+    return BuiltArtifact(final, manifest)

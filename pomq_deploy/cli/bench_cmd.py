@@ -1,0 +1,60 @@
+"""pomq-deploy bench: latency of a built artifact (or of any ONNX file) on its backend."""
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import positive_int
+
+HELP = "time a built artifact (or an ONNX file) at a batch size"
+DESCRIPTION = """\
+Warm up, then time --runs inferences at --batch and print the median and p90 latency. --artifact takes a
+directory written by pomq-deploy build (checked against its manifest); --onnx takes any ONNX model, e.g.
+one from ONNX Runtime's own quantizer, and times it on ort-cpu with the same settings.
+
+examples:
+  pomq-deploy bench --artifact engines/deit_fmnist/<plan-id> --batch 1
+  pomq-deploy bench --onnx model.onnx --batch 8 --json
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--artifact", metavar="DIR", type=Path, help="a build directory (engines/<recipe>/<plan-id>)")
+    which.add_argument("--onnx", metavar="FILE", type=Path, help="an ONNX file, timed on ort-cpu")
+    p.add_argument("--batch", type=positive_int, default=8, help="batch size (default 8)")
+    p.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50)")
+    p.add_argument("--threads", type=positive_int, help="ort-cpu intra-op threads (with --onnx)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ..artifact import load_artifact
+    from ..backends import get_backend
+    from ..errors import PomqError
+    from ._console import stdout
+
+    if args.artifact is not None:
+        built = load_artifact(args.artifact)
+        art = built.artifact
+        backend = get_backend(art.backend)
+        stats = backend.latency(art, args.batch, args.runs)
+        what = str(built.directory)
+    else:
+        if not args.onnx.is_file():
+            raise PomqError(f"{args.onnx}: no such ONNX file")
+        backend = get_backend("ort-cpu", threads=args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            art = backend.build(args.onnx, Path(tmp))
+            stats = backend.latency(art, args.batch, args.runs)
+        what = str(args.onnx)
+    out = {"what": what, "backend": backend.name, "batch": stats.batch, "runs": stats.runs,
+           "median_ms": round(stats.median_ms, 4), "p90_ms": round(stats.p90_ms, 4)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        stdout.print(f"{what} on {backend.name}, batch {stats.batch}: median {stats.median_ms:.3f} ms, "
+                     f"p90 {stats.p90_ms:.3f} ms ({stats.runs} runs)")
+    return 0

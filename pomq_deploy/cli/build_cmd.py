@@ -1,0 +1,71 @@
+"""pomq-deploy build: plan -> Q/DQ ONNX -> backend artifact, measured, in engines/<recipe>/<plan-id>/."""
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import add_eval_arguments, add_quant_arguments, add_recipe_arguments, positive_int
+
+HELP = "build a plan into a deployable artifact and measure its accuracy, latency and size"
+DESCRIPTION = """\
+Export the plan to Q/DQ ONNX, build it with the backend, evaluate top-1 through the backend on the
+recipe's evaluation split, time it (warm-up, then median and p90), and write
+<out>/<recipe>/<plan-id>/ with model.onnx, the backend's artifact and manifest.json (plan, plan-id,
+versions, latency, sizes, accuracy, checksums). The directory appears only when complete. With --fp32,
+build the float model instead (the baseline a plan must beat). --json prints the manifest.
+
+examples:
+  pomq-deploy build --plan best.yaml
+  pomq-deploy build --uniform 8/8/8 --scheme fqvit --batch 8 --json
+  pomq-deploy build --fp32
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..backends import BACKENDS
+
+    add_recipe_arguments(p)
+    add_quant_arguments(p)
+    p.add_argument("--fp32", action="store_true", help="build the unquantized model (no --plan/--uniform)")
+    add_eval_arguments(p)
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=list(BACKENDS), default="ort-cpu", help="default: ort-cpu")
+    g.add_argument("--threads", type=positive_int, help="ort-cpu intra-op threads (default: ONNX Runtime's, all cores)")
+    g.add_argument("--batch", type=positive_int, default=8, help="batch size the latency is measured at (default 8)")
+    g.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=Path("engines"), help="output root (default: engines)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..backends import DEFAULT_TARGET, get_backend
+    from ..build import BuildOptions, build
+    from ..errors import PomqError
+    from ._common import calib_track, load_plan_arg, recipe_from_args, resolve_plan
+    from ._console import stderr, stdout
+
+    quantized = args.plan is not None or args.uniform is not None
+    if quantized == args.fp32:
+        raise PomqError("give one of --plan FILE, --uniform W/A/ATTN or --fp32")
+    plan = load_plan_arg(args)
+    recipe = recipe_from_args(args)
+    if quantized:
+        from ..quant.calibration import quant_model
+
+        plan = resolve_plan(args, plan, recipe, quant_model(recipe, args.scheme or (plan.scheme if plan else "fqvit")).num_blocks)
+    backend = get_backend(args.backend, **({"threads": args.threads} if args.backend == "ort-cpu" else {}))
+    target = DEFAULT_TARGET[args.backend] if args.target is None else args.target
+    opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer)
+    built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None)
+    m = built.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    lat, acc = m["latency"], m["accuracy"]
+    stdout.print(f"built {built.directory}\n  plan {m['plan_id']} ({m['scheme'] or 'fp32'}, target {m['target']}) on {m['backend']['name']}\n"
+                 f"  top-1 {acc['top1']:.4f} on {acc['images']} images; latency batch {lat['batch']}: median "
+                 f"{lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms\n  ONNX weights {m['onnx']['weight_bytes'] / 1e6:.2f} MB, "
+                 f"artifact {m['artifact']['bytes'] / 1e6:.2f} MB")
+    for note in m["emulated"]:
+        stdout.print(f"  note: {note}")
+    return 0

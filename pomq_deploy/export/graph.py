@@ -1,0 +1,133 @@
+"""Passes over the exported ONNX graph that turn float weights under Q/DQ into real integer initializers.
+
+The exporter writes each quantized weight as ``float initializer -> QuantizeLinear -> DequantizeLinear``.
+``store_integer_weights`` runs the QuantizeLinear once, here, and keeps only its integer codes (INT8, or
+INT4 for the plan's 4-bit weights) feeding the per-output-channel DequantizeLinear, so the file really
+holds 8- or 4-bit weights. ``fold_weight_transposes`` then stores a Linear's weight as (in, out) for
+``MatMul`` (DequantizeLinear axis 1), which is the DQ -> MatMul pattern ONNX Runtime and TensorRT fuse.
+"""
+
+from collections import Counter
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+class Graph:
+    """Lookups over a ModelProto's main graph that the passes share (producers, consumers, constants)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return [n for n in self.graph.node if name in n.input]
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return next((n for n in self.graph.node if name in n.output), None)
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant array behind ``name`` (an initializer or a Constant node), else None."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.constants.get(name)
+        if node is not None:
+            return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
+        return None
+
+    def replace_initializer(self, old: str | None, tensor: onnx.TensorProto) -> None:
+        if old is not None and old in self.inits:
+            self.graph.initializer.remove(self.inits.pop(old))
+        self.graph.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+
+    def drop_unused(self) -> None:
+        """Remove initializers and Constant nodes nothing reads any more."""
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        for name in [n for n in self.inits if n not in used]:
+            self.graph.initializer.remove(self.inits.pop(name))
+        for name, node in list(self.constants.items()):
+            if name not in used:
+                self.graph.node.remove(node)
+                del self.constants[name]
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    a = next((a for a in node.attribute if a.name == name), None)
+    return default if a is None else onnx.helper.get_attribute_value(a)
+
+
+def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int]) -> int:
+    """Replace ``W -> QuantizeLinear`` on each weight named in ``weight_bits`` with W's integer codes.
+
+    Returns how many weights were converted. A 4-bit weight whose codes do not fit INT4 is a bug upstream
+    (its scale is amax/7), so it raises rather than silently storing INT8."""
+    g = Graph(model)
+    done = 0
+    for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in weight_bits]:
+        name, bits = q.input[0], weight_bits[q.input[0]]
+        w, scale = g.value(name), g.value(q.input[1])
+        axis = _attr(q, "axis", 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        codes = np.clip(np.rint(w / scale.reshape(shape)), -128, 127)
+        if bits == 4:
+            if codes.min() < -8 or codes.max() > 7:
+                raise ValueError(f"{name}: 4-bit weight codes span [{codes.min()}, {codes.max()}], outside INT4")
+            tensor = numpy_helper.from_array(codes.astype(ml_dtypes.int4), f"{name}_int4")
+        else:
+            tensor = numpy_helper.from_array(codes.astype(np.int8), f"{name}_int8")
+        g.replace_initializer(None, tensor)
+        for dq in g.consumers(q.output[0]):
+            if dq.op_type != "DequantizeLinear":
+                raise ValueError(f"{name}: QuantizeLinear feeds {dq.op_type}, expected DequantizeLinear")
+            # symmetric weights: zero point 0, which is DequantizeLinear's default (and typed like the codes)
+            dq.input[:] = [tensor.name, dq.input[1]]
+        g.graph.node.remove(q)
+        done += 1
+    g.drop_unused()
+    return done
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """``DQ(W int, axis 0) -> Transpose -> MatMul``  ==>  ``DQ(W^T int, axis 1) -> MatMul`` (2-D weights)."""
+    g = Graph(model)
+    done = 0
+    for t in [n for n in g.graph.node if n.op_type == "Transpose"]:
+        dq = g.producer(t.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
+            continue
+        codes = g.value(dq.input[0])
+        if codes.ndim != 2 or list(_attr(t, "perm", [1, 0])) != [1, 0] or len(g.consumers(dq.output[0])) != 1:
+            continue
+        tensor = numpy_helper.from_array(np.ascontiguousarray(codes.T), dq.input[0] + "_t")
+        g.replace_initializer(dq.input[0], tensor)
+        dq.input[0] = tensor.name
+        for a in dq.attribute:
+            if a.name == "axis":
+                a.i = 1
+        if not any(a.name == "axis" for a in dq.attribute):
+            dq.attribute.append(onnx.helper.make_attribute("axis", 1))
+        for consumer in g.consumers(t.output[0]):
+            consumer.input[:] = [dq.output[0] if i == t.output[0] else i for i in consumer.input]
+        g.graph.node.remove(t)
+        done += 1
+    return done
+
+
+def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the stored initializers by element type (INT4 packs two per byte), e.g. {'INT8': 1234}."""
+    out: Counter = Counter()
+    for t in model.graph.initializer:
+        kind = onnx.TensorProto.DataType.Name(t.data_type)
+        out[kind] += len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
+    return dict(out)
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))

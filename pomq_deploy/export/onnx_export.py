@@ -1,0 +1,94 @@
+"""Export the fake-quant model under a plan to ONNX with QuantizeLinear/DequantizeLinear nodes.
+
+The quantized model is traced in ``onnx_mode``: every quantizer forwards through the PyTorch ops that the
+exporter writes as Q/DQ (or, for LIS, as log-domain float ops), so the graph computes the plan's numbers.
+The graph passes in :mod:`.graph` then store the weights as INT8/INT4 codes. Targets differ only in the
+activation format: ``ort`` uint8 asymmetric (FQ-ViT's, what ONNX Runtime's x86 kernels fuse best),
+``tensorrt`` int8 symmetric with zero point 0 (the only form TensorRT accepts).
+"""
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..plan import Plan
+from ..quant.model import QuantModel
+from .graph import count_ops, fold_weight_transposes, initializer_bytes, store_integer_weights
+
+TARGETS = ("ort", "tensorrt")
+TARGET_FORMAT = {"ort": "asym", "tensorrt": "sym"}
+OPSET = 21  # INT4 initializers and per-axis INT4 DequantizeLinear
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    path: Path
+    target: str  # "ort", "tensorrt", or "fp32" for the float model
+    weights_int8: int
+    weights_int4: int
+    initializer_bytes: dict[str, int]
+    ops: dict[str, int]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.initializer_bytes.values())
+
+
+def input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) the model was built for: its patch embedding's, else its timm data config's."""
+    from timm.data import resolve_data_config
+
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        proj = getattr(embed.proj, "layer", embed.proj)  # QuantWeighted wraps the Conv2d
+        return (proj.in_channels, *embed.img_size)
+    return tuple(resolve_data_config({}, model=model)["input_size"])
+
+
+def _trace(module: nn.Module, size: tuple[int, ...]) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(module.eval(), (example,), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _save(model: onnx.ModelProto, path: Path, target: str, int8: int, int4: int) -> ExportInfo:
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return ExportInfo(path, target, int8, int4, initializer_bytes(model), count_ops(model))
+
+
+def export_fp32(model: nn.Module, path: Path) -> ExportInfo:
+    """The float model as ONNX (the baseline the quantized engines are compared with)."""
+    return _save(_trace(model, input_size(model)), path, "fp32", 0, 0)
+
+
+def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) -> ExportInfo:
+    """``qmodel`` (calibrated) under ``plan``, in ``target``'s activation format, as Q/DQ ONNX at ``path``."""
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}; allowed: {', '.join(TARGETS)}")
+    qmodel.apply(plan, TARGET_FORMAT[target])
+    with qmodel.onnx_mode():
+        model = _trace(qmodel, input_size(qmodel.model))
+    bits = qmodel.weight_bits()
+    converted = store_integer_weights(model, bits)
+    if converted != len(bits):
+        raise RuntimeError(f"stored {converted} of {len(bits)} quantized weights as integers; the export lost some")
+    fold_weight_transposes(model)
+    int4 = sum(b == 4 for b in bits.values())
+    return _save(model, path, target, len(bits) - int4, int4)

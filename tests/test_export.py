@@ -1,0 +1,146 @@
+"""ONNX export with Q/DQ: integer weights, activation formats per target, parity with the fake-quant model."""
+
+import copy
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+from pomq_deploy.export import export_fp32, export_quantized
+from pomq_deploy.export.graph import fold_weight_transposes, store_integer_weights
+from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+from pomq_deploy.quant.model import QuantModel
+
+from test_quant_model import images, tiny_vit
+
+
+@pytest.fixture(scope="module", params=["fqvit", "tsptq"])
+def calibrated(request):
+    qm = QuantModel(tiny_vit(), request.param)
+    qm.calibrate(images())
+    return qm
+
+
+def mixed(n: int, scheme: str, four: set[int]) -> Plan:
+    return Plan(model="t", scheme=scheme, blocks=tuple(BlockBits(w=4 if i in four else 8, a=4 if i in four else 8,
+                                                                 attn=4 if i in four else 8) for i in range(n)))
+
+
+def run_ort(tmp_path, onnx_path, x):
+    backend = OrtCpuBackend(threads=1)
+    art = backend.build(onnx_path, tmp_path)
+    return backend.run(art, x.numpy())
+
+
+def test_integer_weights_by_hand():
+    """One Linear: the stored INT8/INT4 codes are round(w / (amax_c / qmax)), transposed for MatMul, axis 1."""
+    w = torch.tensor([[0.7, -0.32, 0.1], [-2.0, 1.1, 0.5]])
+
+    class Lin(torch.nn.Module):
+        def forward(self, x):
+            scale = torch.tensor([0.7 / 7, 2.0 / 7])
+            q = torch.fake_quantize_per_channel_affine(w_param, scale, torch.zeros(2, dtype=torch.int32), 0, -128, 127)
+            return x @ q.t()
+
+    w_param = torch.nn.Parameter(w)
+    m = Lin()
+    m.register_parameter("w", w_param)
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(m, (torch.randn(1, 4, 3),), buf, dynamo=False, opset_version=21, input_names=["x"])
+    model = onnx.load_from_string(buf.getvalue())
+    assert store_integer_weights(model, {"w": 4}) == 1
+    assert fold_weight_transposes(model) == 1
+    init = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4)
+    codes = numpy_helper.to_array(init).astype(np.int8)
+    assert codes.tolist() == [[7, -7], [-3, 4], [1, 2]]  # (in, out): -0.32 / 0.1 -> -3, 1.1 / (2/7) -> 4
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    assert not any(n.op_type in ("QuantizeLinear", "Transpose") for n in model.graph.node)
+
+
+def _activation_zero_point_types(model: onnx.ModelProto) -> set[int]:
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    consts |= {t.name: t for t in model.graph.initializer}
+    return {consts[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_export_matches_fake_quant(tmp_path, calibrated, target):
+    qm = calibrated
+    plan = mixed(qm.num_blocks, qm.scheme, {0, 5})
+    info = export_quantized(qm, plan, target, tmp_path / "m.onnx")
+    model = onnx.load(str(info.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert (info.weights_int8, info.weights_int4) == (4 * 4 + 2, 2 * 4)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    zp_types = _activation_zero_point_types(model)
+    assert zp_types == ({onnx.TensorProto.UINT8} if target == "ort" else {onnx.TensorProto.INT8})
+    if target == "tensorrt":  # symmetric: every activation zero point is 0
+        consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+        assert all(int(consts[n.input[2]]) == 0 for n in model.graph.node if n.op_type == "QuantizeLinear")
+    x = torch.cat(images(2, seed=11))
+    qm.apply(plan, "asym" if target == "ort" else "sym")
+    with torch.no_grad():
+        ref = qm(x)
+    out = torch.from_numpy(run_ort(tmp_path, info.path, x))
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999 and (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_four_bit_weights_shrink_the_file(tmp_path, calibrated):
+    qm = calibrated
+    n = qm.num_blocks
+    base = export_quantized(qm, uniform_plan("8/8/8", n, "t", qm.scheme), "ort", tmp_path / "a.onnx")
+    k = 3
+    plan = Plan(model="t", scheme=qm.scheme, blocks=tuple(BlockBits(w=4 if i < k else 8, a=8, attn=8) for i in range(n)))
+    small = export_quantized(qm, plan, "ort", tmp_path / "b.onnx")
+    block_weights = sum(qm.weighted[f"blocks.0.{name}"].layer.weight.numel() for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+    expected = k * block_weights // 2  # INT4 packs two codes a byte
+    assert base.initializer_bytes["INT8"] - small.initializer_bytes["INT8"] == 2 * expected
+    assert small.initializer_bytes["INT4"] == expected
+    assert abs((base.weight_bytes - small.weight_bytes) - expected) <= 0.1 * expected
+    assert base.path.stat().st_size - small.path.stat().st_size >= 0.9 * expected
+
+
+def test_fp32_export_matches_pytorch(tmp_path):
+    fp = tiny_vit()
+    info = export_fp32(fp, tmp_path / "fp.onnx")
+    x = torch.cat(images(1, seed=3))
+    with torch.no_grad():
+        ref = fp(x)
+    assert np.allclose(run_ort(tmp_path, info.path, x), ref.numpy(), atol=1e-4)
+    assert info.weights_int8 == info.weights_int4 == 0
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_swin_exports_and_agrees(tmp_path, target):
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4, embed_dim=32, depths=(2, 2),
+                             num_heads=(2, 4), num_classes=10).eval()
+    qm = QuantModel(copy.deepcopy(swin), "fqvit")
+    qm.calibrate([torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    plan = mixed(qm.num_blocks, "fqvit", {0, 3})
+    info = export_quantized(qm, plan, target, tmp_path / "swin.onnx")
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    qm.apply(plan, "asym" if target == "ort" else "sym")
+    with torch.no_grad():
+        ref = qm(x)
+    out = torch.from_numpy(run_ort(tmp_path, info.path, x))
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+    assert info.weights_int4 == 2 * 4
+
+
+def test_int4_codes_are_really_int4(tmp_path, calibrated):
+    qm = calibrated
+    info = export_quantized(qm, uniform_plan("4/8/8", qm.num_blocks, "t", qm.scheme), "ort", tmp_path / "m.onnx")
+    model = onnx.load(str(info.path))
+    int4 = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 4 * qm.num_blocks
+    assert all(a.dtype == ml_dtypes.int4 and -8 <= a.astype(np.int8).min() and a.astype(np.int8).max() <= 7 for a in int4)
