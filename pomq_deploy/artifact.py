@@ -75,11 +75,17 @@ class BuiltArtifact:
     @property
     def artifact(self) -> Artifact:
         m = self.manifest
-        return Artifact(self.directory / m["artifact"]["file"], m["backend"]["name"], m["backend"]["options"])
+        return Artifact(self.directory / m["artifact"]["file"], m["backend"]["name"], m["backend"]["options"],
+                        m["artifact"]["size_bytes"])
 
     @property
-    def onnx_path(self) -> Path:
-        return self.directory / self.manifest["onnx"]["file"]
+    def recipe(self):
+        """The recipe the artifact was built with, as recorded (paths resolved at build time)."""
+        from ._schema import parse
+        from .errors import RecipeError
+        from .recipe import Recipe
+
+        return parse(Recipe, self.manifest["recipe_spec"], str(self.directory / MANIFEST), RecipeError)
 
 
 def load_artifact(directory: Path) -> BuiltArtifact:

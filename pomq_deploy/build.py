@@ -45,6 +45,10 @@ def emulated_settings(plan: Optional[Plan], backend: str) -> list[str]:
     if plan is None:
         return []
     notes = []
+    w4 = [i for i, b in enumerate(plan.blocks) if b.w == 4]
+    if w4 and backend == "ort-cpu":
+        notes.append(f"{backend}: 4-bit weights (w=4, blocks {w4}) are stored as INT4 in model.onnx but run on ONNX "
+                     "Runtime's INT8 kernels (same codes; it has no int4 x uint8 GEMM on the CPU)")
     a4 = [i for i, b in enumerate(plan.blocks) if b.a == 4]
     if a4:
         notes.append(f"{backend}: 4-bit activations (a=4, blocks {a4}) run as 8-bit Q/DQ clipped to 16 levels: "
@@ -95,14 +99,14 @@ def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optio
         latency = opts.backend.latency(artifact, opts.batch, opts.runs)
         manifest = {
             "format": MANIFEST_FORMAT, "tool": "pomq-deploy", "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "recipe": recipe.name, "arch": recipe.model.arch,
+            "recipe": recipe.name, "arch": recipe.model.arch, "recipe_spec": to_plain(recipe),
             "plan": to_plain(plan) if plan is not None else None, "plan_id": plan.plan_id if plan is not None else "fp32",
             "scheme": plan.scheme if plan is not None else None, "observer": opts.observer if plan is not None else None,
             "target": info.target,
             "onnx": {"file": onnx_path.name, "bytes": onnx_path.stat().st_size, "weight_bytes": info.weight_bytes,
                      "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8,
                      "weights_int4": info.weights_int4, "ops": info.ops},
-            "artifact": {"file": artifact.path.name, "bytes": artifact.bytes},
+            "artifact": {"file": artifact.path.name, "file_bytes": artifact.path.stat().st_size, "size_bytes": artifact.size_bytes},
             "backend": {"name": artifact.backend, "options": artifact.options},
             "latency": {"batch": latency.batch, "runs": latency.runs, "median_ms": round(latency.median_ms, 4),
                         "p90_ms": round(latency.p90_ms, 4)},

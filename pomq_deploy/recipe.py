@@ -44,11 +44,27 @@ class EvalSpec:
 
 
 @dataclass(frozen=True, config=STRICT)
+class SearchSpec:
+    """Defaults of ``pomq-deploy search`` (PoMQ-ViT's NSGA-II), each overridable on the command line."""
+
+    algorithm: Literal["nsga2", "random"] = "nsga2"
+    population: PositiveInt = 16
+    generations: PositiveInt = 8
+    trials: Optional[PositiveInt] = None  # random search: plans to evaluate (default population x generations)
+    seed: int = 0
+    scheme: Literal["fqvit", "tsptq", "minmax"] = "fqvit"
+    eval_images: PositiveInt = 1000  # top-1 objective on the first N evaluation images; the front gets the full set
+    batch: PositiveInt = 8  # latency batch size
+    latency_runs: PositiveInt = 30
+
+
+@dataclass(frozen=True, config=STRICT)
 class Recipe:
     name: str
     model: ModelSpec
     data: DataSpec
     eval: EvalSpec = EvalSpec()
+    search: SearchSpec = SearchSpec()
 
 
 def find_recipe(spec: Optional[str]) -> Path:

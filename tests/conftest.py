@@ -4,6 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
+import torch
+from safetensors.torch import save_file
 
 import pomq_deploy.models  # noqa: F401  (registers deit_fmnist with timm)
 from pomq_deploy.data.fashion_mnist import DEBIAN_ROOT
@@ -59,3 +62,25 @@ def _calibration_cache(tmp_path_factory):
     from pomq_deploy.quant.calibration import CACHE_ENV
 
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("pomq-cache"))
+
+
+@pytest.fixture(scope="session")
+def random_deit_fmnist(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "deit_fmnist_random.safetensors"
+    save_file(timm.create_model("deit_fmnist").state_dict(), str(path))
+    return path
+
+
+def tiny_recipe_file(folder: Path, checkpoint: Path) -> Path:
+    """Recipe 'tiny': the reference architecture with ``checkpoint`` on a generated 30/16-image data set."""
+    data = make_fmnist(folder / "fm", n_train=30, n_test=16)
+    path = folder / "tiny.yaml"
+    path.write_text(f"name: tiny\nmodel: {{arch: deit_fmnist, checkpoint: {checkpoint}}}\n"
+                    f"data: {{kind: fashion_mnist, root: {data}, calib_images: 20, calib_batch: 10}}\n")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, random_deit_fmnist):
+    return tiny_recipe_file(tmp_path, random_deit_fmnist)

@@ -37,14 +37,6 @@ def test_every_subcommand_explains_itself(command, capsys):
     assert f"usage: pomq-deploy {command}" in out and "examples:" in out
 
 
-@pytest.fixture(scope="module")
-def random_deit_fmnist(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "deit_fmnist_random.safetensors"
-    save_file(timm.create_model("deit_fmnist").state_dict(), str(path))
-    return path
-
-
 def test_eval_json_on_generated_data(tmp_path, random_deit_fmnist, capsys):
     data = make_fmnist(tmp_path / "fm", n_test=30)
     rc = main(["eval", "--checkpoint", str(random_deit_fmnist), "--data", str(data), "--batch-size", "8", "--json"])
@@ -95,15 +87,6 @@ def test_empty_image_folder(tmp_path, capsys):
     make_folder(tmp_path / "val2")
     assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(ckpt), "--data", str(tmp_path / "val2"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 6
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path, random_deit_fmnist):
-    data = make_fmnist(tmp_path / "fm", n_train=30, n_test=16)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"name: tiny\nmodel: {{arch: deit_fmnist, checkpoint: {random_deit_fmnist}}}\n"
-                    f"data: {{kind: fashion_mnist, root: {data}, calib_images: 20, calib_batch: 10}}\n")
-    return path
 
 
 def test_quantized_eval_json(tiny_recipe, capsys):

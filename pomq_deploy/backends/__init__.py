@@ -33,10 +33,7 @@ class Artifact:
     path: Path
     backend: str
     options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def bytes(self) -> int:
-        return self.path.stat().st_size
+    size_bytes: int = 0  # what deploys: the engine (TensorRT), the ONNX file (ONNX Runtime optimises at load)
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", metavar="B", type=positive_int, help="images per batch; sets eval.batch_size")
 
 
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The recipe named by --recipe with the command line's overrides applied."""
-    recipe = load_recipe(args.recipe)
+def recipe_from_args(args: argparse.Namespace, recipe: Recipe | None = None) -> Recipe:
+    """The recipe named by --recipe (else ``recipe``) with the command line's overrides applied."""
+    recipe = load_recipe(args.recipe) if args.recipe is not None or recipe is None else recipe
     if args.checkpoint is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, checkpoint=str(args.checkpoint)))
     if args.data is not None:

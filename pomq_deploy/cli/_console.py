@@ -7,7 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 T = TypeVar("T")
 
-stdout = Console(highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)  # results: one line each, never wrapped
 stderr = Console(stderr=True, highlight=False)
 
 

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     stdout.print(f"built {built.directory}\n  plan {m['plan_id']} ({m['scheme'] or 'fp32'}, target {m['target']}) on {m['backend']['name']}\n"
                  f"  top-1 {acc['top1']:.4f} on {acc['images']} images; latency batch {lat['batch']}: median "
                  f"{lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms\n  ONNX weights {m['onnx']['weight_bytes'] / 1e6:.2f} MB, "
-                 f"artifact {m['artifact']['bytes'] / 1e6:.2f} MB")
+                 f"deployable size {m['artifact']['size_bytes'] / 1e6:.2f} MB")
     for note in m["emulated"]:
         stdout.print(f"  note: {note}")
     return 0

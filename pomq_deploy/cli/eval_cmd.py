@@ -82,8 +82,7 @@ def _eval_artifact(args: argparse.Namespace) -> int:
         raise PomqError("--artifact evaluates what was built; it takes no --plan or --uniform")
     built = load_artifact(args.artifact)
     m = built.manifest
-    args.recipe = args.recipe or m["recipe"]
-    recipe = recipe_from_args(args)
+    recipe = recipe_from_args(args, built.recipe)  # the recipe it was built with, unless --recipe names another
     art = built.artifact
     result = evaluate_artifact(get_backend(art.backend), art, recipe, calib_track)  # options travel in the artifact
     if args.json:

@@ -17,6 +17,7 @@ COMMANDS = {
     "export": "pomq_deploy.cli.export_cmd",
     "build": "pomq_deploy.cli.build_cmd",
     "bench": "pomq_deploy.cli.bench_cmd",
+    "search": "pomq_deploy.cli.search_cmd",
 }
 
 USAGE_ERROR = 2

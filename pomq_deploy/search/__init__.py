@@ -1,0 +1,1 @@
+"""PoMQ-ViT's Pareto search over per-block bit-width plans, on optuna."""

@@ -1,0 +1,168 @@
+"""What a search hands the user: pareto.json, pareto.png, report.md and best.yaml."""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from ..plan import Plan, save_plan
+from .study import GENES, plan_from_params
+
+SELECT_RULES = {
+    "top1-within-1pt": "among the front's plans within 1 point of uniform 8-bit's top-1, the lowest latency "
+                       "(if none is that close, the highest top-1)",
+    "max-top1": "highest top-1 on the front",
+    "min-latency": "lowest latency on the front",
+    "min-size": "smallest artifact on the front",
+}
+
+
+@dataclass
+class Row:
+    """One completed trial: its plan and what was measured."""
+
+    number: int
+    plan: Plan
+    top1: float
+    latency_ms: float
+    size_bytes: int
+    feasible: bool
+    constraints: list[float]
+    on_front: bool = False
+    top1_full: Optional[float] = None  # re-measured on the full evaluation split (front only)
+
+    def as_dict(self) -> dict:
+        return {"trial": self.number, "plan_id": self.plan.plan_id,
+                "plan": [{g: getattr(b, g) for g in GENES} for b in self.plan.blocks],
+                "top1": self.top1, "latency_ms": self.latency_ms, "size_bytes": self.size_bytes,
+                "feasible": self.feasible, "constraints": {"mixed": self.constraints[0], "latency_vs_fp32_ms": self.constraints[1],
+                                                           "size_vs_uniform8_bytes": self.constraints[2]},
+                "on_front": self.on_front, "top1_full": self.top1_full}
+
+
+def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str) -> list[Row]:
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme), t.user_attrs["top1"],
+                       t.user_attrs["latency_ms"], t.user_attrs["size_bytes"], t.user_attrs["feasible"],
+                       t.user_attrs["constraints"]))
+    return out
+
+
+def mark_front(rows: list[Row]) -> list[Row]:
+    """Flag the feasible rows no other feasible row dominates (top-1 up, latency and size down)."""
+    feasible = [r for r in rows if r.feasible]
+    for r in feasible:
+        r.on_front = not any(o is not r and o.top1 >= r.top1 and o.latency_ms <= r.latency_ms and o.size_bytes <= r.size_bytes
+                             and (o.top1, -o.latency_ms, -o.size_bytes) != (r.top1, -r.latency_ms, -r.size_bytes)
+                             for o in feasible)
+    return [r for r in rows if r.on_front]
+
+
+def hypervolume(rows: list[Row], base: dict) -> float:
+    """Hypervolume of the feasible front in normalised objectives (1 - top-1, latency / FP32's, size /
+    uniform 8-bit's) against the reference point (1, 1, 1): larger is better, 0 for an empty front."""
+    from optuna._hypervolume import compute_hypervolume
+
+    pts = np.array([[1 - r.top1, r.latency_ms / base["fp32"]["latency_ms"], r.size_bytes / base["uniform8"]["size_bytes"]]
+                    for r in rows if r.feasible])
+    if len(pts) == 0:
+        return 0.0
+    if (pts > 1 + 1e-9).any():
+        raise ValueError(f"feasible point outside the reference box: {pts[(pts > 1 + 1e-9).any(axis=1)][0]}")
+    return float(compute_hypervolume(np.minimum(pts, 1.0), np.ones(3)))
+
+
+def select(front: list[Row], base: dict, rule: str) -> Optional[Row]:
+    if not front:
+        return None
+    top1 = lambda r: r.top1_full if r.top1_full is not None else r.top1  # noqa: E731
+    if rule == "max-top1":
+        return max(front, key=lambda r: (top1(r), -r.latency_ms))
+    if rule == "min-latency":
+        return min(front, key=lambda r: (r.latency_ms, -top1(r)))
+    if rule == "min-size":
+        return min(front, key=lambda r: (r.size_bytes, -top1(r)))
+    floor = base["uniform8"].get("top1_full", base["uniform8"]["top1"]) - 0.01
+    close = [r for r in front if top1(r) >= floor]
+    return min(close, key=lambda r: (r.latency_ms, -top1(r))) if close else max(front, key=top1)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[Row], base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label, scale in ((axes[0], "latency_ms", "latency median (ms)", 1.0), (axes[1], "size_bytes", "artifact size (MB)", 1e-6)):
+        for group, style in (([r for r in rows if not r.feasible], dict(marker="x", color="0.6", label="infeasible")),
+                             ([r for r in rows if r.feasible and not r.on_front], dict(marker="o", color="tab:blue", alpha=0.5, label="feasible")),
+                             ([r for r in rows if r.on_front], dict(marker="o", color="tab:red", label="Pareto front"))):
+            if group:
+                ax.scatter([getattr(r, key) * scale for r in group], [100 * r.top1 for r in group], s=18, **style)
+        for name, b, marker in (("FP32", base["fp32"], "*"), ("uniform 8/8/8", base["uniform8"], "D")):
+            ax.scatter([b[key] * scale], [100 * b["top1"]], marker=marker, s=90, color="k", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%) on the search subset")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Optional[Row], meta: dict, paper_rows: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "baselines": base, "best": best.as_dict() if best else None, "trials": [r.as_dict() for r in rows]}
+    _atomic_write(out_dir / "pareto.json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+    plot(rows, base, out_dir / "pareto.png")
+    if best is not None:
+        save_plan(Plan(model=best.plan.model, scheme=best.plan.scheme, blocks=best.plan.blocks,
+                       measured={"top1_search_subset": best.top1, "top1_full": best.top1_full, "latency_ms": best.latency_ms,
+                                 "size_bytes": best.size_bytes, "trial": best.number, "select": meta["select"]}),
+                  out_dir / "best.yaml")
+    _atomic_write(out_dir / "report.md", lambda p: p.write_text(report_md(rows, base, best, meta, paper_rows)))
+
+
+def report_md(rows: list[Row], base: dict, best: Optional[Row], meta: dict, paper_rows: list[dict]) -> str:
+    front = [r for r in rows if r.on_front]
+    feasible = sum(r.feasible for r in rows)
+    if feasible == 0:
+        first = (f"NO FEASIBLE PLAN: none of the {len(rows)} evaluated plans is both faster than FP32 "
+                 f"({base['fp32']['latency_ms']:.2f} ms) and smaller than uniform 8-bit on {meta['backend']}.")
+    else:
+        first = (f"{feasible} of {len(rows)} evaluated plans are feasible; the Pareto front holds {len(front)}; "
+                 f"best.yaml is trial {best.number} (plan {best.plan.plan_id}).")
+    u8 = base["uniform8"]
+    lines = [first, "", f"# Search report: {meta['recipe']} ({meta['scheme']}, {meta['algorithm']}, study {meta['study']})", "",
+             f"Backend {meta['backend']}, latency batch {meta['batch']}; top-1 during the search on the first "
+             f"{meta['eval_images']} evaluation images, the front re-measured on the full split ('top-1 full'). "
+             f"Selection rule `{meta['select']}`: {SELECT_RULES[meta['select']]}. Hypervolume of the feasible front "
+             f"(normalised to FP32 latency and uniform-8 size, reference point 1,1,1): {meta['hypervolume']:.4f}.", "",
+             "## In the paper's form", "", "| method | top-1 | latency (ms) | size (MB) |", "| --- | --- | --- | --- |",
+             f"| FP32 | {base['fp32'].get('top1_full', base['fp32']['top1']):.4f} | {base['fp32']['latency_ms']:.2f} | "
+             f"{base['fp32']['size_bytes'] / 1e6:.2f} |",
+             f"| uniform 8-bit | {u8.get('top1_full', u8['top1']):.4f} | {u8['latency_ms']:.2f} | {u8['size_bytes'] / 1e6:.2f} |"]
+    for p in paper_rows:
+        lines.append(f"| {p['method']} | {p['top1']:.4f} | {p['latency_ms']:.2f} | {p['size_bytes'] / 1e6:.2f} |")
+    lines += ["", "## Pareto front", "", "| trial | plan-id | w | a | attn | top-1 (subset) | top-1 full | latency (ms) | size (MB) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(front, key=lambda r: -r.top1):
+        w, a, t = ("".join(str(getattr(b, g))[0] for b in r.plan.blocks) for g in GENES)
+        full = "" if r.top1_full is None else f"{r.top1_full:.4f}"
+        lines.append(f"| {r.number}{' (best)' if best is r else ''} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | {full} | "
+                     f"{r.latency_ms:.2f} | {r.size_bytes / 1e6:.2f} |")
+    lines += ["", "Widths are per block, first to last (4 or 8). Every trial, feasible or not, is in pareto.json.", ""]
+    return "\n".join(lines)

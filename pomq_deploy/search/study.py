@@ -1,0 +1,158 @@
+"""PoMQ-ViT's search as an optuna study: every evaluated plan is a trial in storage.
+
+Genes: per encoder block, ``w``, ``a`` and ``attn`` each in {4, 8} (constraint 1 holds by construction).
+Objectives: top-1 (max), latency median (min), artifact bytes (min). Constraints, recorded per trial for
+NSGA-II's constrained domination (<= 0 is satisfied): mixed plan (2), latency below the FP32 model's on
+the same backend (3), size below uniform 8-bit's (4). Infeasible plans stay in the study, marked.
+
+A plan is never evaluated twice: a trial whose plan another trial already finished (or is running) is
+pruned at once, so the study ends with N completed trials holding N distinct plans, whether one process
+or several share the storage; stopping a search and starting it again with the same --study continues it.
+"""
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from ..errors import PomqError
+from ..plan import BlockBits, Plan, uniform_plan
+from .evaluator import Measurement, PlanEvaluator
+
+GENES = ("w", "a", "attn")
+DIRECTIONS = ("maximize", "minimize", "minimize")  # top-1, latency, size
+OBJECTIVES = ("top1", "latency_ms", "size_bytes")
+CONSTRAINTS = ("mixed", "latency_vs_fp32", "size_vs_uniform8")
+HEARTBEAT_S = 10  # a trial whose process stops beating for GRACE_S is marked failed (e.g. after SIGKILL)
+GRACE_S = 30
+
+
+class SearchError(PomqError):
+    """A search cannot start: bad storage, a study of another recipe, an unknown option."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    recipe: str
+    scheme: str
+    algorithm: str  # nsga2 | random
+    population: int
+    trials: int  # total completed trials the study ends with
+    seed: int
+    storage: str
+    study_name: str
+
+
+def plan_from_params(params: dict, n_blocks: int, recipe: str, scheme: str) -> Plan:
+    return Plan(model=recipe, scheme=scheme,
+                blocks=tuple(BlockBits(**{g: int(params[f"b{i}_{g}"]) for g in GENES}) for i in range(n_blocks)))
+
+
+def _suggest(trial: Trial, n_blocks: int, recipe: str, scheme: str) -> Plan:
+    params = {f"b{i}_{g}": trial.suggest_categorical(f"b{i}_{g}", [4, 8]) for i in range(n_blocks) for g in GENES}
+    return plan_from_params(params, n_blocks, recipe, scheme)
+
+
+def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    if cfg.algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
+    if cfg.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    raise SearchError(f"--algorithm {cfg.algorithm!r}; allowed: nsga2, random")
+
+
+def open_study(cfg: SearchConfig) -> optuna.Study:
+    """Create or load the study; refuse one that belongs to another recipe or scheme."""
+    try:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+        storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=make_sampler(cfg),
+                                    directions=list(DIRECTIONS), load_if_exists=True)
+    except SearchError:
+        raise
+    except Exception as e:  # sqlalchemy's ArgumentError/OperationalError, a missing driver, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SearchError(f"--storage {cfg.storage}: cannot open the study storage ({first})") from None
+    owner = study.user_attrs.get("recipe")
+    if owner is None:
+        study.set_user_attr("recipe", cfg.recipe)
+        study.set_user_attr("scheme", cfg.scheme)
+        study.set_user_attr("algorithm", cfg.algorithm)
+    elif owner != cfg.recipe or study.user_attrs.get("scheme") != cfg.scheme:
+        raise SearchError(f"--study {cfg.study_name}: belongs to recipe {owner!r} (scheme "
+                          f"{study.user_attrs.get('scheme')!r}), not {cfg.recipe!r} ({cfg.scheme!r}); pick another --study")
+    return study
+
+
+def measurement_attrs(m: Measurement) -> dict:
+    return {k: v for k, v in dataclasses.asdict(m).items()}
+
+
+def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, log: Callable[[str], None]) -> dict:
+    """FP32 latency and uniform 8-bit top-1/latency/size, measured once per study and kept in it."""
+    if "baselines" in study.user_attrs:
+        return study.user_attrs["baselines"]
+    log("measuring the baselines: FP32 and uniform 8/8/8")
+    fp32 = evaluator.measure(None)
+    u8 = evaluator.measure(uniform_plan("8/8/8", evaluator.num_blocks, cfg.recipe, cfg.scheme))
+    out = {"fp32": measurement_attrs(fp32), "uniform8": measurement_attrs(u8)}
+    study.set_user_attr("baselines", out)
+    return out
+
+
+def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict,
+               on_trial: Optional[Callable[[FrozenTrial], None]] = None) -> None:
+    """Optimise until the study holds ``cfg.trials`` completed trials (with any number of workers)."""
+    n = evaluator.num_blocks
+
+    def objective(trial: Trial):
+        plan = _suggest(trial, n, cfg.recipe, cfg.scheme)
+        trial.set_user_attr("plan_id", plan.plan_id)
+        others = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if sum(t.state == TrialState.COMPLETE for t in others) >= cfg.trials:
+            study.stop()
+            raise optuna.TrialPruned("the study already holds enough trials")
+        twin = next((t for t in others if t.number != trial.number and t.user_attrs.get("plan_id") == plan.plan_id), None)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin.number)
+            raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
+        start = time.perf_counter()
+        m = evaluator.measure(plan)
+        constraints = [0.0 if plan.is_mixed else 1.0,
+                       m.latency_ms - base["fp32"]["latency_ms"],
+                       float(m.size_bytes - base["uniform8"]["size_bytes"])]
+        for k, v in measurement_attrs(m).items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("constraints", constraints)
+        for name, value in zip(CONSTRAINTS, constraints):
+            trial.set_constraint(name, value)  # NSGA-II's constrained domination reads these
+        trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        return m.top1, m.latency_ms, float(m.size_bytes)
+
+    def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
+        if on_trial is not None and trial.state == TrialState.COMPLETE:
+            on_trial(trial)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= cfg.trials:
+            study.stop()
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done >= cfg.trials:
+        return
+    # pruned duplicates do not count, so allow generously many attempts; stop_when_done ends the loop
+    study.optimize(objective, n_trials=20 * cfg.trials, callbacks=[stop_when_done], catch=())
+
+
+def warm_latency_cache(study: optuna.Study) -> dict:
+    """Latencies already measured in this study (by graph signature), for a resumed or second worker."""
+    cache = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "latency_key" in t.user_attrs:
+            cache[t.user_attrs["latency_key"]] = (t.user_attrs["latency_ms"], t.user_attrs["p90_ms"])
+    for b in study.user_attrs.get("baselines", {}).values():
+        cache[b["latency_key"]] = (b["latency_ms"], b["p90_ms"])
+    return cache

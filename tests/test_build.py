@@ -1,0 +1,126 @@
+"""build / eval --artifact / bench / export on the command line, and the artifact directory's guarantees."""
+
+import io
+import json
+import shutil
+from contextlib import redirect_stdout
+
+import pytest
+
+from pomq_deploy.artifact import MANIFEST, load_artifact
+from pomq_deploy.cli.main import main
+
+from conftest import tiny_recipe_file
+from test_cli import user_error
+
+BUILD = ["--limit", "16", "--runs", "5", "--batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def built_once(random_deit_fmnist, tmp_path_factory):
+    """A mixed plan built on ort-cpu: 4-bit weights in blocks 0-2 (built once; tests get a copy)."""
+    tmp = tmp_path_factory.mktemp("build")
+    recipe = tiny_recipe_file(tmp, random_deit_fmnist)
+    plan = tmp / "plan.yaml"
+    plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n" + "  - {w: 4, a: 8, attn: 4}\n" * 3 + "  - {w: 8, a: 8, attn: 8}\n" * 9)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["build", "--plan", str(plan), "--recipe", str(recipe), "--out", str(tmp / "eng"), *BUILD, "--json"]) == 0
+    manifest = json.loads(out.getvalue())
+    return tmp / "eng" / "tiny" / manifest["plan_id"], manifest
+
+
+@pytest.fixture
+def built(built_once, tmp_path):
+    directory, manifest = built_once
+    copy = tmp_path / "eng" / "tiny" / directory.name
+    shutil.copytree(directory, copy)
+    return copy, manifest
+
+
+def test_build_writes_a_complete_manifest(built):
+    directory, m = built
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.onnx", "model.ort.onnx"]
+    assert m["plan"]["blocks"][0] == {"w": 4, "a": 8, "attn": 4} and m["scheme"] == "fqvit" and m["target"] == "ort"
+    assert m["backend"]["name"] == "ort-cpu" and m["latency"]["batch"] == 2 and m["latency"]["runs"] == 5
+    assert 0 < m["latency"]["median_ms"] <= m["latency"]["p90_ms"]
+    assert m["accuracy"]["images"] == 16 and 0 <= m["accuracy"]["top1"] <= 1
+    assert m["onnx"]["weights_int4"] == 3 * 4 and m["onnx"]["weights_int8"] == 9 * 4 + 2
+    assert set(m["versions"]) >= {"pomq_deploy", "torch", "timm", "onnx", "onnxruntime"}
+    assert any("LIS" in note for note in m["emulated"])  # attn=4 under fqvit runs as float ops on ORT
+    assert not list(directory.parent.glob(".*"))  # no temporary directory left behind
+
+
+def test_four_bit_blocks_shrink_weight_bytes_as_expected(built, tiny_recipe, tmp_path, capsys):
+    _, mixed = built
+    assert main(["build", "--uniform", "8/8/8", "--scheme", "fqvit", "--recipe", str(tiny_recipe), "--out", str(tmp_path / "eng"),
+                 *BUILD, "--json"]) == 0
+    uniform = json.loads(capsys.readouterr().out)
+    per_block = 192 * 576 + 192 * 192 + 2 * 192 * 768  # qkv, proj, fc1, fc2 weights of one block
+    expected = 3 * per_block // 2  # three blocks at 4 bits: half a byte saved per weight
+    saved = uniform["onnx"]["weight_bytes"] - mixed["onnx"]["weight_bytes"]
+    assert abs(saved - expected) <= 0.1 * expected
+
+
+def test_eval_and_bench_an_artifact(built, capsys):
+    directory, m = built
+    assert main(["eval", "--artifact", str(directory), "--limit", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["top1"] == m["accuracy"]["top1"] and out["images"] == 16 and out["plan_id"] == m["plan_id"]
+    assert main(["bench", "--artifact", str(directory), "--batch", "3", "--runs", "5", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["batch"] == 3 and bench["runs"] == 5 and bench["median_ms"] > 0
+
+
+def test_edited_manifest_is_refused(built, capsys):
+    directory, _ = built
+    m = json.loads((directory / MANIFEST).read_text())
+    m["accuracy"]["top1"] = 0.99
+    (directory / MANIFEST).write_text(json.dumps(m))
+    assert "edited after the build" in user_error(["bench", "--artifact", str(directory)], capsys)
+
+
+def test_missing_manifest_is_refused(built, capsys):
+    directory, _ = built
+    (directory / MANIFEST).unlink()
+    assert "manifest.json: missing" in user_error(["eval", "--artifact", str(directory)], capsys)
+
+
+def test_changed_model_file_is_refused(built):
+    directory, _ = built
+    with open(directory / "model.ort.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(Exception, match="changed after the build"):
+        load_artifact(directory)
+
+
+def test_corrupt_onnx_file(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    assert "bad.onnx: not a readable ONNX model" in user_error(["bench", "--onnx", str(bad)], capsys)
+
+
+def test_plan_block_count_must_fit_the_model(tiny_recipe, tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n" + "  - {w: 8, a: 8, attn: 8}\n" * 5)
+    err = user_error(["build", "--plan", str(plan), "--recipe", str(tiny_recipe), "--out", str(tmp_path / "eng")], capsys)
+    assert "'blocks' has 5 rows but model tiny has 12 encoder blocks" in err
+    assert not (tmp_path / "eng").exists()
+
+
+def test_tensorrt_backend_on_a_cpu_machine(tiny_recipe, tmp_path, capsys):
+    err = user_error(["build", "--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--backend", "tensorrt",
+                      "--out", str(tmp_path / "eng")], capsys)
+    assert "tensorrt" in err and "pip install 'pomq-deploy[gpu]'" in err
+
+
+def test_export_command_writes_checked_onnx(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--recipe", str(tiny_recipe), "--uniform", "4/8/8", "--scheme", "tsptq", "--target", "tensorrt",
+                 "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert out.is_file() and info["weights_int4"] == 12 * 4 and info["target"] == "tensorrt"
+
+
+def test_build_needs_exactly_one_model_choice(capsys):
+    assert "give one of --plan FILE, --uniform W/A/ATTN or --fp32" in user_error(["build"], capsys)

@@ -1,0 +1,133 @@
+"""search: optuna study in storage, resumable after SIGKILL, shared by workers, outputs, bad input."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pomq_deploy.cli.main import main
+from pomq_deploy.plan import BlockBits, Plan, load_plan
+from pomq_deploy.search.report import Row, mark_front, select
+
+from test_cli import user_error
+
+CLI = Path(sys.executable).parent / "pomq-deploy"
+
+
+@pytest.fixture(scope="module")
+def recipe(random_deit_fmnist, tmp_path_factory):
+    from conftest import tiny_recipe_file
+
+    path = tiny_recipe_file(tmp_path_factory.mktemp("search"), random_deit_fmnist)
+    path.write_text(path.read_text() + "search: {eval_images: 16, batch: 1, latency_runs: 5, population: 4}\n")
+    return path
+
+
+def search_cmd(recipe, out: Path, *extra) -> list[str]:
+    return [str(CLI), "search", "--recipe", str(recipe), "--out", str(out), "--allow-infeasible", *extra]
+
+
+def complete_trials(out: Path, study: str) -> list:
+    s = optuna.load_study(study_name=study, storage=f"sqlite:///{out / 'study.db'}")
+    return s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def completed_count(db: Path) -> int:
+    """Read the SQLite file directly: optuna.load_study could race the search creating its tables."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_search_writes_report_front_and_best_plan(recipe, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["search", "--recipe", str(recipe), "--out", str(out), "--generations", "2", "--allow-infeasible", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads((out / "pareto.json").read_text())
+    assert len(doc["trials"]) == 8 and len({t["plan_id"] for t in doc["trials"]}) == 8
+    assert all(set(t) >= {"top1", "latency_ms", "size_bytes", "feasible", "constraints", "on_front"} for t in doc["trials"])
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[0].startswith(("NO FEASIBLE PLAN", f"{sum(t['feasible'] for t in doc['trials'])} of 8"))
+    if best is not None:
+        plan = load_plan(out / "best.yaml")
+        assert plan.plan_id == best["plan_id"] and plan.is_mixed
+
+
+def test_killed_search_resumes_without_losing_or_repeating_trials(recipe, tmp_path):
+    out, study = tmp_path / "k", "resume"
+    cmd = search_cmd(recipe, out, "--algorithm", "random", "--trials", "6", "--study", study)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and completed_count(out / "study.db") < 2:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.user_attrs["plan_id"], t.values) for t in complete_trials(out, study)}
+    assert 2 <= len(before) < 6 and not (out / "report.md").exists()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    after = complete_trials(out, study)
+    assert len(after) == 6
+    assert all(before[t.number] == (t.user_attrs["plan_id"], t.values) for t in after if t.number in before)
+    assert set(before) <= {t.number for t in after}
+    assert len({t.user_attrs["plan_id"] for t in after}) == 6  # no plan evaluated twice
+
+
+def test_two_workers_share_one_study(recipe, tmp_path):
+    out, study = tmp_path / "w", "shared"
+    out.mkdir()
+    storage = f"sqlite:///{out / 'study.db'}"
+    procs = [subprocess.Popen(search_cmd(recipe, out / f"r{i}", "--algorithm", "random", "--trials", "6", "--study", study,
+                                         "--storage", storage, "--seed", str(i)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()
+    trials = complete_trials(out, study)
+    assert len(trials) >= 6 and len({t.user_attrs["plan_id"] for t in trials}) == len(trials)
+
+
+def test_storage_that_cannot_be_opened(recipe, tmp_path, capsys):
+    err = user_error(["search", "--recipe", str(recipe), "--out", str(tmp_path), "--storage", "nosuchdb://x/y"], capsys)
+    assert "--storage nosuchdb://x/y: cannot open the study storage" in err
+
+
+def test_study_of_another_recipe(recipe, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = optuna.create_study(study_name="taken", storage=storage, directions=["maximize", "minimize", "minimize"])
+    s.set_user_attr("recipe", "deit_fmnist")
+    s.set_user_attr("scheme", "fqvit")
+    err = user_error(["search", "--recipe", str(recipe), "--storage", storage, "--study", "taken", "--out", str(tmp_path)], capsys)
+    assert "--study taken: belongs to recipe 'deit_fmnist'" in err
+
+
+@pytest.mark.parametrize("argv", [["--algorithm", "genetic"], ["--select", "fastest"]])
+def test_unknown_algorithm_or_select_rule(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", *argv])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def _row(n, top1, lat, size, feasible=True):
+    plan = Plan(model="m", scheme="fqvit", blocks=(BlockBits(w=4, a=8, attn=8),))
+    return Row(n, plan, top1, lat, size, feasible, [0.0, 0.0, 0.0])
+
+
+def test_front_and_selection_rule():
+    rows = [_row(0, 0.90, 10, 100), _row(1, 0.89, 8, 100), _row(2, 0.88, 9, 100), _row(3, 0.95, 1, 1, feasible=False),
+            _row(4, 0.85, 5, 50)]
+    front = mark_front(rows)
+    assert [r.number for r in front] == [0, 1, 4]  # 2 is dominated by 1; 3 is infeasible
+    base = {"uniform8": {"top1": 0.899}}
+    assert select(front, base, "top1-within-1pt").number == 1  # 0 and 1 are within 1 point of 0.899: the faster
+    assert select(front, {"uniform8": {"top1": 0.905}}, "top1-within-1pt").number == 0  # only 0 is
+    assert select(front, base, "max-top1").number == 0 and select(front, base, "min-size").number == 4

@@ -1,0 +1,136 @@
+"""Latency (batch 1 and 8) and top-1 on ONNX Runtime CPU: FP32, our plans, and ORT's own quantizer.
+
+All variants run through the same ort-cpu backend (all graph optimisations, same threads) in one process,
+so the ratios compare like with like. The peer is ``onnxruntime.quantization.quantize_static`` (QDQ,
+uint8 activations, int8 per-channel weights, MinMax) fed the same calibration images as our schemes.
+
+    python tools/bench_ort.py                          # reference model (+ top-1) and deit_small (latency)
+    python tools/bench_ort.py --models reference --runs 100 --out /tmp/bench.md
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm  # noqa: E402
+
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
+from pomq_deploy.build import evaluate_artifact  # noqa: E402
+from pomq_deploy.data import calibration_batches  # noqa: E402
+from pomq_deploy.export import export_fp32, export_quantized  # noqa: E402
+from pomq_deploy.models.loading import create_model  # noqa: E402
+from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
+from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
+from pomq_deploy.quant.model import QuantModel  # noqa: E402
+from pomq_deploy.recipe import load_recipe  # noqa: E402
+
+PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
+
+
+def ort_quantize_static(fp_onnx: Path, out: Path, batches: list[np.ndarray]) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else {"images": b}
+
+    quantize_static(str(fp_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True)
+    return out
+
+
+def plans(name: str, scheme: str, n: int) -> dict[str, Plan]:
+    def plan(rows):
+        return Plan(model=name, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
+
+    return {
+        f"ours {scheme} 8/8/8": uniform_plan("8/8/8", n, name, scheme),
+        f"ours {scheme} mixed: 4-bit w in blocks 3-10": plan([(4 if 2 <= i < n - 2 else 8, 8, 8) for i in range(n)]),
+        f"ours {scheme} mixed: paper (blocks 1-2, 11-12 at 4/4/4)": plan([(b, b, b) for b in PAPER] if n == 12 else
+                                                                          [(4, 4, 4) if i < 2 or i >= n - 2 else (8, 8, 8) for i in range(n)]),
+    }
+
+
+def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list[torch.Tensor], recipe, args, work: Path):
+    backend = OrtCpuBackend(threads=args.threads)
+    rows = []
+
+    def measure(what: str, onnx_path: Path, plan_note: str = ""):
+        out = onnx_path.parent / f"{len(rows)}"
+        out.mkdir()
+        art = backend.build(onnx_path, out)
+        lat = {b: backend.latency(art, b, args.runs) for b in (1, 8)}
+        top1 = evaluate_artifact(backend, art, recipe).top1 if recipe is not None else None
+        rows.append((label, what, lat[1].median_ms, lat[8].median_ms, lat[8].p90_ms, top1, onnx_path.stat().st_size))
+        print(f"{label:12s} {what:52s} b1 {lat[1].median_ms:7.2f} ms  b8 {lat[8].median_ms:7.2f} ms  "
+              f"top-1 {'-' if top1 is None else f'{top1:.4f}'}", file=sys.stderr, flush=True)
+
+    fp_path = export_fp32(fp, work / f"{label}_fp32.onnx").path
+    measure("FP32", fp_path)
+    peer = ort_quantize_static(fp_path, work / f"{label}_ort_qdq.onnx", [b.numpy() for b in calib])
+    measure("ORT quantize_static (QDQ u8/s8 per-channel)", peer)
+    for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
+        measure(what, export_quantized(qmodel, plan, "ort", work / f"{label}_{plan.plan_id}.onnx").path)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["reference", "deit_small"], choices=["reference", "deit_small"])
+    p.add_argument("--scheme", default="fqvit")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pomq-bench-"))
+    rows = []
+    if "reference" in args.models:
+        recipe = load_recipe("deit_fmnist")
+        qmodel, _ = calibrated_model(recipe, args.scheme)
+        calib = calibration_batches(recipe.data, qmodel)
+        rows += bench_model("reference", create_model(recipe.model.arch, recipe.model.checkpoint), qmodel, calib, recipe, args, work)
+    if "deit_small" in args.models:
+        torch.manual_seed(0)
+        fp = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+        calib = [torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        import copy
+
+        qmodel = QuantModel(copy.deepcopy(fp), args.scheme)
+        qmodel.calibrate(calib)
+        rows += bench_model("deit_small", fp, qmodel, calib, None, args, work)
+
+    base = {label: (b1, b8) for label, what, b1, b8, *_ in rows if what == "FP32"}
+    lines = ["# ONNX Runtime CPU benchmarks", "",
+             f"ort-cpu backend, {args.threads} threads, all graph optimisations; latency = median of {args.runs} timed runs "
+             "after 10 warm-ups; speed-up = FP32 median / this median, measured in the same run. `reference` is the "
+             "embedded Fashion-MNIST model (top-1 on the full test set through ORT); `deit_small` is timm's "
+             "deit_small_patch16_224 with random weights at 224x224 (latency only), calibrated on random images.", "",
+             "Regenerate with:", "", "```bash", ".venv/bin/python tools/bench_ort.py", "```", "",
+             "| model | variant | batch 1 (ms) | speed-up b1 | batch 8 (ms) | p90 b8 (ms) | speed-up b8 | top-1 | ONNX bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, what, b1, b8, p90, top1, size in rows:
+        lines.append(f"| {label} | {what} | {b1:.2f} | {base[label][0] / b1:.2f}x | {b8:.2f} | {p90:.2f} | "
+                     f"{base[label][1] / b8:.2f}x | {'-' if top1 is None else f'{top1:.4f}'} | {size:,} |")
+    lines += ["", f"Measured {time.strftime('%Y-%m-%d')} with onnxruntime {__import__('onnxruntime').__version__}, "
+              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
