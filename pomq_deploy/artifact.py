@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .atomic import write_text
 from .backends import Artifact
 from .errors import PomqError
 from .quant.calibration import file_sha256
@@ -42,9 +43,7 @@ def seal(manifest: dict, directory: Path) -> dict:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 @contextmanager

@@ -7,7 +7,6 @@ changes the quantized model (model, scheme, blocks), so identical plans share ar
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -15,6 +14,7 @@ import yaml
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from .atomic import write_text
 from ._schema import STRICT, parse, read_yaml, to_plain
 from .errors import PlanError
 
@@ -86,7 +86,4 @@ def dump_plan(plan: Plan) -> str:
 
 def save_plan(plan: Plan, path: Path) -> None:
     """Write atomically: a temporary name, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_plan(plan))
-    os.replace(tmp, path)
+    write_text(Path(path), dump_plan(plan))

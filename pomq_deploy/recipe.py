@@ -48,8 +48,8 @@ class SearchSpec:
     """Defaults of ``pomq-deploy search`` (PoMQ-ViT's NSGA-II), each overridable on the command line."""
 
     algorithm: Literal["nsga2", "random"] = "nsga2"
-    population: PositiveInt = 16
-    generations: PositiveInt = 8
+    population: PositiveInt = 12
+    generations: PositiveInt = 6
     trials: Optional[PositiveInt] = None  # random search: plans to evaluate (default population x generations)
     seed: int = 0
     scheme: Literal["fqvit", "tsptq", "minmax"] = "fqvit"

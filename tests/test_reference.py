@@ -12,7 +12,7 @@ CKPT = REPO / "checkpoints" / "deit_fmnist.safetensors"
 SUBSET = 1000
 # FP32 top-1 on the first 1000 test images, measured when the checkpoint was committed, less a margin
 # for library-version drift; the full-set number lives in the JSON beside the checkpoint.
-FP32_FLOOR = 0.88
+FP32_FLOOR = 0.91  # measured 0.9270
 
 
 def eval_json(capsys, *extra) -> dict:

@@ -27,6 +27,7 @@ from pomq_deploy.export import export_fp32, export_quantized  # noqa: E402
 from pomq_deploy.models.loading import create_model  # noqa: E402
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
 from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
+from pomq_deploy.atomic import write_text  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
@@ -125,10 +126,8 @@ def main() -> None:
     lines += [f"| {s} | {c:.1f} | {m:.2f} |" for s, c, m in timings]
     lines += ["", f"Measured with torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, args.out)
+    write_text(args.out, "
+".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

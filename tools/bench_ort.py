@@ -30,6 +30,7 @@ from pomq_deploy.models.loading import create_model  # noqa: E402
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
 from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
 from pomq_deploy.quant.model import QuantModel  # noqa: E402
+from pomq_deploy.atomic import write_text  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
@@ -125,10 +126,8 @@ def main() -> None:
                      f"{base[label][1] / b8:.2f}x | {'-' if top1 is None else f'{top1:.4f}'} | {size:,} |")
     lines += ["", f"Measured {time.strftime('%Y-%m-%d')} with onnxruntime {__import__('onnxruntime').__version__}, "
               f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, args.out)
+    write_text(args.out, "
+".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -1,5 +1,6 @@
 """Terminal output shared by the subcommands: results on stdout, progress and logs on stderr."""
 
+import json
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
@@ -16,3 +17,11 @@ def progress_iter(items: Iterable[T], total: int | None, description: str) -> It
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+def emit(as_json: bool, result: dict, text: str) -> None:
+    """A command's result: one JSON object (--json, nothing else on stdout) or one human line."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        stdout.print(text)

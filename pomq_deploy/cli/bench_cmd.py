@@ -1,7 +1,6 @@
 """pomq-deploy bench: latency of a built artifact (or of any ONNX file) on its backend."""
 
 import argparse
-import json
 from pathlib import Path
 
 from ._common import positive_int
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..artifact import load_artifact
     from ..backends import get_backend
     from ..errors import PomqError
-    from ._console import stdout
+    from ._console import emit
 
     if args.artifact is not None:
         built = load_artifact(args.artifact)
@@ -52,9 +51,6 @@ def run(args: argparse.Namespace) -> int:
         what = str(args.onnx)
     out = {"what": what, "backend": backend.name, "batch": stats.batch, "runs": stats.runs,
            "median_ms": round(stats.median_ms, 4), "p90_ms": round(stats.p90_ms, 4)}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        stdout.print(f"{what} on {backend.name}, batch {stats.batch}: median {stats.median_ms:.3f} ms, "
-                     f"p90 {stats.p90_ms:.3f} ms ({stats.runs} runs)")
+    emit(args.json, out, f"{what} on {backend.name}, batch {stats.batch}: median {stats.median_ms:.3f} ms, "
+                         f"p90 {stats.p90_ms:.3f} ms ({stats.runs} runs)")
     return 0

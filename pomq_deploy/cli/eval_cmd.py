@@ -1,7 +1,6 @@
 """pomq-deploy eval: top-1/top-5 accuracy of the FP32 model, or of its fake-quantized form under a plan."""
 
 import argparse
-import json
 from pathlib import Path
 
 from ._common import add_eval_arguments, add_quant_arguments, add_recipe_arguments, calibrated_from_args, recipe_from_args
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
     from ..models.loading import create_model
     from ..export.onnx_export import TARGET_FORMAT
-    from ._console import progress_iter, stdout
+    from ._console import emit, progress_iter
 
     if args.artifact is not None:
         return _eval_artifact(args)
@@ -56,16 +55,13 @@ def run(args: argparse.Namespace) -> int:
     loader = eval_loader(dataset, recipe.eval.batch_size, recipe.eval.limit, recipe.data.workers)
     with torch.inference_mode():
         result = evaluate(model, progress_iter(loader, total=len(loader), description=f"eval {recipe.name} {label}"))
-    if args.json:
-        out = {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
-               "seconds": round(result.seconds, 3)}
-        if quantized:
-            out |= {"scheme": plan.scheme, "observer": args.observer, "target": args.target or "ort", "plan_id": plan.plan_id,
-                    "plan": to_plain(plan.blocks)}
-        print(json.dumps(out))
-    else:
-        stdout.print(f"{recipe.name} ({label}) on {result.images} images: top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
-                     f"{result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
+    out = {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
+           "seconds": round(result.seconds, 3)}
+    if quantized:
+        out |= {"scheme": plan.scheme, "observer": args.observer, "target": args.target or "ort", "plan_id": plan.plan_id,
+                "plan": to_plain(plan.blocks)}
+    emit(args.json, out, f"{recipe.name} ({label}) on {result.images} images: top-1 {result.top1:.4f}  "
+                         f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
     return 0
 
 
@@ -76,7 +72,7 @@ def _eval_artifact(args: argparse.Namespace) -> int:
     from ..build import evaluate_artifact
     from ..errors import PomqError
     from ._common import calib_track
-    from ._console import stdout
+    from ._console import emit
 
     if args.plan is not None or args.uniform is not None:
         raise PomqError("--artifact evaluates what was built; it takes no --plan or --uniform")
@@ -85,11 +81,9 @@ def _eval_artifact(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args, built.recipe)  # the recipe it was built with, unless --recipe names another
     art = built.artifact
     result = evaluate_artifact(get_backend(art.backend), art, recipe, calib_track)  # options travel in the artifact
-    if args.json:
-        print(json.dumps({"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
-                          "seconds": round(result.seconds, 3), "artifact": str(built.directory), "plan_id": m["plan_id"],
-                          "backend": art.backend}))
-    else:
-        stdout.print(f"{built.directory} ({art.backend}) on {result.images} images: top-1 {result.top1:.4f}  "
-                     f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
+    emit(args.json, {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
+                     "seconds": round(result.seconds, 3), "artifact": str(built.directory), "plan_id": m["plan_id"],
+                     "backend": art.backend},
+         f"{built.directory} ({art.backend}) on {result.images} images: top-1 {result.top1:.4f}  "
+         f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
     return 0

@@ -1,7 +1,6 @@
 """pomq-deploy export: the fake-quant model under a plan as ONNX with QuantizeLinear/DequantizeLinear nodes."""
 
 import argparse
-import json
 from pathlib import Path
 
 from ._common import add_quant_arguments, add_recipe_arguments, calibrated_from_args
@@ -29,16 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_quantized
-    from ._console import stdout
+    from ._console import emit
 
     recipe, plan, model = calibrated_from_args(args)
     info = export_quantized(model, plan, args.target or "ort", args.out)
     out = {"onnx": str(info.path), "recipe": recipe.name, "plan_id": plan.plan_id, "scheme": plan.scheme,
            "target": args.target or "ort", "bytes": info.path.stat().st_size, "weight_bytes": info.weight_bytes,
            "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8, "weights_int4": info.weights_int4}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        stdout.print(f"wrote {info.path} ({out['bytes'] / 1e6:.2f} MB; weights: {info.weights_int8} INT8, "
-                     f"{info.weights_int4} INT4; plan {plan.plan_id}, {plan.scheme}, target {args.target or 'ort'})")
+    emit(args.json, out, f"wrote {info.path} ({out['bytes'] / 1e6:.2f} MB; weights: {info.weights_int8} INT8, "
+                         f"{info.weights_int4} INT4; plan {plan.plan_id}, {plan.scheme}, target {args.target or 'ort'})")
     return 0

@@ -78,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
                          eval_images=args.eval_images or spec.eval_images, batch=args.batch or spec.batch,
                          runs=spec.latency_runs, select=args.select)
     result = run_search(opts, stderr)
-    stdout.print(result.first_line)
+    say = stderr if args.json else stdout  # with --json, stdout holds the JSON object alone
+    say.print(result.first_line)
     if result.best is not None:
         b = result.best
-        stdout.print(f"best.yaml: trial {b.number}, plan {b.plan.plan_id}: top-1 {b.top1_full:.4f} (full), "
-                     f"latency {b.latency_ms:.2f} ms, size {b.size_bytes / 1e6:.2f} MB -> {out / 'best.yaml'}")
-    stdout.print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  all trials: {out / 'pareto.json'}")
+        say.print(f"best.yaml: trial {b.number}, plan {b.plan.plan_id}: top-1 {b.top1_full:.4f} (full), "
+                  f"latency {b.latency_ms:.2f} ms, size {b.size_bytes / 1e6:.2f} MB -> {out / 'best.yaml'}")
+    say.print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  all trials: {out / 'pareto.json'}")
     if args.json:
         print(json.dumps(result.best.as_dict() if result.best else None))
     return 0 if result.best is not None or args.allow_infeasible else 1

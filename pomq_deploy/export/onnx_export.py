@@ -8,7 +8,6 @@ activation format: ``ort`` uint8 asymmetric (FQ-ViT's, what ONNX Runtime's x86 k
 """
 
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..atomic import replace_atomically
 from ..plan import Plan
 from ..quant.model import QuantModel
 from .graph import count_ops, fold_weight_transposes, initializer_bytes, store_integer_weights
@@ -66,10 +66,7 @@ def _trace(module: nn.Module, size: tuple[int, ...]) -> onnx.ModelProto:
 def _save(model: onnx.ModelProto, path: Path, target: str, int8: int, int4: int) -> ExportInfo:
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: onnx.save(model, str(tmp)))
     return ExportInfo(path, target, int8, int4, initializer_bytes(model), count_ops(model))
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .. import __version__
+from ..atomic import replace_atomically
 from ..recipe import Recipe
 from .model import QuantModel
 
@@ -82,10 +83,7 @@ def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, tr
     batches = calibration_batches(recipe.data, qmodel)
     progress = track(batches, len(batches), f"calibrate {qmodel.scheme}/{qmodel.observer}") if track else None
     state = qmodel.calibrate(batches, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"key": key, "version": __version__, "points": state}, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "points": state}, tmp))
     log.info("calibration saved to %s", path)
     return CalibInfo(path, False, time.perf_counter() - start)
 

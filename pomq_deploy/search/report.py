@@ -1,15 +1,15 @@
 """What a search hands the user: pareto.json, pareto.png, report.md and best.yaml."""
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from ..atomic import replace_atomically, write_text
 from ..plan import Plan, save_plan
 from .study import GENES, plan_from_params
 
@@ -93,12 +93,6 @@ def select(front: list[Row], base: dict, rule: str) -> Optional[Row]:
     return min(close, key=lambda r: (r.latency_ms, -top1(r))) if close else max(front, key=top1)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def plot(rows: list[Row], base: dict, path: Path) -> None:
     import matplotlib
 
@@ -119,21 +113,21 @@ def plot(rows: list[Row], base: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    replace_atomically(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
 def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Optional[Row], meta: dict, paper_rows: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "baselines": base, "best": best.as_dict() if best else None, "trials": [r.as_dict() for r in rows]}
-    _atomic_write(out_dir / "pareto.json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+    write_text(out_dir / "pareto.json", json.dumps(doc, indent=1) + "\n")
     plot(rows, base, out_dir / "pareto.png")
     if best is not None:
         save_plan(Plan(model=best.plan.model, scheme=best.plan.scheme, blocks=best.plan.blocks,
                        measured={"top1_search_subset": best.top1, "top1_full": best.top1_full, "latency_ms": best.latency_ms,
                                  "size_bytes": best.size_bytes, "trial": best.number, "select": meta["select"]}),
                   out_dir / "best.yaml")
-    _atomic_write(out_dir / "report.md", lambda p: p.write_text(report_md(rows, base, best, meta, paper_rows)))
+    write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows))
 
 
 def report_md(rows: list[Row], base: dict, best: Optional[Row], meta: dict, paper_rows: list[dict]) -> str:

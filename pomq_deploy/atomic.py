@@ -1,0 +1,21 @@
+"""Write files whole or not at all: into a temporary name beside the target, then rename over it."""
+
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` and rename ``tmp`` to ``path``; on failure remove ``tmp`` and keep ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
