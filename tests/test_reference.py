@@ -40,3 +40,35 @@ def test_8bit_schemes_stay_close_to_fp32(fmnist_root, capsys, scheme):
     q4 = eval_json(capsys, "--uniform", "4/4/4", "--scheme", scheme)["top1"]
     assert abs(q8 - fp32) <= 0.01  # docs/accuracy.md: within 0.5 points on the full set
     assert q4 < q8
+
+
+@pytest.mark.parametrize("plan_text", ["8/8/8", "paper"])
+def test_onnx_runtime_agrees_with_fake_quant(fmnist_root, tmp_path, plan_text):
+    """The exported Q/DQ ONNX run by ONNX Runtime vs the PyTorch fake-quant model, on the first 500 images
+    (docs/accuracy.md has the full-set table)."""
+    import torch
+
+    from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+    from pomq_deploy.data import eval_dataset, eval_loader
+    from pomq_deploy.export import export_quantized
+    from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+    from pomq_deploy.quant.calibration import calibrated_model
+    from pomq_deploy.recipe import load_recipe
+
+    recipe = load_recipe("deit_fmnist")
+    model, _ = calibrated_model(recipe, "fqvit")
+    paper = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
+    plan = uniform_plan("8/8/8", 12, recipe.name, "fqvit") if plan_text == "8/8/8" else \
+        Plan(model=recipe.name, scheme="fqvit", blocks=tuple(BlockBits(w=b, a=b, attn=b) for b in paper))
+    info = export_quantized(model, plan, "ort", tmp_path / "m.onnx")
+    backend = OrtCpuBackend()
+    art = backend.build(info.path, tmp_path)
+    agree = hits_pt = hits_ort = n = 0
+    with torch.inference_mode():
+        for x, y in eval_loader(eval_dataset(recipe.data, model), 100, 500):
+            a, b = model(x).argmax(1), torch.from_numpy(backend.run(art, x.numpy())).argmax(1)
+            agree += int((a == b).sum())
+            hits_pt += int((a == y).sum())
+            hits_ort += int((b == y).sum())
+            n += len(y)
+    assert agree / n >= 0.99 and abs(hits_pt - hits_ort) / n <= 0.01

@@ -126,8 +126,7 @@ def main() -> None:
                      f"{base[label][1] / b8:.2f}x | {'-' if top1 is None else f'{top1:.4f}'} | {size:,} |")
     lines += ["", f"Measured {time.strftime('%Y-%m-%d')} with onnxruntime {__import__('onnxruntime').__version__}, "
               f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
-    write_text(args.out, "
-".join(lines))
+    write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

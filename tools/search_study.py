@@ -109,8 +109,7 @@ def main() -> None:
               f"{'met' if goal else 'not met'} on the mean over seeds.", "",
               f"Wall time {time.time() - start:.0f} s on {os.cpu_count()} CPUs.", ""]
     evaluator.close()
-    write_text(args.out, "
-".join(lines))
+    write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -100,7 +100,7 @@ def plot(rows: list[Row], base: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label, scale in ((axes[0], "latency_ms", "latency median (ms)", 1.0), (axes[1], "size_bytes", "artifact size (MB)", 1e-6)):
+    for ax, key, label, scale in ((axes[0], "latency_ms", "latency median (ms)", 1.0), (axes[1], "size_bytes", "deployable size (MB)", 1e-6)):
         for group, style in (([r for r in rows if not r.feasible], dict(marker="x", color="0.6", label="infeasible")),
                              ([r for r in rows if r.feasible and not r.on_front], dict(marker="o", color="tab:blue", alpha=0.5, label="feasible")),
                              ([r for r in rows if r.on_front], dict(marker="o", color="tab:red", label="Pareto front"))):
