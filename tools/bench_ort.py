@@ -34,6 +34,7 @@ from pomq_deploy.atomic import write_text  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
+NOTES_MARKER = "<!-- hand-written notes below: kept when the table above is regenerated -->"
 
 
 def ort_quantize_static(fp_onnx: Path, out: Path, batches: list[np.ndarray]) -> Path:
@@ -69,7 +70,7 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list
     rows = []
 
     def measure(what: str, onnx_path: Path, plan_note: str = ""):
-        out = onnx_path.parent / f"{len(rows)}"
+        out = onnx_path.parent / f"{label}_{len(rows)}"
         out.mkdir()
         art = backend.build(onnx_path, out)
         lat = {b: backend.latency(art, b, args.runs) for b in (1, 8)}
@@ -126,7 +127,8 @@ def main() -> None:
                      f"{base[label][1] / b8:.2f}x | {'-' if top1 is None else f'{top1:.4f}'} | {size:,} |")
     lines += ["", f"Measured {time.strftime('%Y-%m-%d')} with onnxruntime {__import__('onnxruntime').__version__}, "
               f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
-    write_text(args.out, "\n".join(lines))
+    kept = args.out.read_text().split(NOTES_MARKER, 1)[1] if args.out.is_file() and NOTES_MARKER in args.out.read_text() else "\n"
+    write_text(args.out, "\n".join(lines) + "\n" + NOTES_MARKER + kept)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

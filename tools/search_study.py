@@ -8,7 +8,7 @@
 All studies share one evaluator (calibration, latency cache by graph structure) and one baseline
 measurement, so they are measured under the same conditions. Objectives as in ``pomq-deploy search``.
 
-    python tools/search_study.py                       # population 6, 300 images: ~25 min on 2 cores
+    python tools/search_study.py                       # population 6, 200 images: ~20 min on 2 cores
     python tools/search_study.py --population 4 --generations 2 5 --eval-images 100 --out /tmp/s.md
 """
 
@@ -37,9 +37,9 @@ def main() -> None:
     p.add_argument("--scheme", default="fqvit")
     p.add_argument("--population", type=int, default=6)
     p.add_argument("--generations", type=int, nargs="+", default=[2, 5, 10, 20])
-    p.add_argument("--compare-generations", type=int, default=4, help="NSGA-II budget in (b): population x this")
+    p.add_argument("--compare-generations", type=int, default=3, help="NSGA-II budget in (b): population x this")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-images", type=int, default=300)
+    p.add_argument("--eval-images", type=int, default=200)
     p.add_argument("--latency-runs", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "search.md")

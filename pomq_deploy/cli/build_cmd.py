@@ -41,19 +41,20 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import DEFAULT_TARGET, get_backend
     from ..build import BuildOptions, build
     from ..errors import PomqError
-    from ._common import calib_track, load_plan_arg, recipe_from_args, resolve_plan
+    from ._common import calib_track, load_plan_arg, recipe_from_args, resolve_plan, scheme_of
     from ._console import stderr, stdout
 
     quantized = args.plan is not None or args.uniform is not None
     if quantized == args.fp32:
         raise PomqError("give one of --plan FILE, --uniform W/A/ATTN or --fp32")
+    backend = get_backend(args.backend, **({"threads": args.threads} if args.backend == "ort-cpu" else {}))
     plan = load_plan_arg(args)
     recipe = recipe_from_args(args)
     if quantized:
         from ..quant.calibration import quant_model
 
-        plan = resolve_plan(args, plan, recipe, quant_model(recipe, args.scheme or (plan.scheme if plan else "fqvit")).num_blocks)
-    backend = get_backend(args.backend, **({"threads": args.threads} if args.backend == "ort-cpu" else {}))
+        n_blocks = quant_model(recipe, scheme_of(args, plan)).num_blocks  # a plan that does not fit fails here
+        plan = resolve_plan(args, plan, recipe, n_blocks)
     target = DEFAULT_TARGET[args.backend] if args.target is None else args.target
     opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer)
     built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None)
