@@ -71,4 +71,5 @@ def test_onnx_runtime_agrees_with_fake_quant(fmnist_root, tmp_path, plan_text):
             hits_pt += int((a == y).sum())
             hits_ort += int((b == y).sum())
             n += len(y)
-    assert agree / n >= 0.99 and abs(hits_pt - hits_ort) / n <= 0.01
+    # 8-bit: 0.9990 agreement on the full set; the paper plan's 4-bit activations: 0.9917 (docs/accuracy.md)
+    assert agree / n >= (0.995 if plan_text == "8/8/8" else 0.98) and abs(hits_pt - hits_ort) / n <= 0.01

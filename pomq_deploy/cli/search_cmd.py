@@ -28,7 +28,7 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..backends import BACKENDS
-    from ..search.report import SELECT_RULES
+    from ..search import SELECT_RULES
 
     add_recipe_arguments(p)
     g = p.add_argument_group("search (defaults: the recipe's 'search' section)")

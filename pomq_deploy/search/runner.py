@@ -90,7 +90,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     try:
         log = lambda s: console.print(f"[dim]{s}[/dim]")  # noqa: E731
         base = baselines(study, evaluator, cfg, log)
-        with trial_progress(console, study, opts.trials, base) as on_trial:
+        with trial_progress(console, study, opts.trials) as on_trial:
             run_trials(study, evaluator, cfg, base, on_trial)
         rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme)
         front = mark_front(rows)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..errors import PomqError
@@ -29,6 +30,7 @@ OBJECTIVES = ("top1", "latency_ms", "size_bytes")
 CONSTRAINTS = ("mixed", "latency_vs_fp32", "size_vs_uniform8")
 HEARTBEAT_S = 10  # a trial whose process stops beating for GRACE_S is marked failed (e.g. after SIGKILL)
 GRACE_S = 30
+STORAGE_ATTEMPTS = 3
 
 
 class SearchError(PomqError):
@@ -67,16 +69,23 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
 
 def open_study(cfg: SearchConfig) -> optuna.Study:
     """Create or load the study; refuse one that belongs to another recipe or scheme."""
-    try:
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-        storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-        study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=make_sampler(cfg),
-                                    directions=list(DIRECTIONS), load_if_exists=True)
-    except SearchError:
-        raise
-    except Exception as e:  # sqlalchemy's ArgumentError/OperationalError, a missing driver, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SearchError(f"--storage {cfg.storage}: cannot open the study storage ({first})") from None
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=make_sampler(cfg),
+                                        directions=list(DIRECTIONS), load_if_exists=True)
+            break
+        except SearchError:
+            raise
+        except Exception as e:  # sqlalchemy's ArgumentError/OperationalError, a missing driver, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # workers creating one new database race on its tables ("table ... already exists", "UNIQUE
+            # constraint failed: alembic_version"): the loser finds them made when it tries again
+            if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError)) and attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(1.0 + attempt)
+                continue
+            raise SearchError(f"--storage {cfg.storage}: cannot open the study storage ({first})") from None
     owner = study.user_attrs.get("recipe")
     if owner is None:
         study.set_user_attr("recipe", cfg.recipe)
@@ -89,7 +98,7 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
 
 
 def measurement_attrs(m: Measurement) -> dict:
-    return {k: v for k, v in dataclasses.asdict(m).items()}
+    return dataclasses.asdict(m)
 
 
 def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, log: Callable[[str], None]) -> dict:
@@ -100,6 +109,9 @@ def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, 
     fp32 = evaluator.measure(None)
     u8 = evaluator.measure(uniform_plan("8/8/8", evaluator.num_blocks, cfg.recipe, cfg.scheme))
     out = {"fp32": measurement_attrs(fp32), "uniform8": measurement_attrs(u8)}
+    stored = study.user_attrs.get("baselines")  # read from the storage again
+    if stored is not None:  # a worker started beside this one measured them first: all share one reference
+        return stored
     study.set_user_attr("baselines", out)
     return out
 
@@ -122,9 +134,10 @@ def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
             raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
         start = time.perf_counter()
         m = evaluator.measure(plan)
+        ref = study.user_attrs.get("baselines", base)  # the study's, should another worker have stored its own
         constraints = [0.0 if plan.is_mixed else 1.0,
-                       m.latency_ms - base["fp32"]["latency_ms"],
-                       float(m.size_bytes - base["uniform8"]["size_bytes"])]
+                       m.latency_ms - ref["fp32"]["latency_ms"],
+                       float(m.size_bytes - ref["uniform8"]["size_bytes"])]
         for k, v in measurement_attrs(m).items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("constraints", constraints)
