@@ -1,9 +1,10 @@
 """ONNX Runtime on the CPU: the backend that runs everywhere.
 
-``build`` lets ORT apply all its graph optimisations (Q/DQ fusion into QLinear*/MatMulInteger kernels,
-INT4 DQ -> MatMulNBits, LayerNorm/GELU fusion) once and saves the optimised model beside the ONNX; that
-file is the artifact. ``session.qdq_matmulnbits_accuracy_level`` is set to 0 so that MatMulNBits keeps
-float activations (its default re-quantizes them to int8 on the fly, which the fake-quant model does not).
+``build`` lets ORT apply all its graph optimisations (DQ -> MatMul fusion into MatMulIntegerToFloat,
+LayerNorm/GELU fusion) once and saves the optimised model beside the ONNX; that file is the artifact.
+4-bit weights reach ORT as INT8 codes (see ``_int4_to_int8``). For other models run here (``bench
+--onnx``), ``session.qdq_matmulnbits_accuracy_level`` 0 keeps a blocked-INT4 MatMulNBits on float
+activations: its default re-quantizes them to int8 on the fly, which no fake-quant reference does.
 """
 
 import time
