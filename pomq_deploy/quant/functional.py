@@ -39,14 +39,16 @@ def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torc
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
-def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, shift: torch.Tensor) -> torch.Tensor:
+def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, shift: torch.Tensor,
+                       quant=fake_quant) -> torch.Tensor:
     """Per-channel power-of-two scales ``s * 2^shift_c`` (PTF, O-2SF) over the last dimension.
 
     Written as ``Mul(2^-shift) -> Q/DQ(s, z) -> Mul(2^shift)``: the same arithmetic as a per-channel scale
-    sharing one integer zero point, in the per-tensor form TensorRT accepts for activations.
+    sharing one integer zero point, in the per-tensor form TensorRT accepts for activations (multiplying
+    by a power of two is exact). ``quant`` is the per-tensor fake quantizer (``fake_quant_onnx`` to export).
     """
     factor = torch.pow(2.0, shift.to(x.dtype))
-    return fake_quant(x / factor, scale, zero_point, qmin, qmax) * factor
+    return quant(x * (1.0 / factor), scale, zero_point, qmin, qmax) * factor
 
 
 def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -150,11 +152,12 @@ def two_scale_regions(lo: torch.Tensor, hi: torch.Tensor, bits: int, m: int, sym
     return coarse, (s_f, z_f), (qmin, qmax)
 
 
-def two_scale_quant(x: torch.Tensor, coarse, fine, qmin: int, qmax: int) -> torch.Tensor:
-    """Values inside the fine grid's range take the fine grid, the rest the coarse one."""
+def two_scale_quant(x: torch.Tensor, coarse, fine, qmin: int, qmax: int, quant=fake_quant) -> torch.Tensor:
+    """Values inside the fine grid's range take the fine grid, the rest the coarse one (exported: two Q/DQ
+    pairs and a Where, with ``quant=fake_quant_onnx``)."""
     (s_c, z_c), (s_f, z_f) = coarse, fine
     inside = (x >= (qmin - z_f) * s_f) & (x <= (qmax - z_f) * s_f)
-    return torch.where(inside, fake_quant(x, s_f, z_f, qmin, qmax), fake_quant(x, s_c, z_c, qmin, qmax))
+    return torch.where(inside, quant(x, s_f, z_f, qmin, qmax), quant(x, s_c, z_c, qmin, qmax))
 
 
 def v2sf_search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, max_m: int = 12) -> int:

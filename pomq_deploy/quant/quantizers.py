@@ -47,8 +47,7 @@ class UniformQ:
         """The same values as exportable Q/DQ; a per-channel shift becomes ``Mul(2^-shift) -> Q/DQ -> Mul(2^shift)``."""
         if self.shift is None:
             return Fq.fake_quant_onnx(x, self.scale, self.zero_point, self.qmin, self.qmax)
-        factor = torch.pow(2.0, self.shift.to(x.dtype))
-        return Fq.fake_quant_onnx(x * (1.0 / factor), self.scale, self.zero_point, self.qmin, self.qmax) * factor
+        return Fq.fake_quant_shifted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.shift, Fq.fake_quant_onnx)
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,7 @@ class Log2Q:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return Fq.log2_quant(x, self.bits)
 
-    def onnx(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-domain ops in the graph (Log, Round, Clip, Pow, Where): no Q/DQ form exists for LIS."""
-        return Fq.log2_quant(x, self.bits)
+    onnx = __call__  # log-domain ops in the graph (Log, Round, Clip, Pow, Where): no Q/DQ form exists for LIS
 
 
 @dataclass(frozen=True)
@@ -82,11 +79,8 @@ class TwoScaleQ:
                                   (self.fine_scale, self.fine_zero_point), self.qmin, self.qmax)
 
     def onnx(self, x: torch.Tensor) -> torch.Tensor:
-        """Two Q/DQ pairs and a Where that picks the fine grid inside its range."""
-        lo, hi = ((q - self.fine_zero_point) * self.fine_scale for q in (self.qmin, self.qmax))
-        fine = Fq.fake_quant_onnx(x, self.fine_scale, self.fine_zero_point, self.qmin, self.qmax)
-        coarse = Fq.fake_quant_onnx(x, self.coarse_scale, self.coarse_zero_point, self.qmin, self.qmax)
-        return torch.where((x >= lo) & (x <= hi), fine, coarse)
+        return Fq.two_scale_quant(x, (self.coarse_scale, self.coarse_zero_point),
+                                  (self.fine_scale, self.fine_zero_point), self.qmin, self.qmax, Fq.fake_quant_onnx)
 
 
 Quantizer = Union[UniformQ, Log2Q, TwoScaleQ]
