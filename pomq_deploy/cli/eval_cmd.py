@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
         return _eval_artifact(args)
     quantized = args.plan is not None or args.uniform is not None
     if quantized:
+        target = args.target or "ort"
         recipe, plan, model = calibrated_from_args(args)
-        model.apply(plan, TARGET_FORMAT[args.target or "ort"])
+        model.apply(plan, TARGET_FORMAT[target])
         label = f"{plan.scheme} {args.uniform or plan.plan_id}"
     else:
         recipe = recipe_from_args(args)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
            "seconds": round(result.seconds, 3)}
     if quantized:
-        out |= {"scheme": plan.scheme, "observer": args.observer, "target": args.target or "ort", "plan_id": plan.plan_id,
+        out |= {"scheme": plan.scheme, "observer": args.observer, "target": target, "plan_id": plan.plan_id,
                 "plan": to_plain(plan.blocks)}
     emit(args.json, out, f"{recipe.name} ({label}) on {result.images} images: top-1 {result.top1:.4f}  "
                          f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")
