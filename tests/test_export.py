@@ -9,10 +9,11 @@ import pytest
 import timm
 import torch
 from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_fp32, export_quantized
-from pomq_deploy.export.graph import fold_weight_transposes, store_integer_weights
+from pomq_deploy.export.graph import fold_weight_transposes, qdq_to_attention_matmuls, store_integer_weights
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.model import QuantModel
 
@@ -65,6 +66,33 @@ def test_integer_weights_by_hand():
     assert not any(n.op_type in ("QuantizeLinear", "Transpose") for n in model.graph.node)
 
 
+def test_qdq_moves_past_the_qkv_split_by_hand():
+    """Q/DQ(s, z) -> Reshape -> Split -> Squeeze -> (q * 1/8) @ k: after the pass each MatMul input is a
+    DequantizeLinear (q's with scale s/8, the Mul gone) and the output is bit-identical."""
+    h = onnx.helper
+    t = numpy_helper.from_array
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        h.make_node("Reshape", ["xd", "shape"], ["r"]), h.make_node("Split", ["r"], ["a", "b"], axis=0, num_outputs=2),
+        h.make_node("Squeeze", ["a", "ax"], ["q"]), h.make_node("Squeeze", ["b", "ax"], ["k"]),
+        h.make_node("Mul", ["q", "c"], ["qs"]), h.make_node("MatMul", ["qs", "k"], ["y"])]
+    inits = [t(np.float32(0.05), "s"), t(np.uint8(100), "z"), t(np.array([2, 1, 4, 4]), "shape"),
+             t(np.array([0]), "ax"), t(np.float32(0.125), "c")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 4])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    before = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    assert qdq_to_attention_matmuls(model) == 1
+    onnx.checker.check_model(model)
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    mm = next(n for n in model.graph.node if n.op_type == "MatMul")
+    assert [made_by[i].op_type for i in mm.input] == ["DequantizeLinear", "DequantizeLinear"]
+    scales = {float(numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.endswith("dqscale")}
+    assert scales == {float(np.float32(0.05) * np.float32(0.125)), float(np.float32(0.05))} and not any(n.op_type == "Mul" for n in model.graph.node)
+    assert np.array_equal(ReferenceEvaluator(model).run(None, {"x": x})[0], before)
+
+
 def _activation_zero_point_types(model: onnx.ModelProto) -> set[int]:
     consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
     consts |= {t.name: t for t in model.graph.initializer}
@@ -84,7 +112,15 @@ def test_export_matches_fake_quant(tmp_path, calibrated, target):
     assert zp_types == ({onnx.TensorProto.UINT8} if target == "ort" else {onnx.TensorProto.INT8})
     if target == "tensorrt":  # symmetric: every activation zero point is 0
         consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+        consts |= {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         assert all(int(consts[n.input[2]]) == 0 for n in model.graph.node if n.op_type == "QuantizeLinear")
+    # every MatMul, the attention's q @ k^T and attn @ v included, reads DequantizeLinear outputs (what
+    # integer kernels fuse), except for float inputs of two kinds: LIS's log-domain probabilities (fqvit,
+    # 4-bit attention in blocks 0 and 5) and V-2SF's Where of two grids (tsptq: attn @ v and fc2, every block)
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    float_inputs = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                    for i in n.input if made_by.get(i) != "DequantizeLinear"]
+    assert len(float_inputs) == (2 if qm.scheme == "fqvit" else 2 * qm.num_blocks), float_inputs
     x = torch.cat(images(2, seed=11))
     qm.apply(plan, "asym" if target == "ort" else "sym")
     with torch.no_grad():

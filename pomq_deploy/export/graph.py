@@ -5,6 +5,8 @@ The exporter writes each quantized weight as ``float initializer -> QuantizeLine
 INT4 for the plan's 4-bit weights) feeding the per-output-channel DequantizeLinear, so the file really
 holds 8- or 4-bit weights. ``fold_weight_transposes`` then stores a Linear's weight as (in, out) for
 ``MatMul`` (DequantizeLinear axis 1), which is the DQ -> MatMul pattern ONNX Runtime and TensorRT fuse.
+``qdq_to_attention_matmuls`` moves the Q/DQ of the qkv output past the reshapes that split it into
+q, k and v, so that both attention MatMuls also read DequantizeLinear outputs and run as integer kernels.
 """
 
 from collections import Counter
@@ -118,6 +120,101 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
         g.graph.node.remove(t)
         done += 1
     return done
+
+
+# ops that only move values: a Q/DQ pair commutes with them exactly
+SHAPE_OPS = ("Reshape", "Transpose", "Split", "Squeeze", "Unsqueeze")
+
+
+def _shape_leaves(g: Graph, name: str) -> list[str] | None:
+    """Tensors reached from ``name`` through shape ops only and read by something else, or None when
+    ``name`` feeds anything but shape ops (then moving its Q/DQ gains nothing)."""
+    users = g.consumers(name)
+    if not users or any(u.op_type not in SHAPE_OPS or u.input[0] != name for u in users):
+        return None
+    leaves = []
+    for u in users:
+        for out in u.output:
+            if out in {o.name for o in g.graph.output}:
+                return None
+            nxt = g.consumers(out)
+            if all(n.op_type in SHAPE_OPS for n in nxt):
+                sub = _shape_leaves(g, out)
+                if sub is None:
+                    return None
+                leaves += sub
+            else:
+                leaves.append(out)
+    return leaves
+
+
+def _scalar_mul_into_matmul(g: Graph, name: str) -> tuple[onnx.NodeProto, float] | None:
+    """``name -> Mul(scalar constant) -> MatMul`` (timm scales q by head_dim^-0.5 there): the Mul and its factor."""
+    users = g.consumers(name)
+    if len(users) != 1 or users[0].op_type != "Mul":
+        return None
+    mul = users[0]
+    other = mul.input[1] if mul.input[0] == name else mul.input[0]
+    factor = g.value(other)
+    if factor is None or factor.size != 1 or not all(n.op_type == "MatMul" for n in g.consumers(mul.output[0])):
+        return None
+    return mul, float(factor.reshape(()))
+
+
+def qdq_to_attention_matmuls(model: onnx.ModelProto) -> int:
+    """``Q -> DQ -> Reshape/Transpose/Split/Squeeze -> [Mul(c)] -> MatMul``  ==>  ``shape ops -> Q -> DQ -> MatMul``.
+
+    The exporter quantizes the qkv output once; timm then reshapes and splits it into q, k, v. ONNX Runtime
+    does not carry a DequantizeLinear through Split, and timm's q scaling sits between it and the MatMul, so
+    both attention MatMuls ran in float. Quantizing after the shape ops gives the same codes (they only move
+    values) with the same total QuantizeLinear work; q's factor c goes into its DequantizeLinear's scale
+    (``DQ(code, s*c)``, exact for DeiT's c = 1/8, within one float rounding otherwise). TensorRT's attention
+    fusion wants the same pattern: Q/DQ right at both inputs of each attention MatMul. Returns the pairs moved."""
+    g = Graph(model)
+    moved = 0
+    for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
+        q = g.producer(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(g.consumers(q.output[0])) != 1:
+            continue
+        scale, zero = g.value(q.input[1]), g.value(q.input[2]) if len(q.input) > 2 else None
+        if scale is None or scale.size != 1 or (len(q.input) > 2 and zero is None):
+            continue
+        leaves = _shape_leaves(g, dq.output[0])
+        if leaves is None:
+            continue
+        for user in g.consumers(dq.output[0]):
+            user.input[0] = q.input[0]
+        for leaf in leaves:
+            _insert_qdq(g, leaf, scale, zero, _scalar_mul_into_matmul(g, leaf))
+        g.graph.node.remove(q)
+        g.graph.node.remove(dq)
+        moved += 1
+    g.drop_unused()
+    return moved
+
+
+def _insert_qdq(g: Graph, leaf: str, scale: np.ndarray, zero: np.ndarray | None, mul) -> None:
+    """Q/DQ on ``leaf`` right after its producer; with ``mul`` = (Mul node, c), DQ's scale is s*c and the Mul goes."""
+    names = [f"{leaf}_qscale", f"{leaf}_dqscale", f"{leaf}_zero"]
+    factor = 1.0 if mul is None else mul[1]
+    g.replace_initializer(None, numpy_helper.from_array(scale.reshape(()).astype(np.float32), names[0]))
+    g.replace_initializer(None, numpy_helper.from_array(np.float32(scale.reshape(()) * factor), names[1]))
+    zp = []
+    if zero is not None:
+        g.replace_initializer(None, numpy_helper.from_array(zero.reshape(()).copy(), names[2]))
+        zp = [names[2]]
+    out = mul[0].output[0] if mul is not None else f"{leaf}_dq"
+    readers = g.consumers(leaf)
+    qn = onnx.helper.make_node("QuantizeLinear", [leaf, names[0], *zp], [f"{leaf}_q"], name=f"{leaf}/QuantizeLinear")
+    dqn = onnx.helper.make_node("DequantizeLinear", [f"{leaf}_q", names[1], *zp], [out], name=f"{leaf}/DequantizeLinear")
+    if mul is not None:
+        g.graph.node.remove(mul[0])
+    else:
+        for r in readers:
+            r.input[:] = [out if i == leaf else i for i in r.input]
+    at = list(g.graph.node).index(g.producer(leaf)) + 1
+    g.graph.node.insert(at, dqn)
+    g.graph.node.insert(at, qn)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:

@@ -19,7 +19,7 @@ from torch import nn
 from ..atomic import replace_atomically
 from ..plan import Plan
 from ..quant.model import QuantModel
-from .graph import count_ops, fold_weight_transposes, initializer_bytes, store_integer_weights
+from .graph import count_ops, fold_weight_transposes, initializer_bytes, qdq_to_attention_matmuls, store_integer_weights
 
 TARGETS = ("ort", "tensorrt")
 TARGET_FORMAT = {"ort": "asym", "tensorrt": "sym"}
@@ -87,5 +87,6 @@ def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) ->
     if converted != len(bits):
         raise RuntimeError(f"stored {converted} of {len(bits)} quantized weights as integers; the export lost some")
     fold_weight_transposes(model)
+    qdq_to_attention_matmuls(model)
     int4 = sum(b == 4 for b in bits.values())
     return _save(model, path, target, len(bits) - int4, int4)
