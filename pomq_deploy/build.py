@@ -114,6 +114,9 @@ def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optio
             "emulated": emulated_settings(plan, artifact.backend),
             "versions": versions(),
         }
+        extra = getattr(opts.backend, "manifest_extra", None)  # optional Backend hook, see pomq_deploy.backends
+        if extra is not None:
+            manifest |= extra(artifact, plan)
         manifest = seal(manifest, tmp)
         write_json_atomic(manifest, tmp / MANIFEST)
     return BuiltArtifact(final, manifest)

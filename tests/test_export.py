@@ -13,7 +13,8 @@ from onnx.reference import ReferenceEvaluator
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_fp32, export_quantized
-from pomq_deploy.export.graph import fold_weight_transposes, qdq_to_attention_matmuls, store_integer_weights
+from pomq_deploy.export.graph import (block_int4_scales, fold_weight_transposes, qdq_to_attention_matmuls,
+                                     store_integer_weights)
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.model import QuantModel
 
@@ -66,9 +67,34 @@ def test_integer_weights_by_hand():
     assert not any(n.op_type in ("QuantizeLinear", "Transpose") for n in model.graph.node)
 
 
-def test_qdq_moves_past_the_qkv_split_by_hand():
+def test_int4_scales_as_blocks_by_hand():
+    """INT4 (K=192, N=3) per-column scales become [K/64, N] blocks (192 is not a multiple of 128) with the
+    same dequantized weight; an INT8 weight and a K no block size divides keep their per-channel scales."""
+    h, t = onnx.helper, numpy_helper.from_array
+    rng = np.random.default_rng(0)
+    inits = [t(rng.integers(-8, 8, (192, 3)).astype(ml_dtypes.int4), "w4"), t(np.float32([0.1, 0.2, 0.3]), "s"),
+             t(rng.integers(-8, 8, (96, 3)).astype(ml_dtypes.int4), "w4_odd"),
+             t(rng.integers(-128, 128, (192, 3)).astype(np.int8), "w8")]
+    nodes = [h.make_node("DequantizeLinear", [w, "s"], [f"{w}_dq"], axis=1) for w in ("w4", "w4_odd", "w8")]
+    graph = h.make_graph(nodes, "g", [], [h.make_tensor_value_info(f"{w}_dq", onnx.TensorProto.FLOAT, [k, 3])
+                                          for w, k in (("w4", 192), ("w4_odd", 96), ("w8", 192))], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    before = ReferenceEvaluator(model).run(None, {})
+    assert block_int4_scales(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    dq = model.graph.node[0]
+    assert {a.name: h.get_attribute_value(a) for a in dq.attribute} == {"axis": 0, "block_size": 64}
+    assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq.input[1])).shape == (3, 3)
+    assert [n.input[1] for n in model.graph.node[1:]] == ["s", "s"]
+    for a, b in zip(ReferenceEvaluator(model).run(None, {}), before):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("quantize_first", [False, True])
+def test_qdq_moves_past_the_qkv_split_by_hand(quantize_first):
     """Q/DQ(s, z) -> Reshape -> Split -> Squeeze -> (q * 1/8) @ k: after the pass each MatMul input is a
-    DequantizeLinear (q's with scale s/8, the Mul gone) and the output is bit-identical."""
+    DequantizeLinear (q's with scale s/8, the Mul gone), the QuantizeLinear work is unchanged (one Q before
+    the shape ops, or one per MatMul input after them) and the output is bit-identical."""
     h = onnx.helper
     t = numpy_helper.from_array
     nodes = [
@@ -83,8 +109,10 @@ def test_qdq_moves_past_the_qkv_split_by_hand():
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
     x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
     before = ReferenceEvaluator(model).run(None, {"x": x})[0]
-    assert qdq_to_attention_matmuls(model) == 1
-    onnx.checker.check_model(model)
+    assert qdq_to_attention_matmuls(model, quantize_first) == 1
+    onnx.checker.check_model(model, full_check=True)
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert [q.input[0] for q in quantizers] == (["x"] if quantize_first else ["q", "k"])
     made_by = {o: n for n in model.graph.node for o in n.output}
     mm = next(n for n in model.graph.node if n.op_type == "MatMul")
     assert [made_by[i].op_type for i in mm.input] == ["DequantizeLinear", "DequantizeLinear"]

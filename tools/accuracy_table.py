@@ -10,6 +10,7 @@ backend. Parity columns: the fraction of images whose top-1 prediction agrees, a
 """
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -66,7 +67,8 @@ def main() -> None:
         info = export_fp32(model, out / "model.onnx") if plan is None else export_quantized(model, plan, "ort", out / "model.onnx")
         art = backend.build(info.path, out)
         loader = eval_loader(eval_dataset(recipe.data, model), recipe.eval.batch_size, args.limit)
-        n = t1 = t5 = o1 = agree = 0
+        model64 = copy.deepcopy(model).double()  # the same fake-quant model with float64 arithmetic
+        n = t1 = t5 = o1 = agree = agree64 = 0
         start = time.perf_counter()
         with torch.inference_mode():
             for images, labels in loader:
@@ -76,10 +78,11 @@ def main() -> None:
                 t5 += topk_correct(logits, labels, 5)
                 o1 += topk_correct(ort_logits, labels, 1)
                 agree += int((logits.argmax(1) == ort_logits.argmax(1)).sum())
+                agree64 += int((logits.argmax(1) == model64(images.double()).argmax(1)).sum())
                 n += len(labels)
-        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, agree / n, info.weight_bytes))
+        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, agree / n, agree64 / n, info.weight_bytes))
         print(f"{scheme:7s} {plan_text:12s} {label:48s} top-1 {t1 / n:.4f}  ORT {o1 / n:.4f}  agree {agree / n:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+              f"float64 agree {agree64 / n:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         return n
 
     fp = create_model(recipe.model.arch, recipe.model.checkpoint)
@@ -107,7 +110,8 @@ def main() -> None:
         f"{recipe.data.seed}, min/max observer. 'top-1' is the PyTorch fake-quant model in the `ort` target's "
         "format (uint8 asymmetric activations, int8/int4 symmetric per-channel weights); 'ORT top-1' is the "
         "exported Q/DQ ONNX run by ONNX Runtime (ort-cpu backend, all graph optimisations) on the same images, "
-        "and 'agree' the fraction of images where both predict the same class.",
+        "and 'agree' the fraction of images where both predict the same class. 'FP64 agree' is the float noise "
+        "floor of the plan: the same PyTorch fake-quant model run in float64 against float32, on the same images.",
         "",
         "Regenerate with:",
         "",
@@ -116,13 +120,13 @@ def main() -> None:
         + (f" --limit {args.limit}" if args.limit else ""),
         "```",
         "",
-        "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) | ORT top-1 | agree | ORT − PyTorch (points) | ONNX weight bytes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) | ORT top-1 | agree | FP64 agree | ORT − PyTorch (points) | ONNX weight bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for scheme, plan_text, label, top1, top5, ort1, agree, wbytes in rows:
+    for scheme, plan_text, label, top1, top5, ort1, agree, agree64, wbytes in rows:
         delta = "" if scheme == "-" else f"{100 * (top1 - fp_top1):+.2f}"
         lines.append(f"| {scheme} | {plan_text} | {label} | {top1:.4f} | {top5:.4f} | {delta} | {ort1:.4f} | {agree:.4f} | "
-                     f"{100 * (ort1 - top1):+.2f} | {wbytes:,} |")
+                     f"{agree64:.4f} | {100 * (ort1 - top1):+.2f} | {wbytes:,} |")
     lines += ["", "Mixed plans are named by plan-id; their widths are in the 'what' column. " + PARITY_NOTE, "",
               "## Calibration time (this machine, one process)", "",
               "| scheme | full calibration (s) | plan from the cache (s) |", "| --- | --- | --- |"]

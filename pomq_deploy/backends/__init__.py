@@ -50,6 +50,9 @@ class LatencyStats:
 
 
 class Backend(Protocol):
+    """A backend may also define ``manifest_extra(artifact, plan) -> dict``: entries that ``build`` adds to the
+    artifact's manifest (the tensorrt backend's engine layer summary and trtexec line)."""
+
     name: str
 
     def build(self, onnx_path: Path, out_dir: Path) -> Artifact: ...

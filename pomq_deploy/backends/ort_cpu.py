@@ -43,7 +43,7 @@ class OrtCpuBackend:
                 "onnxruntime": ort.__version__}
 
     def _session(self, model: Path | bytes, optimized_out: Optional[Path] = None, options: Optional[dict] = None,
-                 name: Optional[Path] = None):
+                 name: Optional[Path] = None, profile_prefix: Optional[Path] = None):
         import onnxruntime as ort
 
         options = options or self.options()
@@ -55,6 +55,9 @@ class OrtCpuBackend:
             so.intra_op_num_threads = options["threads"]
         if optimized_out is not None:
             so.optimized_model_filepath = str(optimized_out)
+        if profile_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         try:
             return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=options.get("disabled_optimizers") or [])
@@ -89,6 +92,18 @@ class OrtCpuBackend:
             sess.run(None, feed)
             times.append(time.perf_counter() - t0)
         return LatencyStats.from_times(batch, times)
+
+    def profile(self, artifact: Artifact, batch: int, runs: int, out_prefix: Path, warmup: int = 10) -> Path:
+        """Run ``warmup`` then ``runs`` inferences in a fresh session with ONNX Runtime's profiler on; return
+        the trace it wrote (``<out_prefix>_<time>.json``). The profiler starts with its session, and a session
+        warmed up without it would not be the one measured, so the warm-up runs are in the trace: drop them by
+        run index (``pomq_deploy.profiling.ort_trace.summarize``)."""
+        sess = self._session(artifact.path, options=artifact.options, profile_prefix=out_prefix)
+        inp = sess.get_inputs()[0]
+        feed = {inp.name: np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)}
+        for _ in range(warmup + runs):
+            sess.run(None, feed)
+        return Path(sess.end_profiling())
 
     def _cached(self, artifact: Artifact):
         """A session per artifact file, reused across calls (creating one re-optimises the graph); the few

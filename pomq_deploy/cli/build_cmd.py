@@ -32,7 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=list(BACKENDS), default="ort-cpu", help="default: ort-cpu")
     g.add_argument("--threads", type=positive_int, help="ort-cpu intra-op threads (default: ONNX Runtime's, all cores)")
     g.add_argument("--batch", type=positive_int, default=8, help="batch size the latency is measured at (default 8)")
-    g.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50)")
+    g.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50; tensorrt times at least 200)")
+    t = p.add_argument_group("tensorrt backend (see docs/tensorrt.md)")
+    t.add_argument("--fp16", action="store_true",
+                   help="run what the plan leaves in float in FP16 (the ONNX is converted with NVIDIA ModelOpt AutoCast); "
+                   "default: FP32, as exported")
+    t.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays of the engine")
+    t.add_argument("--timing-cache", metavar="FILE", type=Path, help="shared TensorRT timing cache (default: OUT/.trt_timing.cache)")
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("engines"), help="output root (default: engines)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     quantized = args.plan is not None or args.uniform is not None
     if quantized == args.fp32:
         raise PomqError("give one of --plan FILE, --uniform W/A/ATTN or --fp32")
-    backend = get_backend(args.backend, **({"threads": args.threads} if args.backend == "ort-cpu" else {}))
+    backend = get_backend(args.backend, **backend_options(args))
     plan = load_plan_arg(args)
     recipe = recipe_from_args(args)
     if quantized:
@@ -69,4 +75,18 @@ def run(args: argparse.Namespace) -> int:
                  f"deployable size {m['artifact']['size_bytes'] / 1e6:.2f} MB")
     for note in m["emulated"]:
         stdout.print(f"  note: {note}")
+    for note in m.get("tensorrt", {}).get("layers", {}).get("not_honoured", []):
+        stdout.print(f"  engine: {note}")
     return 0
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """The command line's settings for the chosen backend."""
+    from ..errors import PomqError
+
+    if args.backend == "ort-cpu":
+        if args.fp16 or args.cuda_graph or args.timing_cache:
+            raise PomqError("--fp16, --cuda-graph and --timing-cache apply to --backend tensorrt only")
+        return {"threads": args.threads}
+    return {"batch": args.batch, "fp16": args.fp16, "cuda_graph": args.cuda_graph,
+            "timing_cache": args.timing_cache or args.out / ".trt_timing.cache"}

@@ -18,6 +18,8 @@ COMMANDS = {
     "build": "pomq_deploy.cli.build_cmd",
     "bench": "pomq_deploy.cli.bench_cmd",
     "search": "pomq_deploy.cli.search_cmd",
+    "check": "pomq_deploy.cli.check_cmd",
+    "profile": "pomq_deploy.cli.profile_cmd",
 }
 
 USAGE_ERROR = 2

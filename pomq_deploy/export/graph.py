@@ -122,6 +122,32 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     return done
 
 
+def block_int4_scales(model: onnx.ModelProto, block_sizes: tuple[int, ...] = (128, 64)) -> int:
+    """Per-output-channel INT4 weight scales, written as blocked ones: scale [K/B, N], ``block_size`` B, axis 0.
+
+    TensorRT runs INT4 only as weight-only block quantization with blocks of 64 or 128 along K. Repeating
+    each column's scale over its K/B blocks is the same quantization (every block of a column has the same
+    scale), so the plan's per-channel numbers are unchanged. A weight whose K no block size divides keeps
+    its per-channel scale (``pomq-deploy check`` reports it). Returns how many weights were rewritten."""
+    g = Graph(model)
+    done = 0
+    for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in g.inits]:
+        codes, scale = g.inits[dq.input[0]], g.value(dq.input[1])
+        k = codes.dims[0] if len(codes.dims) == 2 else 0
+        block = next((b for b in block_sizes if k and k % b == 0), None)
+        if codes.data_type != onnx.TensorProto.INT4 or scale is None or scale.ndim != 1 or _attr(dq, "axis", 1) != 1 or block is None:
+            continue
+        tensor = numpy_helper.from_array(np.ascontiguousarray(np.tile(scale, (k // block, 1))), f"{dq.input[0]}_block_scale")
+        g.replace_initializer(None, tensor)
+        dq.input[1] = tensor.name
+        for a in [a for a in dq.attribute if a.name in ("axis", "block_size")]:
+            dq.attribute.remove(a)
+        dq.attribute.extend([onnx.helper.make_attribute("axis", 0), onnx.helper.make_attribute("block_size", block)])
+        done += 1
+    g.drop_unused()
+    return done
+
+
 # ops that only move values: a Q/DQ pair commutes with them exactly
 SHAPE_OPS = ("Reshape", "Transpose", "Split", "Squeeze", "Unsqueeze")
 
@@ -161,15 +187,17 @@ def _scalar_mul_into_matmul(g: Graph, name: str) -> tuple[onnx.NodeProto, float]
     return mul, float(factor.reshape(()))
 
 
-def qdq_to_attention_matmuls(model: onnx.ModelProto) -> int:
-    """``Q -> DQ -> Reshape/Transpose/Split/Squeeze -> [Mul(c)] -> MatMul``  ==>  ``shape ops -> Q -> DQ -> MatMul``.
+def qdq_to_attention_matmuls(model: onnx.ModelProto, quantize_first: bool = False) -> int:
+    """Move the DequantizeLinear of the qkv output past timm's reshape/split of it into q, k and v.
 
-    The exporter quantizes the qkv output once; timm then reshapes and splits it into q, k, v. ONNX Runtime
-    does not carry a DequantizeLinear through Split, and timm's q scaling sits between it and the MatMul, so
-    both attention MatMuls ran in float. Quantizing after the shape ops gives the same codes (they only move
-    values) with the same total QuantizeLinear work; q's factor c goes into its DequantizeLinear's scale
-    (``DQ(code, s*c)``, exact for DeiT's c = 1/8, within one float rounding otherwise). TensorRT's attention
-    fusion wants the same pattern: Q/DQ right at both inputs of each attention MatMul. Returns the pairs moved."""
+    ``Q -> DQ -> Reshape/Transpose/Split/Squeeze -> [Mul(c)] -> MatMul`` becomes
+    ``shape ops -> Q -> DQ -> MatMul`` or, with ``quantize_first``, ``Q -> shape ops -> DQ -> MatMul``.
+    ONNX Runtime does not carry a DequantizeLinear through Split, and timm's q scaling sits between it and
+    the MatMul, so both attention MatMuls ran in float. The shape ops only move values, so the codes are
+    the same, and so is the QuantizeLinear work; q's factor c goes into its DequantizeLinear's scale
+    (``DQ(code, s*c)``, exact for DeiT's c = 1/8, within one float rounding otherwise). ``quantize_first``
+    (ONNX Runtime) moves 1-byte codes through the shape ops; without it (TensorRT) each attention MatMul
+    input gets the Q/DQ pair that TensorRT's attention fusion looks for. Returns the DequantizeLinears moved."""
     g = Graph(model)
     moved = 0
     for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
@@ -183,21 +211,23 @@ def qdq_to_attention_matmuls(model: onnx.ModelProto) -> int:
         if leaves is None:
             continue
         for user in g.consumers(dq.output[0]):
-            user.input[0] = q.input[0]
+            user.input[0] = q.output[0] if quantize_first else q.input[0]
         for leaf in leaves:
-            _insert_qdq(g, leaf, scale, zero, _scalar_mul_into_matmul(g, leaf))
-        g.graph.node.remove(q)
+            _insert_qdq(g, leaf, scale, zero, _scalar_mul_into_matmul(g, leaf), with_q=not quantize_first)
+        if not quantize_first:
+            g.graph.node.remove(q)
         g.graph.node.remove(dq)
         moved += 1
+    if quantize_first and moved:  # the tensors between Q and DQ now hold codes, not floats: let ONNX re-infer them
+        del g.graph.value_info[:]
     g.drop_unused()
     return moved
 
 
-def _insert_qdq(g: Graph, leaf: str, scale: np.ndarray, zero: np.ndarray | None, mul) -> None:
-    """Q/DQ on ``leaf`` right after its producer; with ``mul`` = (Mul node, c), DQ's scale is s*c and the Mul goes."""
+def _insert_qdq(g: Graph, leaf: str, scale: np.ndarray, zero: np.ndarray | None, mul, with_q: bool) -> None:
+    """[Q ->] DQ on ``leaf`` right after its producer; with ``mul`` = (Mul node, c), DQ's scale is s*c and the Mul goes."""
     names = [f"{leaf}_qscale", f"{leaf}_dqscale", f"{leaf}_zero"]
     factor = 1.0 if mul is None else mul[1]
-    g.replace_initializer(None, numpy_helper.from_array(scale.reshape(()).astype(np.float32), names[0]))
     g.replace_initializer(None, numpy_helper.from_array(np.float32(scale.reshape(()) * factor), names[1]))
     zp = []
     if zero is not None:
@@ -205,16 +235,19 @@ def _insert_qdq(g: Graph, leaf: str, scale: np.ndarray, zero: np.ndarray | None,
         zp = [names[2]]
     out = mul[0].output[0] if mul is not None else f"{leaf}_dq"
     readers = g.consumers(leaf)
-    qn = onnx.helper.make_node("QuantizeLinear", [leaf, names[0], *zp], [f"{leaf}_q"], name=f"{leaf}/QuantizeLinear")
-    dqn = onnx.helper.make_node("DequantizeLinear", [f"{leaf}_q", names[1], *zp], [out], name=f"{leaf}/DequantizeLinear")
+    new = [onnx.helper.make_node("DequantizeLinear", [f"{leaf}_q" if with_q else leaf, names[1], *zp], [out],
+                                 name=f"{leaf}/DequantizeLinear")]
+    if with_q:
+        g.replace_initializer(None, numpy_helper.from_array(scale.reshape(()).astype(np.float32), names[0]))
+        new.insert(0, onnx.helper.make_node("QuantizeLinear", [leaf, names[0], *zp], [f"{leaf}_q"], name=f"{leaf}/QuantizeLinear"))
     if mul is not None:
         g.graph.node.remove(mul[0])
     else:
         for r in readers:
             r.input[:] = [out if i == leaf else i for i in r.input]
     at = list(g.graph.node).index(g.producer(leaf)) + 1
-    g.graph.node.insert(at, dqn)
-    g.graph.node.insert(at, qn)
+    for node in reversed(new):
+        g.graph.node.insert(at, node)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:

@@ -2,9 +2,12 @@
 
 The quantized model is traced in ``onnx_mode``: every quantizer forwards through the PyTorch ops that the
 exporter writes as Q/DQ (or, for LIS, as log-domain float ops), so the graph computes the plan's numbers.
-The graph passes in :mod:`.graph` then store the weights as INT8/INT4 codes. Targets differ only in the
-activation format: ``ort`` uint8 asymmetric (FQ-ViT's, what ONNX Runtime's x86 kernels fuse best),
-``tensorrt`` int8 symmetric with zero point 0 (the only form TensorRT accepts).
+The graph passes in :mod:`.graph` then store the weights as INT8/INT4 codes and place the attention's
+Q/DQ at its MatMuls. Targets differ in the activation format: ``ort`` uint8 asymmetric (FQ-ViT's, what ONNX
+Runtime's x86 kernels fuse best), ``tensorrt`` int8 symmetric with zero point 0 (the only form TensorRT
+accepts); and in two layout choices, the same numbers: ``tensorrt`` writes INT4 weight scales as blocks
+(TensorRT's INT4 is block-quantized only) and a Q/DQ pair at each attention MatMul input (its fusion
+pattern), ``ort`` quantizes the qkv output before splitting it (1-byte codes through the shape ops).
 """
 
 import io
@@ -19,7 +22,7 @@ from torch import nn
 from ..atomic import replace_atomically
 from ..plan import Plan
 from ..quant.model import QuantModel
-from .graph import count_ops, fold_weight_transposes, initializer_bytes, qdq_to_attention_matmuls, store_integer_weights
+from .graph import block_int4_scales, count_ops, fold_weight_transposes, initializer_bytes, qdq_to_attention_matmuls, store_integer_weights
 
 TARGETS = ("ort", "tensorrt")
 TARGET_FORMAT = {"ort": "asym", "tensorrt": "sym"}
@@ -87,6 +90,8 @@ def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) ->
     if converted != len(bits):
         raise RuntimeError(f"stored {converted} of {len(bits)} quantized weights as integers; the export lost some")
     fold_weight_transposes(model)
-    qdq_to_attention_matmuls(model)
+    qdq_to_attention_matmuls(model, quantize_first=target == "ort")
+    if target == "tensorrt":
+        block_int4_scales(model)
     int4 = sum(b == 4 for b in bits.values())
     return _save(model, path, target, len(bits) - int4, int4)

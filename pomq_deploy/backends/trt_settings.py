@@ -1,0 +1,106 @@
+"""What a TensorRT build is asked for, the trtexec line that asks for the same, and whether an engine can
+load here: pure functions (no ``tensorrt`` import), so that all of it is tested on a CPU machine.
+
+Precision in a strongly typed network (the default) comes from the ONNX itself: the Q/DQ nodes make the
+INT8 and INT4 parts, and every other tensor keeps the ONNX's float type. Our export writes FP32, so with
+``fp16=False`` the float parts (LayerNorm, Softmax, GELU, residual adds, the scale arithmetic around Q/DQ)
+run in FP32. ``fp16=True`` converts the ONNX to FP16 with NVIDIA ModelOpt AutoCast before parsing (the
+route TensorRT documents for strong typing; TensorRT 11 removed the FP16 builder flag). Weak typing
+(``strongly_typed=False``, TensorRT 10 only, deprecated since 10.12) instead sets builder flags and lets
+TensorRT pick FP16 kernels where faster.
+"""
+
+import dataclasses
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_TIMING_CACHE = Path("engines/.trt_timing.cache")
+MIN_MAX_BATCH = 32  # the profile covers at least batch 1..32, so bench and eval need no rebuild for usual sizes
+OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's builder optimisation levels; 3 is its default
+
+
+@dataclass(frozen=True)
+class TrtBuildSettings:
+    """One engine build: the optimisation profile over the batch dimension and the builder's settings."""
+
+    input_name: str
+    input_shape: tuple[int, ...]  # one sample, e.g. (1, 28, 28); the batch dimension is the profile's
+    min_batch: int
+    opt_batch: int  # the latency batch: TensorRT tunes its kernels for this shape
+    max_batch: int
+    strongly_typed: bool = True
+    fp16: bool = False  # the float parts in FP16: AutoCast (strongly typed) or the FP16 flag (weakly typed)
+    optimization_level: int = 3
+    workspace_mib: Optional[int] = None  # None: TensorRT's default (all device memory)
+    timing_cache: Optional[str] = str(DEFAULT_TIMING_CACHE)  # shared by every build; None: no cache
+    detailed_profiling: bool = True  # layer parameters and precisions in layers.json and in NVTX ranges
+
+    def __post_init__(self):
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"the batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        if self.optimization_level not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"builder optimisation level {self.optimization_level}; allowed: 0 to 5")
+        if self.workspace_mib is not None and self.workspace_mib <= 0:
+            raise ValueError(f"workspace limit {self.workspace_mib} MiB; give a positive number or none")
+
+    def shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.input_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"input_shape": list(self.input_shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrtBuildSettings":
+        return cls(**(d | {"input_shape": tuple(d["input_shape"])}))
+
+
+def build_settings(input_name: str, input_shape: tuple[int, ...], batch: int, *, max_batch: Optional[int] = None,
+                   strongly_typed: bool = True, fp16: bool = False, optimization_level: int = 3,
+                   workspace_mib: Optional[int] = None, timing_cache: Optional[Path] = DEFAULT_TIMING_CACHE) -> TrtBuildSettings:
+    """Settings for an engine timed at ``batch``: profile 1 / batch / max(32, batch) unless ``max_batch`` says more."""
+    return TrtBuildSettings(input_name, tuple(input_shape), 1, batch, max(max_batch or MIN_MAX_BATCH, batch),
+                            strongly_typed, fp16, optimization_level, workspace_mib,
+                            None if timing_cache is None else str(timing_cache))
+
+
+def builder_flags(settings: TrtBuildSettings, has_qdq: bool, has_int4: bool) -> list[str]:
+    """The precision flags a build sets: none when strongly typed (TensorRT's documented rule for explicit
+    quantization: the graph's types decide); under weak typing FP16 on request, and INT8/INT4 so that the
+    Q/DQ layers may run in their integer types."""
+    if settings.strongly_typed:
+        return []
+    return [name for name, on in (("FP16", settings.fp16), ("INT8", has_qdq), ("INT4", has_int4)) if on]
+
+
+def trtexec_command(settings: TrtBuildSettings, flags: list[str], onnx: str = "model.onnx", engine: str = "model.engine",
+                    layers: str = "layers.json") -> str:
+    """The trtexec line that builds the same engine (TensorRT 10 flag names; TensorRT 11 accepts
+    --stronglyTyped as a no-op and has no precision flags)."""
+    shape = lambda b: f"{settings.input_name}:" + "x".join(str(d) for d in settings.shape(b))  # noqa: E731
+    args = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}"]
+    args += ["--stronglyTyped"] if settings.strongly_typed else [f"--{f.lower()}" for f in flags]
+    args += [f"--minShapes={shape(settings.min_batch)}", f"--optShapes={shape(settings.opt_batch)}",
+             f"--maxShapes={shape(settings.max_batch)}", f"--builderOptimizationLevel={settings.optimization_level}"]
+    if settings.workspace_mib is not None:
+        args.append(f"--memPoolSize=workspace:{settings.workspace_mib}")
+    if settings.timing_cache is not None:
+        args.append(f"--timingCacheFile={settings.timing_cache}")
+    if settings.detailed_profiling:
+        args += ["--profilingVerbosity=detailed", f"--exportLayerInfo={layers}"]
+    return shlex.join(args)
+
+
+def compatibility_problems(built: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """Why an engine built on ``built`` cannot load on ``here`` (TensorRT version, GPU name, compute
+    capability): by default a TensorRT engine runs only on the TensorRT version and the kind of GPU that
+    built it. Empty: it can."""
+    labels = {"tensorrt": "TensorRT", "gpu": "GPU", "compute_capability": "compute capability"}
+    problems = []
+    for key, label in labels.items():
+        if key not in built:
+            problems.append(f"the manifest does not record the {label} that built the engine")
+        elif str(built[key]) != str(here.get(key)):
+            problems.append(f"built with {label} {built[key]}, this machine has {here.get(key)}")
+    return problems

@@ -1,0 +1,449 @@
+"""The tensorrt backend: everything up to the calls into TensorRT on the CPU; the engine itself in ``gpu`` tests.
+
+``fixtures/trt_layers.json`` is hand-written in TensorRT 10's documented layer-information format (DETAILED
+verbosity) for the mixed plan ``MIXED`` below: it has not come from a real engine.
+"""
+
+import dataclasses
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from pomq_deploy.backends import Artifact, BackendError, get_backend
+from pomq_deploy.backends.tensorrt import (LAYERS_NAME, artifact_label, manifest_section, read_onnx_graph, rules_gate)
+from pomq_deploy.backends.trt_inspect import (FP16, FP32, INT4, INT8, OTHER, judge, read_layer_info, summarise,
+                                              tensor_type)
+from pomq_deploy.backends.trt_settings import (TrtBuildSettings, build_settings, builder_flags, compatibility_problems,
+                                               trtexec_command)
+from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+
+from test_cli import user_error
+
+FIXTURE = Path(__file__).parent / "fixtures" / "trt_layers.json"
+# block 0: 4-bit weights; block 1: 4-bit activations; block 2: 4-bit attention; the rest 8/8/8
+MIXED = Plan(model="deit_fmnist", scheme="minmax",
+             blocks=(BlockBits(w=4, a=8, attn=8), BlockBits(w=8, a=4, attn=8), BlockBits(w=8, a=8, attn=4))
+             + tuple(BlockBits(w=8, a=8, attn=8) for _ in range(9)))
+REFERENCE_INPUT = ("images", (1, 28, 28))
+
+
+# --- build settings, builder flags, trtexec line ---------------------------------------------------------------
+
+def test_build_settings_profile_covers_one_to_at_least_32():
+    s = build_settings(*REFERENCE_INPUT, batch=8)
+    assert (s.min_batch, s.opt_batch, s.max_batch) == (1, 8, 32)
+    assert s.strongly_typed and not s.fp16 and s.optimization_level == 3 and s.detailed_profiling
+    assert s.timing_cache == "engines/.trt_timing.cache" and s.shape(8) == (8, 1, 28, 28)
+    assert build_settings(*REFERENCE_INPUT, batch=64).max_batch == 64
+    assert build_settings(*REFERENCE_INPUT, batch=1, max_batch=128).max_batch == 128
+    assert build_settings(*REFERENCE_INPUT, batch=8, timing_cache=None).timing_cache is None
+
+
+def test_build_settings_round_trip_through_json():
+    s = build_settings(*REFERENCE_INPUT, batch=4, fp16=True, workspace_mib=512, timing_cache=Path("/tmp/c.cache"))
+    assert TrtBuildSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+@pytest.mark.parametrize("change, message", [({"min_batch": 0}, "1 <= min <= opt <= max"), ({"opt_batch": 64}, "1 <= min"),
+                                              ({"optimization_level": 6}, "allowed: 0 to 5"), ({"workspace_mib": 0}, "positive")])
+def test_build_settings_are_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(build_settings(*REFERENCE_INPUT, batch=8), **change)
+
+
+def test_builder_flags_only_under_weak_typing():
+    strong = build_settings(*REFERENCE_INPUT, batch=8, fp16=True)
+    assert builder_flags(strong, has_qdq=True, has_int4=True) == []  # the ONNX's types decide
+    weak = dataclasses.replace(strong, strongly_typed=False)
+    assert builder_flags(weak, has_qdq=True, has_int4=True) == ["FP16", "INT8", "INT4"]
+    assert builder_flags(dataclasses.replace(weak, fp16=False), has_qdq=False, has_int4=False) == []
+
+
+def test_trtexec_command_for_the_reference_model():
+    s = build_settings(*REFERENCE_INPUT, batch=8)
+    assert trtexec_command(s, []) == (
+        "trtexec --onnx=model.onnx --saveEngine=model.engine --stronglyTyped --minShapes=images:1x1x28x28 "
+        "--optShapes=images:8x1x28x28 --maxShapes=images:32x1x28x28 --builderOptimizationLevel=3 "
+        "--timingCacheFile=engines/.trt_timing.cache --profilingVerbosity=detailed --exportLayerInfo=layers.json")
+
+
+def test_trtexec_command_weakly_typed_with_workspace_and_quoting():
+    s = dataclasses.replace(build_settings("images", (3, 224, 224), batch=32, workspace_mib=1024, fp16=True,
+                                           timing_cache=Path("my caches/trt.cache")), strongly_typed=False)
+    cmd = trtexec_command(s, builder_flags(s, has_qdq=True, has_int4=False), onnx="model.fp16.onnx")
+    assert " --fp16 --int8 " in cmd and "--stronglyTyped" not in cmd and "--onnx=model.fp16.onnx" in cmd
+    assert "--minShapes=images:1x3x224x224 --optShapes=images:32x3x224x224 --maxShapes=images:32x3x224x224" in cmd
+    assert "--memPoolSize=workspace:1024" in cmd and "'--timingCacheFile=my caches/trt.cache'" in cmd
+
+
+# --- compatibility of an engine with this machine ----------------------------------------------------------------
+
+HERE = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cuda": "12.8"}
+
+
+def test_same_machine_is_compatible():
+    assert compatibility_problems(dict(HERE), HERE) == []
+    assert compatibility_problems(HERE | {"cuda": "12.4"}, HERE) == []  # CUDA is recorded, not compared
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tensorrt", "10.9.0.34", "built with TensorRT 10.9.0.34, this machine has 10.13.0.35"),
+    ("gpu", "NVIDIA A100-SXM4-80GB", "built with GPU NVIDIA A100-SXM4-80GB, this machine has NVIDIA H100 80GB HBM3"),
+    ("compute_capability", "8.0", "built with compute capability 8.0, this machine has 9.0")])
+def test_another_version_or_gpu_is_refused_with_the_reason(key, value, message):
+    assert compatibility_problems(HERE | {key: value}, HERE) == [message]
+
+
+def test_a_manifest_without_build_machine_is_refused():
+    problems = compatibility_problems({"gpu": HERE["gpu"]}, HERE)
+    assert problems == ["the manifest does not record the TensorRT that built the engine",
+                        "the manifest does not record the compute capability that built the engine"]
+
+
+# --- engine layer information ------------------------------------------------------------------------------------
+
+def test_layer_summary_counts_layers_by_precision():
+    s = summarise(read_layer_info(FIXTURE))
+    assert s.layers == 10
+    assert s.by_precision[INT8] == 4 and s.by_precision[INT4] == 1 and s.by_precision[FP16] == 1
+    assert s.by_precision[FP32] == 2 and s.by_precision[OTHER] == 2  # the input Q reformat and a no-op
+    assert s.not_honoured == () and s.unchecked == ()  # no plan: nothing to hold the engine against
+
+
+def test_layer_summary_names_what_the_engine_did_not_honour():
+    s = summarise(read_layer_info(FIXTURE), MIXED)
+    assert s.not_honoured == (
+        "block 0 qkv: a=8 runs in float: TensorRT's INT4 is weight-only, so this GEMM takes float activations",
+        "block 1 qkv: a=4 runs as INT8 (TensorRT has no 4-bit activation math)",
+        "block 2 fc1: w=8/a=8 runs in FP32, not INT8",
+        "block 2 attn@v: attn=4 runs as INT8 (TensorRT has no 4-bit activation math)",
+    )
+    # block 0 attn@v (INT8, attn=8) is honoured; layers the fixture does not name are reported, not guessed
+    assert "block 0 proj" in s.unchecked and "block 2 qkv" in s.unchecked and "block 3" in s.unchecked
+    assert "block 0 qkv" not in s.unchecked and "block 0 attn@v" not in s.unchecked
+    assert json.loads(json.dumps(s.to_dict()))["not_honoured"][2] == "block 2 fc1: w=8/a=8 runs in FP32, not INT8"
+
+
+@pytest.mark.parametrize("bits, linear, precision, note", [
+    ((8, 8, 8), "fc2", INT8, None),
+    ((4, 8, 8), "fc1", INT8, "w=4 runs as INT8, not INT4 weight-only"),
+    ((4, 4, 8), "proj", FP16, "w=4 runs as FP16, not INT4 weight-only"),
+    ((8, 8, 8), "qkv", FP16, "w=8/a=8 runs in FP16, not INT8"),
+    ((8, 8, 4), "attn@v", FP32, "attn=4 runs in FP32, not INT8"),  # FQ-ViT's LIS: log-domain float ops
+    ((8, 8, 8), "attn@v", INT8, None),
+])
+def test_judge_each_plan_setting(bits, linear, precision, note):
+    assert judge(BlockBits(w=bits[0], a=bits[1], attn=bits[2]), linear, precision) == note
+
+
+@pytest.mark.parametrize("entry, precision", [
+    ({"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}, INT8),
+    ({"Format/Datatype": "Row major linear FP32"}, FP32),
+    ({"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}, FP16),
+    ({"Format/Datatype": "Half"}, FP16),
+    ({"DataType": "Float", "Format": "Row major linear FP32 format (kLINEAR)"}, FP32),  # TensorRT 11's split fields
+    ({"Format/Datatype": "N/A due to dynamic shapes"}, None),
+    ({"Format/Datatype": "Row major linear Int32"}, None),
+])
+def test_tensor_type_from_format_strings(entry, precision):
+    assert tensor_type(entry) == precision
+
+
+def test_layer_names_only_information_is_rejected(tmp_path):
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps({"Layers": ["conv1 + relu1", "fc"], "Bindings": ["x", "y"]}))
+    with pytest.raises(ValueError, match="DETAILED verbosity"):
+        read_layer_info(path)
+
+
+# --- the manifest entry -------------------------------------------------------------------------------------------
+
+def test_manifest_section_from_a_built_directory(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / LAYERS_NAME)
+    (tmp_path / "model.engine").write_bytes(b"engine")
+    settings = build_settings(*REFERENCE_INPUT, batch=8)
+    art = Artifact(tmp_path / "model.engine", "tensorrt", {"settings": settings.to_dict(), "builder_flags": [],
+                                                           "parsed_onnx": "model.onnx", "built_with": HERE}, 6)
+    section = manifest_section(art, MIXED)["tensorrt"]
+    assert section["trtexec"] == trtexec_command(settings, [])
+    assert section["layers"]["by_precision"][INT4] == 1 and len(section["layers"]["not_honoured"]) == 4
+
+
+# --- before TensorRT: the ONNX and the rules checker --------------------------------------------------------------
+
+def _onnx(tmp_path, dims, int4=True) -> Path:
+    w = helper.make_tensor("w", TensorProto.INT4 if int4 else TensorProto.INT8, [784, 10], np.zeros(7840, dtype=np.int8))
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=1),
+             helper.make_node("Flatten", ["images"], ["flat"]), helper.make_node("MatMul", ["flat", "wf"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              [w, helper.make_tensor("s", TensorProto.FLOAT, [10], np.ones(10))])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path
+
+
+def test_read_onnx_graph(tmp_path):
+    g = read_onnx_graph(_onnx(tmp_path, ["batch", 1, 28, 28]))
+    assert (g.input_name, g.input_shape, g.has_qdq, g.has_int4) == ("images", (1, 28, 28), True, True)
+    assert not read_onnx_graph(_onnx(tmp_path, ["batch", 1, 28, 28], int4=False)).has_int4
+
+
+def test_only_the_batch_dimension_may_be_dynamic(tmp_path):
+    with pytest.raises(BackendError, match="fixed shape after its batch dimension"):
+        read_onnx_graph(_onnx(tmp_path, ["batch", 1, "h", 28]))
+
+
+def finding(severity, n=1):
+    return SimpleNamespace(rule=f"rule-{n}", node=f"/model/blocks/blocks.{n}/attn/qkv/MatMul", severity=severity,
+                           message="weights need a per-channel\nDequantizeLinear on axis 0")
+
+
+def test_rules_errors_stop_the_build_in_one_line(tmp_path):
+    with pytest.raises(BackendError) as e:
+        rules_gate([finding("warning", 0), finding("error", 1), finding("error", 2), finding("error", 3)], tmp_path / "m.onnx")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("m.onnx: TensorRT's quantization rules reject this model: rule-1 at ")
+    assert "rule-2" in message and "rule-3" not in message and "(and 1 more)" in message
+
+
+def test_rules_warnings_only_are_logged_once_per_rule(tmp_path, caplog):
+    rules_gate([finding("warning", 1), finding("warning", 1), finding("warning", 2)], tmp_path / "m.onnx")
+    assert len(caplog.records) == 2 and "2 rule-1 warning(s), first at /model/blocks/blocks.1/" in caplog.text
+
+
+def test_artifact_label_sees_through_the_staging_directory():
+    assert artifact_label(Path("engines/deit_fmnist/.0123abcd4567.x1y2z3.tmp")) == "0123abcd4567"
+    assert artifact_label(Path("engines/deit_fmnist/fp32")) == "fp32"
+
+
+# --- without TensorRT or without a GPU: one sentence ---------------------------------------------------------------
+
+def test_build_with_tensorrt_on_a_cpu_machine_is_one_line(tiny_recipe, tmp_path, capsys):
+    if "tensorrt" in sys.modules or _importable("tensorrt"):
+        pytest.skip("tensorrt is installed here")
+    err = user_error(["build", "--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--backend", "tensorrt",
+                      "--out", str(tmp_path / "eng")], capsys)
+    assert "tensorrt" in err and "pip install 'pomq-deploy[gpu]'" in err and not (tmp_path / "eng").exists()
+
+
+def test_tensorrt_without_a_gpu_says_so(monkeypatch):
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendError, match="needs a CUDA GPU and torch sees none") as e:
+        get_backend("tensorrt")
+    assert "pip install 'pomq-deploy[gpu]'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tensorrt_options_are_refused_for_ort_cpu(tiny_recipe, tmp_path, capsys):
+    err = user_error(["build", "--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--fp16", "--out", str(tmp_path)], capsys)
+    assert "apply to --backend tensorrt only" in err
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# --- the builder calls, against a stand-in for tensorrt (records what the backend asks for) -----------------------
+
+def fake_tensorrt(parse_errors=(), build_ok=True):
+    """A stand-in module with the tensorrt names ``_build_engine`` uses; ``calls`` records what it was given."""
+    calls = {"flags": []}
+    trt = types.ModuleType("tensorrt")
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+    trt.BuilderFlag = SimpleNamespace(FP16="FP16", INT8="INT8", INT4="INT4")
+    trt.ProfilingVerbosity = SimpleNamespace(DETAILED="DETAILED")
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = bytes(blob)
+
+        def combine(self, other, ignore_mismatch):
+            self.blob += b"|" + other.blob
+            return True
+
+        def serialize(self):
+            return self.blob
+
+    class Config:
+        cache = None
+
+        def set_flag(self, flag):
+            calls["flags"].append(flag)
+
+        def set_memory_pool_limit(self, pool, size):
+            calls["workspace"] = (pool, size)
+
+        def add_optimization_profile(self, profile):
+            calls["profile"] = profile.shape
+
+        def create_timing_cache(self, blob):
+            return Cache(blob)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shape = (name, lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            calls["network_flags"] = flags
+            return "network"
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            config.cache.blob += b"+new"  # timings this build measured
+            return b"ENGINE" if build_ok else None
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.num_errors = len(parse_errors)
+
+        def parse_from_file(self, path):
+            calls["parsed"] = path
+            return not parse_errors
+
+        def get_error(self, i):
+            node, op, desc = parse_errors[i]
+            return SimpleNamespace(node_name=lambda: node, node=lambda: i, node_operator=lambda: op, desc=lambda: desc)
+
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    return trt, calls
+
+
+def test_build_engine_asks_for_a_strongly_typed_network_with_the_profile(tmp_path, monkeypatch):
+    from pomq_deploy.backends.tensorrt import _build_engine
+
+    trt, calls = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cache = tmp_path / "c.cache"
+    cache.write_bytes(b"old")
+    s = build_settings(*REFERENCE_INPUT, batch=8, workspace_mib=256, timing_cache=cache)
+    assert _build_engine(tmp_path / "m.onnx", s, [], SimpleNamespace(errors=[])) == b"ENGINE"
+    assert calls["network_flags"] == 1 << 5 and calls["flags"] == [] and calls["parsed"] == str(tmp_path / "m.onnx")
+    assert calls["profile"] == ("images", (1, 1, 28, 28), (8, 1, 28, 28), (32, 1, 28, 28))
+    assert calls["workspace"] == ("WORKSPACE", 256 << 20)
+    assert cache.read_bytes() == b"old+new|old" and not list(tmp_path.glob(".*.tmp"))  # merged with the file, atomically
+
+
+def test_build_engine_weakly_typed_sets_the_flags(tmp_path, monkeypatch):
+    from pomq_deploy.backends.tensorrt import _build_engine
+
+    trt, calls = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    s = dataclasses.replace(build_settings(*REFERENCE_INPUT, batch=8, fp16=True, timing_cache=tmp_path / "new.cache"),
+                            strongly_typed=False)
+    _build_engine(tmp_path / "m.onnx", s, builder_flags(s, True, False), SimpleNamespace(errors=[]))
+    assert calls["network_flags"] == 0 and calls["flags"] == ["FP16", "INT8"]
+    assert (tmp_path / "new.cache").read_bytes() == b"+new"  # no cache yet: an empty one is created and saved
+
+
+def test_parser_errors_name_the_onnx_nodes(tmp_path, monkeypatch):
+    from pomq_deploy.backends.tensorrt import _build_engine
+
+    trt, _ = fake_tensorrt(parse_errors=[("/model/blocks/blocks.0/attn/qkv/DequantizeLinear", "DequantizeLinear",
+                                          "INT4 weights need\nblock quantization"), ("/model/head/Gemm", "Gemm", "x"),
+                                         ("/model/norm/LayerNormalization", "LayerNormalization", "y")])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(BackendError) as e:
+        _build_engine(tmp_path / "m.onnx", build_settings(*REFERENCE_INPUT, batch=8, timing_cache=None), [],
+                      SimpleNamespace(errors=[]))
+    assert str(e.value) == ("m.onnx: TensorRT's ONNX parser failed: /model/blocks/blocks.0/attn/qkv/DequantizeLinear "
+                            "(DequantizeLinear): INT4 weights need block quantization; /model/head/Gemm (Gemm): x")
+
+
+def test_a_failed_build_reports_the_first_logged_error(tmp_path, monkeypatch):
+    from pomq_deploy.backends.tensorrt import _build_engine
+
+    trt, _ = fake_tensorrt(build_ok=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    logger = SimpleNamespace(errors=[])
+    monkeypatch.setattr(trt.Builder, "build_serialized_network",
+                        lambda self, n, c: logger.errors.append("no implementation for layer qkv") or None)
+    with pytest.raises(BackendError, match="could not build an engine: no implementation for layer qkv"):
+        _build_engine(tmp_path / "m.onnx", build_settings(*REFERENCE_INPUT, batch=8, timing_cache=None), [], logger)
+
+
+# --- on a GPU with TensorRT (skipped elsewhere) --------------------------------------------------------------------
+
+AGREEMENT_IMAGES = 2000
+# 8-bit weights: the rules checker rejects our per-channel INT4 weights (TensorRT wants block-quantized INT4)
+A4_MIXED = Plan(model="deit_fmnist", scheme="minmax",
+                blocks=tuple(BlockBits(w=8, a=4 if i < 2 else 8, attn=4 if i >= 10 else 8) for i in range(12)))
+
+
+@pytest.fixture(scope="module")
+def reference_recipe():
+    from pomq_deploy.recipe import load_recipe
+
+    recipe = load_recipe("deit_fmnist")
+    return dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=AGREEMENT_IMAGES))
+
+
+def _predictions(backend, artifact, recipe) -> np.ndarray:
+    from pomq_deploy.data import eval_dataset, eval_loader
+    from pomq_deploy.models.loading import data_model
+
+    loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model.arch)), recipe.eval.batch_size, recipe.eval.limit)
+    return np.concatenate([backend.run(artifact, x.numpy()).argmax(1) for x, _ in loader])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["8/8/8", "mixed"])
+def test_engine_agrees_with_ort_cpu(plan, reference_recipe, fmnist_root, tmp_path):
+    """Both backends build the same tensorrt-target ONNX; top-1 predictions agree on >= 99% of 2000 test images."""
+    from pomq_deploy.build import BuildOptions, build
+
+    p = uniform_plan("8/8/8", 12, "deit_fmnist", "minmax") if plan == "8/8/8" else A4_MIXED
+    trt = get_backend("tensorrt", batch=8, timing_cache=tmp_path / ".trt_timing.cache")
+    ort = get_backend("ort-cpu")
+    built_trt = build(reference_recipe, p, BuildOptions(trt, "tensorrt", tmp_path / "trt", runs=200))
+    built_ort = build(reference_recipe, p, BuildOptions(ort, "tensorrt", tmp_path / "ort", runs=5))
+    agree = np.mean(_predictions(trt, built_trt.artifact, reference_recipe) == _predictions(ort, built_ort.artifact, reference_recipe))
+    assert agree >= 0.99, f"top-1 agreement {agree:.4f}"
+    m = built_trt.manifest
+    assert (built_trt.directory / LAYERS_NAME).is_file() and m["tensorrt"]["trtexec"].startswith("trtexec --onnx=model.onnx")
+    assert set(m["backend"]["options"]["built_with"]) == {"tensorrt", "gpu", "compute_capability", "cuda"}
+    assert m["latency"]["runs"] >= 200 and 0 < m["latency"]["median_ms"] <= m["latency"]["p90_ms"]
+
+
+@pytest.mark.gpu
+def test_latency_against_an_fp16_engine_of_the_fp32_model(reference_recipe, fmnist_root, tmp_path, record_property):
+    pytest.importorskip("modelopt.onnx.autocast", reason="the FP16 baseline converts the ONNX with ModelOpt AutoCast")
+    from pomq_deploy.build import BuildOptions, build
+
+    cache = tmp_path / ".trt_timing.cache"
+    fp16 = build(reference_recipe, None, BuildOptions(get_backend("tensorrt", batch=8, fp16=True, timing_cache=cache),
+                                                      "tensorrt", tmp_path, runs=200))
+    int8 = build(reference_recipe, uniform_plan("8/8/8", 12, "deit_fmnist", "minmax"),
+                 BuildOptions(get_backend("tensorrt", batch=8, timing_cache=cache), "tensorrt", tmp_path, runs=200))
+    a, b = fp16.manifest["latency"], int8.manifest["latency"]
+    assert a["runs"] >= 200 and b["runs"] >= 200 and a["median_ms"] > 0 and b["median_ms"] > 0
+    record_property("speedup_8_8_8_over_fp16", a["median_ms"] / b["median_ms"])
+    assert (fp16.directory / "model.fp16.onnx").is_file()

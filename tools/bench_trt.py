@@ -1,0 +1,113 @@
+"""Latency on TensorRT at batch 1 and 32: an FP16 engine of the float model against our plans (8/8/8 and the
+mixed plans of tools/bench_ort.py), for the reference model and timm's deit_small_patch16_224 with random
+weights at 224x224. Every number comes from this one run; speed-up = the FP16 engine's median / this median
+at the same batch. Each (variant, batch) gets its own engine, tuned for that batch (opt shape), sharing one
+timing cache. Needs an NVIDIA GPU with TensorRT; elsewhere it exits 2 with one line saying what is missing.
+
+    python tools/bench_trt.py
+    python tools/bench_trt.py --models reference --runs 500 --cuda-graph
+"""
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm  # noqa: E402
+
+from bench_ort import plans  # noqa: E402  (the same plans as the ONNX Runtime table)
+from pomq_deploy.backends import BackendError  # noqa: E402
+from pomq_deploy.backends.tensorrt import machine, require_gpu_stack  # noqa: E402
+
+BATCHES = (1, 32)
+
+
+def bench_model(label: str, fp: torch.nn.Module, qmodel, args, work: Path) -> list[tuple]:
+    from pomq_deploy.backends.tensorrt import TensorRTBackend
+    from pomq_deploy.export import export_fp32, export_quantized
+
+    cache = work / ".trt_timing.cache"
+    rows = []
+
+    def measure(what: str, onnx_path: Path, fp16: bool):
+        stats, size = {}, 0
+        for batch in BATCHES:
+            backend = TensorRTBackend(batch=batch, fp16=fp16, strongly_typed=not (fp16 and args.weak_fp16),
+                                      timing_cache=cache, cuda_graph=args.cuda_graph)
+            out = work / f"{label}_{len(rows)}_b{batch}"
+            out.mkdir()
+            art = backend.build(onnx_path, out)
+            stats[batch], size = backend.latency(art, batch, args.runs), art.size_bytes
+        rows.append((label, what, stats, size))
+        print(f"{label:10s} {what:50s} " + "  ".join(f"b{b} {s.median_ms:.3f} ms" for b, s in stats.items()),
+              file=sys.stderr, flush=True)
+
+    measure("FP16 engine of the float model", export_fp32(fp, work / f"{label}_fp32.onnx").path, fp16=True)
+    for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
+        measure(what, export_quantized(qmodel, plan, "tensorrt", work / f"{label}_{plan.plan_id}.onnx").path, fp16=False)
+    return rows
+
+
+def table(rows: list[tuple], here: dict, args) -> str:
+    base = {label: stats for label, what, stats, _ in rows if what.startswith("FP16")}
+    head = "| model | variant | " + " | ".join(f"b{b} median (ms) | b{b} p90 (ms) | speed-up b{b}" for b in BATCHES) + " | engine bytes |"
+    lines = [f"TensorRT {here['tensorrt']} on {here['gpu']} (compute capability {here['compute_capability']}, CUDA "
+             f"{here['cuda']}); median and p90 of {max(args.runs, 200)} CUDA-event-timed runs after warm-up"
+             f"{', CUDA graph replays' if args.cuda_graph else ''}; speed-up = FP16 median / this median.", "",
+             head, "|" + " --- |" * (3 + 3 * len(BATCHES))]
+    for label, what, stats, size in rows:
+        cells = [f"{stats[b].median_ms:.3f} | {stats[b].p90_ms:.3f} | {base[label][b].median_ms / stats[b].median_ms:.2f}x"
+                 for b in BATCHES]
+        lines.append(f"| {label} | {what} | " + " | ".join(cells) + f" | {size:,} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["reference", "deit_small"], choices=["reference", "deit_small"])
+    p.add_argument("--scheme", default="fqvit")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per measurement (at least 200 are timed)")
+    p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
+    p.add_argument("--weak-fp16", action="store_true",
+                   help="build the FP16 baseline weakly typed with the FP16 flag (TensorRT 10 only) instead of converting "
+                   "the ONNX with ModelOpt AutoCast")
+    args = p.parse_args()
+    try:
+        require_gpu_stack()
+        rows = run(args)
+        here = machine()
+    except BackendError as e:
+        print(f"bench_trt: error: {e}", file=sys.stderr)
+        return 2
+    print(table(rows, here, args))
+    return 0
+
+
+def run(args) -> list[tuple]:
+    from pomq_deploy.models.loading import create_model
+    from pomq_deploy.quant.calibration import calibrated_model
+    from pomq_deploy.quant.model import QuantModel
+    from pomq_deploy.recipe import load_recipe
+
+    work = Path(tempfile.mkdtemp(prefix="pomq-bench-trt-"))
+    rows = []
+    if "reference" in args.models:
+        recipe = load_recipe("deit_fmnist")
+        qmodel, _ = calibrated_model(recipe, args.scheme)
+        rows += bench_model("reference", create_model(recipe.model.arch, recipe.model.checkpoint), qmodel, args, work)
+    if "deit_small" in args.models:
+        torch.manual_seed(0)
+        fp = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+        qmodel = QuantModel(copy.deepcopy(fp), args.scheme)
+        qmodel.calibrate([torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+        rows += bench_model("deit_small", fp, qmodel, args, work)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
