@@ -51,6 +51,21 @@ def test_build_writes_a_complete_manifest(built):
     assert not list(directory.parent.glob(".*"))  # no temporary directory left behind
 
 
+def test_ort_artifact_adds_the_bias_inside_the_integer_gemms(built):
+    """Every Linear of the 12 blocks (qkv, proj, fc2; fc1's bias goes into BiasGelu) carries its bias in
+    MatMulIntegerToFloat: the only Adds left reading a GEMM's output are the residual ones (two per block)."""
+    import onnx
+
+    directory, m = built
+    assert m["backend"]["options"]["gemm_bias_fused"] == 3 * 12
+    model = onnx.load(str(directory / "model.ort.onnx"))
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    constants = {t.name for t in model.graph.initializer}
+    after_gemm = [n for n in model.graph.node if n.op_type == "Add" and
+                  any(made_by.get(i) == "MatMulIntegerToFloat" for i in n.input)]
+    assert len(after_gemm) == 2 * 12 and not any(i in constants for n in after_gemm for i in n.input)
+
+
 def test_four_bit_blocks_shrink_weight_bytes_as_expected(built, tiny_recipe, tmp_path, capsys):
     _, mixed = built
     assert main(["build", "--uniform", "8/8/8", "--scheme", "fqvit", "--recipe", str(tiny_recipe), "--out", str(tmp_path / "eng"),

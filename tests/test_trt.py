@@ -40,7 +40,7 @@ REFERENCE_INPUT = ("images", (1, 28, 28))
 def test_build_settings_profile_covers_one_to_at_least_32():
     s = build_settings(*REFERENCE_INPUT, batch=8)
     assert (s.min_batch, s.opt_batch, s.max_batch) == (1, 8, 32)
-    assert s.strongly_typed and not s.fp16 and s.optimization_level == 3 and s.detailed_profiling
+    assert s.strongly_typed and s.fp16 and s.optimization_level == 3 and s.detailed_profiling
     assert s.timing_cache == "engines/.trt_timing.cache" and s.shape(8) == (8, 1, 28, 28)
     assert build_settings(*REFERENCE_INPUT, batch=64).max_batch == 64
     assert build_settings(*REFERENCE_INPUT, batch=1, max_batch=128).max_batch == 128
@@ -393,9 +393,9 @@ def test_a_failed_build_reports_the_first_logged_error(tmp_path, monkeypatch):
 # --- on a GPU with TensorRT (skipped elsewhere) --------------------------------------------------------------------
 
 AGREEMENT_IMAGES = 2000
-# 8-bit weights: the rules checker rejects our per-channel INT4 weights (TensorRT wants block-quantized INT4)
-A4_MIXED = Plan(model="deit_fmnist", scheme="minmax",
-                blocks=tuple(BlockBits(w=8, a=4 if i < 2 else 8, attn=4 if i >= 10 else 8) for i in range(12)))
+# 4-bit weights (INT4 blocks) in blocks 3-10, 4-bit activations in blocks 0-1
+GPU_MIXED = Plan(model="deit_fmnist", scheme="fqvit",
+                 blocks=tuple(BlockBits(w=4 if 2 <= i < 10 else 8, a=4 if i < 2 else 8, attn=8) for i in range(12)))
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +420,7 @@ def test_engine_agrees_with_ort_cpu(plan, reference_recipe, fmnist_root, tmp_pat
     """Both backends build the same tensorrt-target ONNX; top-1 predictions agree on >= 99% of 2000 test images."""
     from pomq_deploy.build import BuildOptions, build
 
-    p = uniform_plan("8/8/8", 12, "deit_fmnist", "minmax") if plan == "8/8/8" else A4_MIXED
+    p = uniform_plan("8/8/8", 12, "deit_fmnist", "fqvit") if plan == "8/8/8" else GPU_MIXED
     trt = get_backend("tensorrt", batch=8, timing_cache=tmp_path / ".trt_timing.cache")
     ort = get_backend("ort-cpu")
     built_trt = build(reference_recipe, p, BuildOptions(trt, "tensorrt", tmp_path / "trt", runs=200))
@@ -441,7 +441,7 @@ def test_latency_against_an_fp16_engine_of_the_fp32_model(reference_recipe, fmni
     cache = tmp_path / ".trt_timing.cache"
     fp16 = build(reference_recipe, None, BuildOptions(get_backend("tensorrt", batch=8, fp16=True, timing_cache=cache),
                                                       "tensorrt", tmp_path, runs=200))
-    int8 = build(reference_recipe, uniform_plan("8/8/8", 12, "deit_fmnist", "minmax"),
+    int8 = build(reference_recipe, uniform_plan("8/8/8", 12, "deit_fmnist", "fqvit"),
                  BuildOptions(get_backend("tensorrt", batch=8, timing_cache=cache), "tensorrt", tmp_path, runs=200))
     a, b = fp16.manifest["latency"], int8.manifest["latency"]
     assert a["runs"] >= 200 and b["runs"] >= 200 and a["median_ms"] > 0 and b["median_ms"] > 0

@@ -49,7 +49,7 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel, args, work: Path) -> li
 
     measure("FP16 engine of the float model", export_fp32(fp, work / f"{label}_fp32.onnx").path, fp16=True)
     for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
-        measure(what, export_quantized(qmodel, plan, "tensorrt", work / f"{label}_{plan.plan_id}.onnx").path, fp16=False)
+        measure(what, export_quantized(qmodel, plan, "tensorrt", work / f"{label}_{plan.plan_id}.onnx").path, fp16=True)
     return rows
 
 

@@ -128,7 +128,7 @@ def machine() -> dict[str, str]:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, batch: int = 8, max_batch: Optional[int] = None, fp16: bool = False, strongly_typed: bool = True,
+    def __init__(self, batch: int = 8, max_batch: Optional[int] = None, fp16: bool = True, strongly_typed: bool = True,
                  optimization_level: int = 3, workspace_mib: Optional[int] = None,
                  timing_cache: Optional[Path] = DEFAULT_TIMING_CACHE, cuda_graph: Optional[bool] = None):
         require_gpu_stack()
@@ -344,7 +344,7 @@ def _autocast_fp16(onnx_path: Path, out: Path) -> None:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError:
         raise BackendError("fp16 with a strongly typed network converts the ONNX with NVIDIA ModelOpt AutoCast, which is "
-                           "not installed here: pip install nvidia-modelopt, or build without fp16") from None
+                           "not installed here: pip install 'pomq-deploy[gpu]' (or nvidia-modelopt[onnx]), or build with --no-fp16") from None
     import onnx
 
     model = convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)

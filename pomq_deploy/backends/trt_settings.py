@@ -2,10 +2,11 @@
 load here: pure functions (no ``tensorrt`` import), so that all of it is tested on a CPU machine.
 
 Precision in a strongly typed network (the default) comes from the ONNX itself: the Q/DQ nodes make the
-INT8 and INT4 parts, and every other tensor keeps the ONNX's float type. Our export writes FP32, so with
-``fp16=False`` the float parts (LayerNorm, Softmax, GELU, residual adds, the scale arithmetic around Q/DQ)
-run in FP32. ``fp16=True`` converts the ONNX to FP16 with NVIDIA ModelOpt AutoCast before parsing (the
-route TensorRT documents for strong typing; TensorRT 11 removed the FP16 builder flag). Weak typing
+INT8 and INT4 parts, and every other tensor keeps the ONNX's float type. Our export writes FP32, so
+``fp16=True`` (the default) converts the ONNX with NVIDIA ModelOpt AutoCast before parsing, so that what the
+plan leaves in float (LayerNorm, Softmax, GELU, residual adds, the scale arithmetic around Q/DQ) runs in FP16
+(the route TensorRT documents for strong typing; TensorRT 11 removed the FP16 builder flag); with
+``fp16=False`` those parts run in FP32. Weak typing
 (``strongly_typed=False``, TensorRT 10 only, deprecated since 10.12) instead sets builder flags and lets
 TensorRT pick FP16 kernels where faster.
 """
@@ -31,7 +32,7 @@ class TrtBuildSettings:
     opt_batch: int  # the latency batch: TensorRT tunes its kernels for this shape
     max_batch: int
     strongly_typed: bool = True
-    fp16: bool = False  # the float parts in FP16: AutoCast (strongly typed) or the FP16 flag (weakly typed)
+    fp16: bool = True  # the float parts in FP16: AutoCast (strongly typed) or the FP16 flag (weakly typed)
     optimization_level: int = 3
     workspace_mib: Optional[int] = None  # None: TensorRT's default (all device memory)
     timing_cache: Optional[str] = str(DEFAULT_TIMING_CACHE)  # shared by every build; None: no cache
@@ -57,7 +58,7 @@ class TrtBuildSettings:
 
 
 def build_settings(input_name: str, input_shape: tuple[int, ...], batch: int, *, max_batch: Optional[int] = None,
-                   strongly_typed: bool = True, fp16: bool = False, optimization_level: int = 3,
+                   strongly_typed: bool = True, fp16: bool = True, optimization_level: int = 3,
                    workspace_mib: Optional[int] = None, timing_cache: Optional[Path] = DEFAULT_TIMING_CACHE) -> TrtBuildSettings:
     """Settings for an engine timed at ``batch``: profile 1 / batch / max(32, batch) unless ``max_batch`` says more."""
     return TrtBuildSettings(input_name, tuple(input_shape), 1, batch, max(max_batch or MIN_MAX_BATCH, batch),

@@ -9,6 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 stdout = Console(highlight=False, soft_wrap=True)  # results: one line each, never wrapped
+if not stdout.is_terminal:
+    stdout.width = max(stdout.width, 160)  # tables piped to a file or a log keep node names on one line
 stderr = Console(stderr=True, highlight=False)
 
 

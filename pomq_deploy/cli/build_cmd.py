@@ -34,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=positive_int, default=8, help="batch size the latency is measured at (default 8)")
     g.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50; tensorrt times at least 200)")
     t = p.add_argument_group("tensorrt backend (see docs/tensorrt.md)")
-    t.add_argument("--fp16", action="store_true",
-                   help="run what the plan leaves in float in FP16 (the ONNX is converted with NVIDIA ModelOpt AutoCast); "
-                   "default: FP32, as exported")
+    t.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                   help="run what the plan leaves in float (LayerNorm, Softmax, GELU, residual adds) in FP16: the ONNX is "
+                   "converted with NVIDIA ModelOpt AutoCast before TensorRT parses it (default: on; --no-fp16 keeps FP32)")
     t.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays of the engine")
     t.add_argument("--timing-cache", metavar="FILE", type=Path, help="shared TensorRT timing cache (default: OUT/.trt_timing.cache)")
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("engines"), help="output root (default: engines)")
@@ -85,8 +85,8 @@ def backend_options(args: argparse.Namespace) -> dict:
     from ..errors import PomqError
 
     if args.backend == "ort-cpu":
-        if args.fp16 or args.cuda_graph or args.timing_cache:
-            raise PomqError("--fp16, --cuda-graph and --timing-cache apply to --backend tensorrt only")
+        if args.fp16 is not None or args.cuda_graph or args.timing_cache:
+            raise PomqError("--fp16/--no-fp16, --cuda-graph and --timing-cache apply to --backend tensorrt only")
         return {"threads": args.threads}
-    return {"batch": args.batch, "fp16": args.fp16, "cuda_graph": args.cuda_graph,
+    return {"batch": args.batch, "fp16": args.fp16 is not False, "cuda_graph": args.cuda_graph,
             "timing_cache": args.timing_cache or args.out / ".trt_timing.cache"}

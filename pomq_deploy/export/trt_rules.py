@@ -36,8 +36,8 @@ from ..errors import PomqError
 ERROR, WARNING = "error", "warning"
 MODEL = "(model)"  # Finding.node for whole-model findings
 
-# [ops] The TensorRT 10.0 parser documents opsets 9..20, TensorRT 10.15 documents 9..24; pyproject allows >= 10.0.
-OPSET_MIN, OPSET_MAX_TRT_10_0, OPSET_MAX = 9, 20, 24
+# [ops] The TensorRT 10.15 parser documents opsets 9..24 (10.0's: 9..20); pyproject's gpu extra needs >= 10.15.
+OPSET_MIN, OPSET_MAX = 9, 24
 # [schemes] The quantized types TensorRT has; anything else (uint8 above all) is not a TensorRT quantized type.
 QUANT_TYPES = frozenset({TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1})
 INT4_BLOCK_SIZES = (64, 128)  # [schemes]
@@ -136,18 +136,11 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def _check_opset(model: onnx.ModelProto) -> Iterator[Finding]:
-    """[ops] The parser's documented opsets; one above TensorRT 10.0's needs a newer TensorRT than pyproject's floor."""
+    """[ops] The opsets the parser of TensorRT 10.15 (pyproject's floor for the gpu extra) documents."""
     for opset in model.opset_import:
-        if opset.domain not in ("", "ai.onnx"):
-            continue
-        v = opset.version
-        if not OPSET_MIN <= v <= OPSET_MAX:
-            yield Finding("opset", MODEL, f"ONNX opset {v} is outside the opsets {OPSET_MIN}-{OPSET_MAX} the "
-                          "TensorRT 10 ONNX parser documents.", ERROR)
-        elif v > OPSET_MAX_TRT_10_0:
-            yield Finding("opset", MODEL, f"ONNX opset {v} is newer than TensorRT 10.0 documents "
-                          f"({OPSET_MIN}-{OPSET_MAX_TRT_10_0}); it needs a later TensorRT 10 (10.15 documents "
-                          f"{OPSET_MIN}-{OPSET_MAX}).", WARNING)
+        if opset.domain in ("", "ai.onnx") and not OPSET_MIN <= opset.version <= OPSET_MAX:
+            yield Finding("opset", MODEL, f"ONNX opset {opset.version} is outside the opsets {OPSET_MIN}-{OPSET_MAX} "
+                          "the TensorRT 10.15 ONNX parser documents.", ERROR)
 
 
 def _check_node(node: onnx.NodeProto, g: _Graph) -> list[Finding]:
