@@ -32,6 +32,30 @@ def test_weight_fake_quant_per_output_channel():
     assert q4[0].tolist() == pytest.approx([1.0, -3 / 7, 2 / 7])  # scale 1/7: -3.15 -> -3, 1.75 -> 2
 
 
+def test_integer_linear_by_hand():
+    """Codes (x: scale 0.5, zero point 2, 4-bit; w: per channel), summed exactly, scaled once, biased."""
+    x = torch.tensor([[1.0, -0.5, 8.0]])
+    xc = Fq.quant_codes(x, 0.5, 2, 0, 15)
+    assert xc.tolist() == [[2.0, -1.0, 13.0]]  # 8 / 0.5 + 2 = 18 clamps to 15, centred 13
+    wc, ws = Fq.weight_codes(torch.tensor([[0.7, -0.3, 0.1], [1.4, 0.0, -0.6]]), 8)
+    assert wc.tolist() == [[127.0, -54.0, 18.0], [127.0, 0.0, -54.0]]  # -0.3 / (0.7/127) = -54.4, 0.1 -> 18.1
+    y = Fq.integer_linear(xc, wc, 0.5, ws, torch.tensor([0.25, -1.0]))
+    acc = [2 * 127 + 54 + 13 * 18, 2 * 127 - 13 * 54]  # 542, -448
+    scales = torch.tensor(0.5) * ws  # one float32 multiplier per output channel
+    assert y.dtype == torch.float32
+    assert y.tolist() == [[float(acc[0] * scales[0] + 0.25), float(acc[1] * scales[1] - 1.0)]]
+    assert torch.equal(Fq.fake_quant(x, 0.5, 2, 0, 15), xc * 0.5)  # the same grid as the fake quantizer
+
+
+@pytest.mark.parametrize("x_max, w_max, k", [(15, 7, 192), (255, 127, 768)])  # float32 path; float64 path (> 2^24)
+def test_integer_linear_sums_exactly(x_max, w_max, k):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-x_max, x_max + 1, (64, k), generator=g).float()
+    w = torch.randint(-w_max, w_max + 1, (32, k), generator=g).float()
+    exact = (x.long() @ w.long().T).float() * torch.tensor(0.1)
+    assert torch.equal(Fq.integer_linear(x, w, 0.1, torch.ones(32), None), exact)
+
+
 def test_omse_shrinks_range_when_clipping_pays():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.rand(10000, generator=g), torch.tensor([2.0])])

@@ -1,5 +1,6 @@
 """The committed reference model, evaluated for real on Debian's Fashion-MNIST."""
 
+import copy
 import json
 
 import pytest
@@ -63,13 +64,18 @@ def test_onnx_runtime_agrees_with_fake_quant(fmnist_root, tmp_path, plan_text):
     info = export_quantized(model, plan, "ort", tmp_path / "m.onnx")
     backend = OrtCpuBackend()
     art = backend.build(info.path, tmp_path)
-    agree = hits_pt = hits_ort = n = 0
+    model64 = copy.deepcopy(model).double()  # the plan's float noise floor: the same model in float64
+    agree = agree64 = hits_pt = hits_ort = n = 0
     with torch.inference_mode():
         for x, y in eval_loader(eval_dataset(recipe.data, model), 100, 500):
             a, b = model(x).argmax(1), torch.from_numpy(backend.run(art, x.numpy())).argmax(1)
             agree += int((a == b).sum())
+            agree64 += int((a == model64(x.double()).argmax(1)).sum())
             hits_pt += int((a == y).sum())
             hits_ort += int((b == y).sum())
             n += len(y)
-    # 8-bit: 0.9990 agreement on the full set; the paper plan's 4-bit activations: 0.9917 (docs/accuracy.md)
-    assert agree / n >= (0.995 if plan_text == "8/8/8" else 0.98) and abs(hits_pt - hits_ort) / n <= 0.01
+    # 8-bit: ONNX Runtime agrees with PyTorch on >= 99.5%. With 4-bit activations a last-bit difference in any
+    # float op can move a 4-bit code and the change spreads, so no float implementation does better than
+    # the plan's own float32-vs-float64 agreement (docs/accuracy.md): ORT must stay within 5 images of it.
+    floor = 0.995 if plan_text == "8/8/8" else min(0.995, agree64 / n - 0.01)
+    assert agree / n >= floor and abs(hits_pt - hits_ort) / n <= 0.01

@@ -34,9 +34,14 @@ def uniform_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bo
     return scale, zero_point
 
 
+def quant_codes(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """The centred integer codes ``q - z`` (as floats): ``fake_quant(x) == quant_codes(x) * scale``."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point
+
+
 def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize then dequantize: exactly what a QuantizeLinear -> DequantizeLinear pair computes."""
-    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    return quant_codes(x, scale, zero_point, qmin, qmax) * scale
 
 
 def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, shift: torch.Tensor,
@@ -57,10 +62,34 @@ def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (amax / qrange(bits, symmetric=True)[1]).clamp(min=EPS)
 
 
+def weight_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (as floats, shaped like ``w``) and per-output-channel scales of ``weight_fake_quant``."""
+    scale = weight_scale(w, bits)
+    return quant_codes(w, scale.reshape(-1, *([1] * (w.ndim - 1))), 0.0, *qrange(bits, symmetric=True)), scale
+
+
 def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel (dim 0) min/max fake quantization of a weight tensor."""
-    scale = weight_scale(w, bits).reshape(-1, *([1] * (w.ndim - 1)))
-    return fake_quant(w, scale, 0.0, *qrange(bits, symmetric=True))
+    codes, scale = weight_codes(w, bits)
+    return codes * scale.reshape(-1, *([1] * (w.ndim - 1)))
+
+
+def integer_linear(x_codes: torch.Tensor, w_codes: torch.Tensor, x_scale: float, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """A Linear layer on quantized input and weight, computed as integer hardware does: the products of the
+    codes summed exactly (in float32 when the sums provably fit its 24 bits, else float64), then one scale
+    ``s_x s_w[c]`` per output channel and the bias, in ``x_codes``' float type (float32: ONNX Runtime's
+    MatMulIntegerToFloat, an INT8 GEMM with a float epilogue). The result does not depend on a float GEMM's
+    summation order, which at 4-bit activations decides codes downstream (docs/quantization.md)."""
+    dtype = x_codes.dtype
+    # float32 sums integers exactly while every partial sum stays below 2^24, in any summation order
+    bound = x_codes.shape[-1] * float(x_codes.abs().max()) * float(w_codes.abs().max()) if x_codes.numel() else 0.0
+    if dtype == torch.float32 and bound < 2**24:
+        acc = x_codes @ w_codes.T
+    else:
+        acc = (x_codes.double() @ w_codes.double().T).to(dtype)
+    y = acc * (torch.tensor(x_scale, dtype=dtype) * w_scale.to(dtype))
+    return y if bias is None else y + bias
 
 
 def fake_quant_onnx(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import weight_fake_quant
+from .functional import integer_linear, weight_codes
 from .observers import RangeObserver
-from .quantizers import FORMATS, Quantizer, fit
+from .quantizers import FORMATS, Quantizer, UniformQ, fit
 from .schemes import method_for
 
 
@@ -44,26 +44,49 @@ class ActQuant(nn.Module):
                                for bits in (4, 8) for fmt in FORMATS}
         return x
 
+    def grid(self) -> Optional[UniformQ]:
+        """The quantizer now applied, when it puts the whole tensor on one uniform grid (one scale and zero
+        point): then a Linear reading this activation can run on its integer codes."""
+        q = self.active
+        if self.state == "quant" and not self.exporting and isinstance(q, UniformQ) and q.shift is None:
+            return q
+        return None
+
     def extra_repr(self) -> str:
         return f"role={self.role}, block={self.block}, state={self.state}, active={self.active}"
 
 
 class QuantWeighted(nn.Module):
-    """A Linear or Conv2d with a quantized input, weight (symmetric per output channel) and optional output."""
+    """A Linear or Conv2d with a quantized input, weight (symmetric per output channel) and optional output.
+
+    A Linear whose input sits on one uniform grid runs as an integer GEMM (``integer_linear``), the
+    arithmetic of the deployed kernels; otherwise (PTF-scaled or two-scale inputs, Conv2d) the layer runs in
+    float on the dequantized values."""
 
     def __init__(self, layer: nn.Module, block: Optional[int], in_quant: ActQuant, out_quant: Optional[ActQuant] = None):
         super().__init__()
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
         self.weight_bits: Optional[int] = None
-        self._qweights: dict[int, torch.Tensor] = {}  # bits -> fake-quantized weight, computed once
+        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype) -> weight codes and scales
         self.export_scale: Optional[torch.Tensor] = None  # set while exporting (QuantModel.onnx_mode)
 
+    def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Computed once per width and float type (a model moved to float64 gets float64 codes)."""
+        key = (bits, self.layer.weight.dtype)
+        if key not in self._codes:
+            self._codes[key] = weight_codes(self.layer.weight.detach(), bits)
+        return self._codes[key]
+
     def quantized_weight(self, bits: int) -> torch.Tensor:
-        if bits not in self._qweights:
-            self._qweights[bits] = weight_fake_quant(self.layer.weight.detach(), bits)
-        return self._qweights[bits]
+        codes, scale = self.weight_codes(bits)
+        return codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.in_quant.grid()
+        if grid is not None and self.weight_bits is not None and isinstance(self.layer, nn.Linear):
+            w_codes, w_scale = self.weight_codes(self.weight_bits)
+            y = integer_linear(grid.codes(x), w_codes, grid.scale, w_scale, self.layer.bias)
+            return self.out_quant(y) if self.out_quant is not None else y
         x = self.in_quant(x)
         if self.weight_bits is None:
             w = self.layer.weight

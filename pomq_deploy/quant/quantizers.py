@@ -43,6 +43,10 @@ class UniformQ:
             return Fq.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         return Fq.fake_quant_shifted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.shift)
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The centred integer codes ``q - z`` of a per-tensor quantizer (``self(x) == codes(x) * scale``)."""
+        return Fq.quant_codes(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
     def onnx(self, x: torch.Tensor) -> torch.Tensor:
         """The same values as exportable Q/DQ; a per-channel shift becomes ``Mul(2^-shift) -> Q/DQ -> Mul(2^shift)``."""
         if self.shift is None:
