@@ -19,7 +19,7 @@ pareto.png, report.md and best.yaml (for pomq-deploy build --plan). Defaults com
 'search' section. Exits 1 when no plan is feasible, unless --allow-infeasible.
 
 examples:
-  pomq-deploy search                                   # the embedded model, recipe defaults (72 plans: 11-17 min here)
+  pomq-deploy search                                   # the embedded model, recipe defaults (72 plans: about 12 min here)
   pomq-deploy search --algorithm random --trials 128 --study fmnist-random
   pomq-deploy search --population 8 --generations 4 --out /tmp/quick
   pomq-deploy search --storage postgresql://user@db/pomq --study shared   # one of several workers
