@@ -146,7 +146,7 @@ def _fuse_gemm_bias(model) -> int:
     done = 0
     for mm in [n for n in g.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) <= 6]:
         users = g.consumers(mm.output[0])
-        if len(users) != 1 or users[0].op_type != "Add" or mm.output[0] in {o.name for o in g.graph.output}:
+        if len(users) != 1 or users[0].op_type != "Add" or mm.output[0] in g.outputs:
             continue
         add = users[0]
         bias = add.input[0] if add.input[1] == mm.output[0] else add.input[1]

@@ -26,6 +26,7 @@ class Graph:
         self.model, self.graph = model, model.graph
         self.inits = {t.name: t for t in self.graph.initializer}
         self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
+        self.outputs = {o.name for o in self.graph.output}  # the passes rewrite nodes, never the graph's outputs
 
     def consumers(self, name: str) -> list[onnx.NodeProto]:
         return [n for n in self.graph.node if name in n.input]
@@ -50,7 +51,7 @@ class Graph:
 
     def drop_unused(self) -> None:
         """Remove initializers and Constant nodes nothing reads any more."""
-        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        used = {i for n in self.graph.node for i in n.input} | self.outputs
         for name in [n for n in self.inits if n not in used]:
             self.graph.initializer.remove(self.inits.pop(name))
         for name, node in list(self.constants.items()):
@@ -59,7 +60,7 @@ class Graph:
                 del self.constants[name]
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def node_attr(node: onnx.NodeProto, name: str, default=None):
     a = next((a for a in node.attribute if a.name == name), None)
     return default if a is None else onnx.helper.get_attribute_value(a)
 
@@ -74,7 +75,7 @@ def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int]) -
     for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in weight_bits]:
         name, bits = q.input[0], weight_bits[q.input[0]]
         w, scale = g.value(name), g.value(q.input[1])
-        axis = _attr(q, "axis", 1)
+        axis = node_attr(q, "axis", 1)
         shape = [1] * w.ndim
         shape[axis] = -1
         codes = np.clip(np.rint(w / scale.reshape(shape)), -128, 127)
@@ -105,7 +106,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
             continue
         codes = g.value(dq.input[0])
-        if codes.ndim != 2 or list(_attr(t, "perm", [1, 0])) != [1, 0] or len(g.consumers(dq.output[0])) != 1:
+        if codes.ndim != 2 or list(node_attr(t, "perm", [1, 0])) != [1, 0] or len(g.consumers(dq.output[0])) != 1:
             continue
         tensor = numpy_helper.from_array(np.ascontiguousarray(codes.T), dq.input[0] + "_t")
         g.replace_initializer(dq.input[0], tensor)
@@ -135,7 +136,7 @@ def block_int4_scales(model: onnx.ModelProto, block_sizes: tuple[int, ...] = (12
         codes, scale = g.inits[dq.input[0]], g.value(dq.input[1])
         k = codes.dims[0] if len(codes.dims) == 2 else 0
         block = next((b for b in block_sizes if k and k % b == 0), None)
-        if codes.data_type != onnx.TensorProto.INT4 or scale is None or scale.ndim != 1 or _attr(dq, "axis", 1) != 1 or block is None:
+        if codes.data_type != onnx.TensorProto.INT4 or scale is None or scale.ndim != 1 or node_attr(dq, "axis", 1) != 1 or block is None:
             continue
         tensor = numpy_helper.from_array(np.ascontiguousarray(np.tile(scale, (k // block, 1))), f"{dq.input[0]}_block_scale")
         g.replace_initializer(None, tensor)
@@ -161,7 +162,7 @@ def _shape_leaves(g: Graph, name: str) -> list[str] | None:
     leaves = []
     for u in users:
         for out in u.output:
-            if out in {o.name for o in g.graph.output}:
+            if out in g.outputs:
                 return None
             nxt = g.consumers(out)
             if all(n.op_type in SHAPE_OPS for n in nxt):

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from ..errors import PomqError
+from .graph import node_attr
 
 ERROR, WARNING = "error", "warning"
 MODEL = "(model)"  # Finding.node for whole-model findings
@@ -130,11 +131,6 @@ def _name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    a = next((a for a in node.attribute if a.name == name), None)
-    return default if a is None else onnx.helper.get_attribute_value(a)
-
-
 def _check_opset(model: onnx.ModelProto) -> Iterator[Finding]:
     """[ops] The opsets the parser of TensorRT 10.15 (pyproject's floor for the gpu extra) documents."""
     for opset in model.opset_import:
@@ -173,7 +169,7 @@ def _qtype(node: onnx.NodeProto, g: _Graph) -> int | None:
         zp = g.constants.get(node.input[2])
         return None if zp is None else zp.data_type
     if node.op_type == "QuantizeLinear":
-        return _attr(node, "output_dtype", 0) or TensorProto.UINT8  # ONNX's default output type
+        return node_attr(node, "output_dtype", 0) or TensorProto.UINT8  # ONNX's default output type
     data = g.constants.get(node.input[0])
     if data is not None:
         return data.data_type
@@ -186,7 +182,7 @@ def _granularity(node: onnx.NodeProto, scale: np.ndarray) -> str:
     multi-dimensional scale, which is how the TensorRT parser recognises blocks)."""
     if scale.size == 1:
         return "tensor"
-    return "channel" if scale.ndim == 1 and not _attr(node, "block_size", 0) else "block"
+    return "channel" if scale.ndim == 1 and not node_attr(node, "block_size", 0) else "block"
 
 
 def _check_qdq(node: onnx.NodeProto, g: _Graph) -> list[Finding]:
@@ -262,7 +258,7 @@ def _check_int4_weight(node: onnx.NodeProto, scale: np.ndarray, weight: TensorPr
                                 "two dimensions).", ERROR))
         return findings
     rank = len(weight.dims)
-    axis, block = _attr(node, "axis", 1) % rank, _attr(node, "block_size", 0)
+    axis, block = node_attr(node, "axis", 1) % rank, node_attr(node, "block_size", 0)
     if block not in INT4_BLOCK_SIZES or axis < rank - 2:
         findings.append(Finding("int4-block", name, f"INT4 blocks of {block} along axis {axis} of a rank-{rank} "
                                 f"weight; TensorRT supports block sizes {_BLOCK_SIZES} along one of the last two "
@@ -275,7 +271,7 @@ def _output_axis(consumer: onnx.NodeProto, index: int, rank: int) -> int | None:
     if consumer.op_type == "MatMul" and index == 1:
         return rank - 1  # [K, N]: N outputs
     if consumer.op_type == "Gemm" and index == 1:
-        return 0 if _attr(consumer, "transB", 0) else 1
+        return 0 if node_attr(consumer, "transB", 0) else 1
     if consumer.op_type == "Conv" and index == 1:
         return 0  # [M, C/group, kH, kW]
     return None
@@ -283,7 +279,7 @@ def _output_axis(consumer: onnx.NodeProto, index: int, rank: int) -> int | None:
 
 def _check_channel_axis(node: onnx.NodeProto, rank: int, g: _Graph) -> Iterator[Finding]:
     """[explicit] Per-channel weight scales run along the consumer's output channel, the DQ feeding it directly."""
-    axis = _attr(node, "axis", 1) % rank
+    axis = node_attr(node, "axis", 1) % rank
     for consumer, index in g.consumers.get(node.output[0], []):
         expected = _output_axis(consumer, index, rank)
         if expected is None:
