@@ -82,12 +82,21 @@ class QuantWeighted(nn.Module):
         return codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._integer(x) if isinstance(self.layer, nn.Linear) else None
+        if y is None:
+            y = self._float(self.in_quant(x))
+        return self.out_quant(y) if self.out_quant is not None else y
+
+    def _integer(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The Linear as an integer GEMM, when its input sits on one grid and its weight is quantized."""
         grid = self.in_quant.grid()
-        if grid is not None and self.weight_bits is not None and isinstance(self.layer, nn.Linear):
-            w_codes, w_scale = self.weight_codes(self.weight_bits)
-            y = integer_linear(grid.codes(x), w_codes, grid.scale, w_scale, self.layer.bias)
-            return self.out_quant(y) if self.out_quant is not None else y
-        x = self.in_quant(x)
+        if grid is None or self.weight_bits is None:
+            return None
+        w_codes, w_scale = self.weight_codes(self.weight_bits)
+        return integer_linear(grid.codes(x), w_codes, grid.scale, w_scale, self.layer.bias)
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer in float on the (already quantized) input ``x``."""
         if self.weight_bits is None:
             w = self.layer.weight
         elif self.export_scale is not None:  # Q/DQ on the float weight; the export's graph pass stores the codes
@@ -96,10 +105,8 @@ class QuantWeighted(nn.Module):
         else:
             w = self.quantized_weight(self.weight_bits)
         if isinstance(self.layer, nn.Conv2d):
-            y = self.layer._conv_forward(x, w, self.layer.bias)
-        else:
-            y = F.linear(x, w, self.layer.bias)
-        return self.out_quant(y) if self.out_quant is not None else y
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
 
 
 class QuantInput(nn.Module):
