@@ -61,10 +61,10 @@ class OnnxGraph:
     has_int4: bool
 
 
-def read_onnx_graph(path: Path) -> OnnxGraph:
+def read_onnx_graph(model, path: Path) -> OnnxGraph:
+    """``model`` (the ONNX loaded from ``path``, which error messages name) as the build needs it."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in weights]
     if len(inputs) != 1:
@@ -146,11 +146,12 @@ class TensorRTBackend:
     def build(self, onnx_path: Path, out_dir: Path) -> Artifact:
         from torch.cuda import nvtx
 
-        from ..export.trt_rules import check_tensorrt
+        from ..export.trt_rules import check_tensorrt, load_model
 
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-        rules_gate(check_tensorrt(onnx_path), onnx_path)
-        graph = read_onnx_graph(onnx_path)
+        model = load_model(onnx_path)  # read once: the rules check and the build settings both need it
+        rules_gate(check_tensorrt(model), onnx_path)
+        graph = read_onnx_graph(model, onnx_path)
         settings = build_settings(graph.input_name, graph.input_shape, self.batch, max_batch=self.max_batch,
                                   strongly_typed=self.strongly_typed, fp16=self.fp16, optimization_level=self.optimization_level,
                                   workspace_mib=self.workspace_mib, timing_cache=self.timing_cache)
