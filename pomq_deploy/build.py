@@ -28,6 +28,7 @@ class BuildOptions:
     batch: int = 8  # latency batch size
     runs: int = 50
     observer: str = "minmax"
+    verify: bool = True  # the self-check against the PyTorch reference (pomq_deploy.verify)
 
 
 def versions() -> dict[str, str]:
@@ -73,6 +74,37 @@ def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, trac
     return evaluate(lambda x: torch.from_numpy(backend.run(artifact, x.numpy())), batches)
 
 
+def self_check(backend: Backend, artifact: Artifact, reference: torch.nn.Module, recipe: Recipe, onnx_path: Path) -> dict:
+    """The artifact against ``reference`` (pomq_deploy.verify) on the recipe's first calibration images and
+    seeded noise; the manifest's record, or a VerifyError naming the worst block (where the backend can run
+    parts of the ONNX model) when it does not agree."""
+    from timm.data import resolve_data_config
+
+    from .data import calibration_batches
+    from .errors import VerifyError
+    from .export.onnx_export import input_size
+    from .quant.model import find_blocks
+    from .verify import CALIB_IMAGES, NOISE_IMAGES, noise_images, verify, worst_block
+
+    calib = torch.cat(calibration_batches(recipe.data, reference))[:CALIB_IMAGES]
+    cfg = resolve_data_config({}, model=reference)
+    noise = noise_images(NOISE_IMAGES, input_size(getattr(reference, "model", reference)), cfg["mean"], cfg["std"])
+    result = verify(lambda x: backend.run(artifact, x), reference, calib, noise)
+    if result.passed:
+        return result.to_json()
+    run_onnx = getattr(backend, "run_onnx", None)
+    if run_onnx is not None:
+        import dataclasses
+
+        import onnx
+
+        images = calib if not result.calibration.ok() else noise
+        worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, find_blocks(reference), images)
+        result = dataclasses.replace(result, worst_block=worst)
+    raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()}; nothing was "
+                      "written (--no-verify builds it anyway)")
+
+
 def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optional[Track] = None,
           status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
     """Export ``plan`` (None: the FP32 model), build it with the backend, measure it, write the directory."""
@@ -85,15 +117,19 @@ def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optio
         onnx_path = tmp / "model.onnx"
         if plan is None:
             status("exporting the FP32 model")
-            info = export_fp32(create_model(recipe.model.arch, recipe.model.checkpoint), onnx_path)
+            reference = create_model(recipe.model.arch, recipe.model.checkpoint)
+            info = export_fp32(reference, onnx_path)
         else:
-            qmodel = quant_model(recipe, plan.scheme, opts.observer)
-            plan.check_blocks(qmodel.num_blocks)
-            calibrate_cached(qmodel, recipe, track=track)
+            reference = quant_model(recipe, plan.scheme, opts.observer)
+            plan.check_blocks(reference.num_blocks)
+            calibrate_cached(reference, recipe, track=track)
             status(f"exporting plan {plan.plan_id} ({plan.scheme}, target {opts.target})")
-            info = export_quantized(qmodel, plan, opts.target, onnx_path)
+            info = export_quantized(reference, plan, opts.target, onnx_path)  # leaves the plan applied in the target's format
         status(f"building with {opts.backend.name}")
         artifact = opts.backend.build(onnx_path, tmp)
+        if opts.verify:
+            status("checking the artifact against the PyTorch reference")
+        check = self_check(opts.backend, artifact, reference, recipe, onnx_path) if opts.verify else {"skipped": "--no-verify"}
         accuracy = evaluate_artifact(opts.backend, artifact, recipe, track)
         status(f"timing batch {opts.batch} x {opts.runs} runs")
         latency = opts.backend.latency(artifact, opts.batch, opts.runs)
@@ -112,6 +148,7 @@ def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optio
                         "p90_ms": round(latency.p90_ms, 4)},
             "accuracy": {"top1": accuracy.top1, "top5": accuracy.top5, "images": accuracy.images},
             "emulated": emulated_settings(plan, artifact.backend),
+            "verify": check,
             "versions": versions(),
         }
         extra = getattr(opts.backend, "manifest_extra", None)  # optional Backend hook, see pomq_deploy.backends

@@ -9,6 +9,8 @@ with exit code 2; any other exception is our own bug and keeps its traceback.
 class PomqError(Exception):
     """An error the user can fix; its message is one line that names the file or field at fault."""
 
+    exit_code = 2  # usage or input error
+
 
 class RecipeError(PomqError):
     """A recipe file is missing, unreadable or does not fit the schema."""
@@ -24,3 +26,9 @@ class CheckpointError(PomqError):
 
 class PlanError(PomqError):
     """A bit-width plan is malformed or does not fit the model it is applied to."""
+
+
+class VerifyError(PomqError):
+    """A built artifact does not compute what the PyTorch reference computes (the build's self-check)."""
+
+    exit_code = 1

@@ -51,7 +51,9 @@ class LatencyStats:
 
 class Backend(Protocol):
     """A backend may also define ``manifest_extra(artifact, plan) -> dict``: entries that ``build`` adds to the
-    artifact's manifest (the tensorrt backend's engine layer summary and trtexec line)."""
+    artifact's manifest (the tensorrt backend's engine layer summary and trtexec line); and
+    ``artifact_note(artifact) -> str | None``: raises BackendError for an artifact that cannot run correctly on
+    this machine, or returns a note on how this machine differs from the one it was built on (ort-cpu: the CPU)."""
 
     name: str
 

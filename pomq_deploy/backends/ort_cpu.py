@@ -3,7 +3,10 @@
 ``build`` lets ORT apply all its graph optimisations (DQ -> MatMul fusion into MatMulIntegerToFloat,
 LayerNorm/GELU fusion) once and saves the optimised model beside the ONNX; that file, with the bias Adds
 moved into the integer GEMMs (``_fuse_gemm_bias``), is the artifact.
-4-bit weights reach ORT as INT8 codes (see ``_int4_to_int8``). For other models run here (``bench
+4-bit weights reach ORT as INT8 codes (see ``_int4_to_int8``). On a CPU whose u8 x s8 GEMM saturates
+(x86 without VNNI/AMX, see :mod:`.cpu`) every INT8 weight is stored as uint8 with zero point 128 (the
+same values), so that ORT runs its exact u8 x u8 kernels; the artifact records the CPU it was built for
+and refuses to run where its formats would not be exact. For other models run here (``bench
 --onnx``), ``session.qdq_matmulnbits_accuracy_level`` 0 keeps a blocked-INT4 MatMulNBits on float
 activations: its default re-quantizes them to int8 on the fly, which no fake-quant reference does.
 """
@@ -17,6 +20,7 @@ import numpy as np
 
 from ..atomic import replace_atomically
 from . import Artifact, BackendError, LatencyStats
+from .cpu import CpuFacts, detect
 
 ARTIFACT_NAME = "model.ort.onnx"
 SESSIONS_KEPT = 4
@@ -29,12 +33,14 @@ INT8_DISABLED = ["QDQS8ToU8Transformer"]
 class OrtCpuBackend:
     name = "ort-cpu"
 
-    def __init__(self, threads: Optional[int] = None):
+    def __init__(self, threads: Optional[int] = None, cpu: Optional[CpuFacts] = None):
+        """``cpu``: build and run as on that CPU instead of this machine (tests force each kind's formats)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
             raise BackendError(f"the ort-cpu backend needs onnxruntime ({e}); pip install onnxruntime") from None
         self.threads = threads
+        self.cpu = cpu or detect()
         self._sessions: OrderedDict = OrderedDict()
 
     def options(self, disabled_optimizers: Optional[list[str]] = None) -> dict[str, Any]:
@@ -74,13 +80,32 @@ class OrtCpuBackend:
 
         model = _load(Path(onnx_path))
         options = self.options(INT8_DISABLED if _has_int8_activations(model) else None)
-        options["int4_weights_on_int8_kernels"] = _int4_to_int8(model)
+        options |= self.prepare(model)
         out = Path(out_dir) / ARTIFACT_NAME
         self._session(model.SerializeToString(), optimized_out=out, options=options, name=Path(onnx_path))
         optimised = _load(out)
         options["gemm_bias_fused"] = _fuse_gemm_bias(optimised)
         replace_atomically(out, lambda tmp: onnx.save(optimised, str(tmp)))
         return Artifact(out, self.name, options, Path(onnx_path).stat().st_size)
+
+    def prepare(self, model) -> dict[str, Any]:
+        """The rewrites of ``model`` (in place) that ONNX Runtime needs before it optimises: INT4 weights as
+        INT8 codes, and on a CPU without exact u8 x s8 kernels INT8 weights as uint8. Returns what was done,
+        for the artifact's options."""
+        from ..export.graph import Graph
+
+        done = {"int4_weights_on_int8_kernels": _int4_to_int8(model), "cpu": self.cpu.to_dict()}
+        done["integer_weights"] = len(int8_weight_dequantizers(Graph(model)))
+        done["weight_format"] = self.cpu.weight_format
+        done["weights_as_uint8"] = _weights_to_uint8(model) if self.cpu.weight_format == "u8" else 0
+        return done
+
+    def run_onnx(self, model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run an in-memory ONNX model (rewritten in place) as ``build``'s artifacts run: the same rewrites and
+        session options; for comparing parts of a model (see pomq_deploy.verify.worst_block)."""
+        options = self.options(INT8_DISABLED if _has_int8_activations(model) else None)
+        options |= self.prepare(model)
+        return self._session(model.SerializeToString(), options=options).run(None, feeds)
 
     def run(self, artifact: Artifact, images: np.ndarray) -> np.ndarray:
         sess = self._cached(artifact)
@@ -105,6 +130,7 @@ class OrtCpuBackend:
         the trace it wrote (``<out_prefix>_<time>.json``). The profiler starts with its session, and a session
         warmed up without it would not be the one measured, so the warm-up runs are in the trace: drop them by
         run index (``pomq_deploy.profiling.ort_trace.summarize``)."""
+        check_cpu(artifact, self.cpu)
         sess = self._session(artifact.path, options=artifact.options, profile_prefix=out_prefix)
         inp = sess.get_inputs()[0]
         feed = {inp.name: np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)}
@@ -112,16 +138,73 @@ class OrtCpuBackend:
             sess.run(None, feed)
         return Path(sess.end_profiling())
 
+    def artifact_note(self, artifact: Artifact) -> Optional[str]:
+        """Refuse an artifact this CPU would compute wrongly; a note when it was built for another CPU kind."""
+        return check_cpu(artifact, self.cpu)
+
     def _cached(self, artifact: Artifact):
         """A session per artifact file, reused across calls (creating one re-optimises the graph); the few
         most recent are kept, so that a search over hundreds of artifacts does not hold them all."""
         key = (str(artifact.path), artifact.path.stat().st_mtime_ns)
         if key not in self._sessions:
+            check_cpu(artifact, self.cpu)
             self._sessions[key] = self._session(artifact.path, options=artifact.options)
             while len(self._sessions) > SESSIONS_KEPT:
                 self._sessions.popitem(last=False)
         self._sessions.move_to_end(key)
         return self._sessions[key]
+
+
+def check_cpu(artifact: Artifact, here: CpuFacts) -> Optional[str]:
+    """Refuse an artifact whose integer formats are not exact on ``here`` (one line naming both CPUs);
+    for one built on another CPU that is still exact here, a note saying so (None: built for this path)."""
+    built = artifact.options.get("cpu")
+    if built is None:  # no integer format recorded: an FP32 or foreign artifact of an older build
+        return None
+    built = CpuFacts.from_dict(built)
+    fmt = artifact.options.get("weight_format", built.weight_format)
+    if fmt == "s8" and artifact.options.get("integer_weights") and not here.exact_u8s8:
+        raise BackendError(f"{artifact.path.parent}: built on {built.describe()} with u8 x s8 integer GEMMs, which "
+                           f"saturate in int16 on this CPU, {here.describe()}; rebuild it here with pomq-deploy build")
+    if (built.exact_u8s8, built.weight_format) == (here.exact_u8s8, here.weight_format):
+        return None
+    return (f"built on {built.describe()} (weights {fmt}); this CPU, {here.describe()}, would build weights "
+            f"{here.weight_format}: its integer results are exact here too, its latency was measured there")
+
+
+def _weights_to_uint8(model) -> int:
+    """Each INT8 weight read by a DequantizeLinear as uint8 codes + 128 with zero point + 128 (default 0).
+
+    ``(q + 128) - (z + 128) = q - z``: the same values. ONNX Runtime then fuses the GEMMs into its u8 x u8
+    kernels, exact on every x86 CPU, instead of u8 x s8, which saturates where VNNI/AMX is missing (see
+    :mod:`.cpu`). Returns how many weights were rewritten."""
+    from onnx import numpy_helper
+
+    from ..export.graph import Graph
+
+    g = Graph(model)
+    dqs = int8_weight_dequantizers(g)
+    for dq in dqs:
+        codes = g.inits[dq.input[0]]
+        scale = g.value(dq.input[1])
+        zero = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, np.int8)
+        shifted = numpy_helper.from_array((numpy_helper.to_array(codes).astype(np.int16) + 128).astype(np.uint8),
+                                          f"{dq.output[0]}_u8")
+        zero_u8 = numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), f"{shifted.name}_zero")
+        g.replace_initializer(None, shifted)
+        g.replace_initializer(None, zero_u8)
+        dq.input[:] = [shifted.name, dq.input[1], zero_u8.name]
+    g.drop_unused()
+    return len(dqs)
+
+
+def int8_weight_dequantizers(g) -> list:
+    """The DequantizeLinear nodes that read an INT8 initializer: the integer weights (activations come from
+    a QuantizeLinear)."""
+    import onnx
+
+    return [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in g.inits
+            and g.inits[n.input[0]].data_type == onnx.TensorProto.INT8]
 
 
 def _load(path: Path):

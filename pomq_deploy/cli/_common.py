@@ -116,3 +116,25 @@ def calibrated_from_args(args: argparse.Namespace):
     plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a bad plan fails fast, before calibration
     calibrate_cached(model, recipe, track=calib_track)
     return recipe, plan, model
+
+
+def open_artifact(directory: Path):
+    """(built artifact, its backend) for ``--artifact DIR``, verified against its manifest (see artifact_backend)."""
+    from ..artifact import load_artifact
+
+    built = load_artifact(directory)
+    return built, artifact_backend(built)
+
+
+def artifact_backend(built):
+    """The backend that runs ``built``: refused where the artifact cannot run correctly, with a note on stderr
+    where it was built for another machine."""
+    from ..backends import get_backend
+    from ._console import stderr
+
+    backend = get_backend(built.artifact.backend)
+    note = getattr(backend, "artifact_note", None)  # optional Backend hook, see pomq_deploy.backends
+    text = note(built.artifact) if note is not None else None
+    if text:
+        stderr.print(f"note: {built.directory}: {text}")
+    return backend

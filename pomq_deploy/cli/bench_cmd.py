@@ -30,15 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ..artifact import load_artifact
     from ..backends import get_backend
     from ..errors import PomqError
+    from ._common import open_artifact
     from ._console import emit
 
     if args.artifact is not None:
-        built = load_artifact(args.artifact)
+        built, backend = open_artifact(args.artifact)
         art = built.artifact
-        backend = get_backend(art.backend)
         stats = backend.latency(art, args.batch, args.runs)
         what = str(built.directory)
     else:

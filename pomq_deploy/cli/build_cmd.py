@@ -8,10 +8,13 @@ from ._common import add_eval_arguments, add_quant_arguments, add_recipe_argumen
 
 HELP = "build a plan into a deployable artifact and measure its accuracy, latency and size"
 DESCRIPTION = """\
-Export the plan to Q/DQ ONNX, build it with the backend, evaluate top-1 through the backend on the
-recipe's evaluation split, time it (warm-up, then median and p90), and write
+Export the plan to Q/DQ ONNX, build it with the backend, check that it computes what the PyTorch
+fake-quant reference computes (64 calibration and 64 noise images: top-1 agreement >= 0.95 and logits
+cosine >= 0.995, else the build fails naming the block that differs most; --no-verify skips this),
+evaluate top-1 through the backend on the recipe's evaluation split, time it (warm-up, then median and
+p90), and write
 <out>/<recipe>/<plan-id>/ with model.onnx, the backend's artifact and manifest.json (plan, plan-id,
-versions, latency, sizes, accuracy, checksums). The directory appears only when complete. With --fp32,
+versions, latency, sizes, accuracy, self-check, the CPU and integer formats built for, checksums). The directory appears only when complete. With --fp32,
 build the float model instead (the baseline a plan must beat). --json prints the manifest.
 
 examples:
@@ -28,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quant_arguments(p)
     p.add_argument("--fp32", action="store_true", help="build the unquantized model (no --plan/--uniform)")
     add_eval_arguments(p)
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the self-check against the PyTorch reference (the manifest records that it was skipped)")
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=list(BACKENDS), default="ort-cpu", help="default: ort-cpu")
     g.add_argument("--threads", type=positive_int, help="ort-cpu intra-op threads (default: ONNX Runtime's, all cores)")
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         n_blocks = quant_model(recipe, scheme_of(args, plan)).num_blocks  # a plan that does not fit fails here
         plan = resolve_plan(args, plan, recipe, n_blocks)
     target = DEFAULT_TARGET[args.backend] if args.target is None else args.target
-    opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer)
+    opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer, args.verify)
     built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None)
     m = built.manifest
     if args.json:
@@ -73,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
                  f"  top-1 {acc['top1']:.4f} on {acc['images']} images; latency batch {lat['batch']}: median "
                  f"{lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms\n  ONNX weights {m['onnx']['weight_bytes'] / 1e6:.2f} MB, "
                  f"deployable size {m['artifact']['size_bytes'] / 1e6:.2f} MB")
+    options = m["backend"]["options"]
+    if "cpu" in options:
+        stdout.print(f"  built for {options['cpu']['model']}: integer weights as {options['weight_format']} "
+                     f"({'u8 x s8 exact here' if options['cpu']['exact_u8s8'] else 'u8 x u8: u8 x s8 saturates on this CPU'})")
+    check = m["verify"]
+    if "skipped" in check:
+        stdout.print("  self-check: skipped (--no-verify)")
+    else:
+        stdout.print(f"  self-check vs PyTorch: calibration images top-1 agreement {check['calibration']['top1']:.4f}, cosine "
+                     f"{check['calibration']['cosine']:.5f}; noise images {check['noise']['top1']:.4f}, {check['noise']['cosine']:.5f}")
     for note in m["emulated"]:
         stdout.print(f"  note: {note}")
     for note in m.get("tensorrt", {}).get("layers", {}).get("not_honoured", []):

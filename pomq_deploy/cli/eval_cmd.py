@@ -68,20 +68,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _eval_artifact(args: argparse.Namespace) -> int:
     """Accuracy of a built artifact through its own backend, on its recipe's evaluation split."""
-    from ..artifact import load_artifact
-    from ..backends import get_backend
     from ..build import evaluate_artifact
     from ..errors import PomqError
-    from ._common import calib_track
+    from ._common import calib_track, open_artifact
     from ._console import emit
 
     if args.plan is not None or args.uniform is not None:
         raise PomqError("--artifact evaluates what was built; it takes no --plan or --uniform")
-    built = load_artifact(args.artifact)
+    built, backend = open_artifact(args.artifact)
     m = built.manifest
     recipe = recipe_from_args(args, built.recipe)  # the recipe it was built with, unless --recipe names another
     art = built.artifact
-    result = evaluate_artifact(get_backend(art.backend), art, recipe, calib_track)  # options travel in the artifact
+    result = evaluate_artifact(backend, art, recipe, calib_track)  # options travel in the artifact
     emit(args.json, {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
                      "seconds": round(result.seconds, 3), "artifact": str(built.directory), "plan_id": m["plan_id"],
                      "backend": art.backend},

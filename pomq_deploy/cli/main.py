@@ -22,8 +22,6 @@ COMMANDS = {
     "profile": "pomq_deploy.cli.profile_cmd",
 }
 
-USAGE_ERROR = 2
-
 
 def _load(name: str, module: str) -> ModuleType | str:
     """The subcommand's module, or the reason it cannot load (one broken command must not break the CLI)."""
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return args._run(args)
     except PomqError as e:
         print(f"pomq-deploy {args.command}: error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        return e.exit_code
     except KeyboardInterrupt:
         print("pomq-deploy: interrupted", file=sys.stderr)
         return 130

@@ -67,6 +67,7 @@ def find_nsys() -> str:
 def run(args: argparse.Namespace) -> int:
     from ..artifact import load_artifact
     from ..errors import PomqError
+    from ._common import artifact_backend
 
     built = load_artifact(args.artifact)
     backend = built.manifest["backend"]["name"]
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if backend == "ort-cpu":
         if args.nsys:
             raise PomqError("--nsys profiles tensorrt artifacts; this one is ort-cpu, profiled by ONNX Runtime itself: drop --nsys")
-        return _profile_ort(built, out_dir, args)
+        return _profile_ort(built, artifact_backend(built), out_dir, args)
     if backend == "tensorrt":
         if not args.nsys:
             raise PomqError("profiling a tensorrt artifact needs --nsys (NVIDIA Nsight Systems); for its latency, use pomq-deploy bench")
@@ -87,17 +88,16 @@ def _head(built, backend: str, args: argparse.Namespace, out_dir: Path) -> dict:
             "batch": args.batch, "out": str(out_dir)}
 
 
-def _profile_ort(built, out_dir: Path, args: argparse.Namespace) -> int:
+def _profile_ort(built, backend, out_dir: Path, args: argparse.Namespace) -> int:
     import json
     import os
 
     from ..artifact import write_json_atomic
-    from ..backends import get_backend
     from ..profiling.ort_trace import summarize
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # ORT writes <prefix>_<time>.json itself, whole, at end_profiling; renaming it gives the stable name atomically
-    raw = get_backend("ort-cpu").profile(built.artifact, args.batch, args.runs, out_dir / f".{Path(ORT_TRACE).stem}", WARMUP)
+    raw = backend.profile(built.artifact, args.batch, args.runs, out_dir / f".{Path(ORT_TRACE).stem}", WARMUP)
     trace = out_dir / ORT_TRACE
     os.replace(raw, trace)
     profile = summarize(json.loads(trace.read_text()), WARMUP)

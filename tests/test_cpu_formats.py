@@ -1,0 +1,116 @@
+"""Exact integer GEMMs on every x86 CPU: the CPU facts, the weight format chosen for each kind, and the
+artifact refusing a CPU whose integer path would compute it wrongly."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper as h
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from pomq_deploy.backends import Artifact, BackendError
+from pomq_deploy.backends.cpu import CpuFacts, detect, parse_proc_cpuinfo
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7763 64-Core Processor
+flags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni vaes vpclmulqdq
+"""
+KINDS = {"sapphire_rapids": parse_proc_cpuinfo(SAPPHIRE_RAPIDS, "x86_64"), "zen3": parse_proc_cpuinfo(ZEN3, "x86_64")}
+
+
+def test_proc_cpuinfo_facts_and_the_format_each_kind_gets():
+    spr, zen3 = KINDS["sapphire_rapids"], KINDS["zen3"]
+    assert spr == CpuFacts("GenuineIntel", "Intel(R) Xeon(R) Platinum 8480+", "x86_64",
+                           ("avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"))
+    assert (spr.exact_u8s8, spr.weight_format) == (True, "s8")
+    assert (zen3.exact_u8s8, zen3.weight_format, zen3.flags) == (False, "u8", ("avx2",))
+    assert zen3.describe() == "AMD EPYC 7763 64-Core Processor (x86_64: AVX2, no AVX512, no VNNI, no AMX)"
+    assert spr.describe().endswith("(x86_64: AVX2, AVX512-BW, AVX512-VNNI, AMX-INT8)")
+    # AVX-VNNI alone (Alder Lake and later client CPUs) accumulates in int32 too; Arm is exact
+    assert parse_proc_cpuinfo("flags : avx2 avx_vnni\n", "x86_64").weight_format == "s8"
+    assert parse_proc_cpuinfo("Features : fp asimd asimddp\n", "aarch64").exact_u8s8
+    assert CpuFacts.from_dict(spr.to_dict()) == spr
+
+
+def _gemm(k: int = 64, n: int = 8) -> tuple[onnx.ModelProto, np.ndarray]:
+    """One Linear as our exporter writes it: uint8 activation Q/DQ (scale 1, zero point 0) and INT8 weight
+    codes with no zero point, in extreme values (127 and -128), the case that saturates int16 pairs."""
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1::2] = -128
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(n, np.float32), "ws"),
+             numpy_helper.from_array(np.float32(1), "s"), numpy_helper.from_array(np.uint8(0), "z")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             h.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=1), h.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = h.make_graph(nodes, "gemm", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", k])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", n])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), w
+
+
+def _run_gemm(tmp_path, backend: OrtCpuBackend) -> tuple[bool, dict]:
+    """Build the extreme-code GEMM with ``backend`` and say whether ORT's integer kernel summed it exactly."""
+    model, w = _gemm()
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    art = backend.build(tmp_path / "gemm.onnx", tmp_path)
+    ops = [n.op_type for n in onnx.load(str(art.path)).graph.node]
+    assert "MatMulIntegerToFloat" in ops and "MatMul" not in ops  # ORT's integer GEMM ran, not a float fallback
+    x = np.array([[255] * 64, [0, 255] * 32, [1] * 64], np.float32)
+    return np.array_equal(backend.run(art, x), x.astype(np.int64) @ w.astype(np.int64)), art.options
+
+
+def test_gemm_with_extreme_codes_is_exact_in_the_format_chosen_for_this_cpu(tmp_path):
+    exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1))
+    assert exact, f"ORT's integer GEMM is not exact on {detect().describe()} with weights {options['weight_format']}"
+    assert options["cpu"] == detect().to_dict() and options["weight_format"] == detect().weight_format
+    assert options["integer_weights"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kinds_formats_run_here(tmp_path, kind):
+    """The formats each CPU kind gets, run on this machine: u8 weights (Zen 3's) are exact on every x86 CPU;
+    s8 weights (Sapphire Rapids') are exact exactly where this CPU has VNNI/AMX, and saturate where it does
+    not, which is why a Zen 3 is given u8."""
+    facts = KINDS[kind]
+    exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1, cpu=facts))
+    assert options["weight_format"] == facts.weight_format
+    assert options["weights_as_uint8"] == (1 if facts.weight_format == "u8" else 0)
+    assert exact == (facts.weight_format == "u8" or detect().exact_u8s8)
+
+
+def test_uint8_weights_keep_the_values():
+    model, _ = _gemm()
+    x = np.random.default_rng(0).integers(0, 256, (4, 64)).astype(np.float32)
+    before = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    assert _weights_to_uint8(model) == 1
+    codes = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2)
+    assert numpy_helper.to_array(codes)[0, :2].tolist() == [255, 0]  # 127 + 128, -128 + 128
+    assert np.array_equal(ReferenceEvaluator(model).run(None, {"x": x})[0], before)
+
+
+def _artifact(tmp_path, built_on: str, integer_weights: int = 50) -> Artifact:
+    facts = KINDS[built_on]
+    return Artifact(tmp_path / "model.ort.onnx", "ort-cpu", {"cpu": facts.to_dict(), "weight_format": facts.weight_format,
+                                                            "integer_weights": integer_weights})
+
+
+def test_an_artifact_from_a_vnni_cpu_is_refused_where_u8s8_saturates(tmp_path):
+    with pytest.raises(BackendError) as e:
+        check_cpu(_artifact(tmp_path, "sapphire_rapids"), KINDS["zen3"])
+    msg = str(e.value)
+    assert "\n" not in msg and "Intel(R) Xeon(R) Platinum 8480+" in msg and "AMD EPYC 7763" in msg and "rebuild it here" in msg
+
+
+def test_other_cpu_kinds_that_stay_exact_get_a_note(tmp_path):
+    note = check_cpu(_artifact(tmp_path, "zen3"), KINDS["sapphire_rapids"])
+    assert "AMD EPYC 7763" in note and "exact here too" in note
+    assert check_cpu(_artifact(tmp_path, "zen3"), KINDS["zen3"]) is None
+    assert check_cpu(_artifact(tmp_path, "sapphire_rapids", integer_weights=0), KINDS["zen3"]) is not None  # FP32: no refusal
