@@ -3,7 +3,9 @@
 For each scheme it calibrates from scratch (timed), materialises the cached calibration again (timed: a
 plan must need no new calibration pass), and evaluates the uniform and mixed plans twice on the same
 images: as the PyTorch fake-quant model, and as the exported Q/DQ ONNX (target ort) run by the ort-cpu
-backend. Parity columns: the fraction of images whose top-1 prediction agrees, and the top-1 difference.
+backend. Parity columns: the fraction of images whose top-1 prediction agrees, the cosine of the logits
+(all images' logits as one vector), the top-1 difference, and the same agreement on 500 seeded noise images
+(uniform pixels, which drive activations to the ends of their ranges, where a saturating integer GEMM shows).
 
     python tools/accuracy_table.py                      # full 10,000-image test set, writes docs/accuracy.md
     python tools/accuracy_table.py --limit 1000 --out /tmp/acc.md
@@ -18,9 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pomq_deploy.backends.cpu import detect  # noqa: E402
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
 from pomq_deploy.data import eval_dataset, eval_loader  # noqa: E402
 from pomq_deploy.evaluate import topk_correct  # noqa: E402
@@ -30,6 +35,7 @@ from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
 from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
 from pomq_deploy.atomic import write_text  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
+from pomq_deploy.verify import agreement, noise_images  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
 UNIFORM = {"minmax": ["8/8/8", "4/4/4"], "fqvit": ["8/8/8", "8/8/4", "4/4/4"], "tsptq": ["8/8/8", "8/8/4", "4/4/4"]}
@@ -59,10 +65,13 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
     p.add_argument("--floor-images", type=int, default=2000,
                    help="images the float64 run (the 'FP64 agree' column) covers, from the first (default 2000: it is 3x slower)")
+    p.add_argument("--noise-images", type=int, default=500, help="seeded uniform-noise images for the 'noise' columns (default 500)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "accuracy.md")
     args = p.parse_args()
     recipe = load_recipe(args.recipe)
     backend = OrtCpuBackend()
+    cpu = detect()
+    print(f"CPU: {cpu.describe()}; ort-cpu integer weights as {cpu.weight_format}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="pomq-acc-"))
     rows: list[tuple] = []
 
@@ -73,27 +82,36 @@ def main() -> None:
         art = backend.build(info.path, out)
         loader = eval_loader(eval_dataset(recipe.data, model), recipe.eval.batch_size, args.limit)
         model64 = copy.deepcopy(model).double()  # the same fake-quant model with float64 arithmetic
-        n = t1 = t5 = o1 = agree = agree64 = n64 = 0
+        n = t1 = t5 = o1 = n64 = 0
+        ref_all, ort_all, ref64, out64 = [], [], [], []
         start = time.perf_counter()
         with torch.inference_mode():
             for images, labels in loader:
                 logits = model(images)
                 ort_logits = torch.from_numpy(backend.run(art, images.numpy()))
+                ref_all.append(logits.numpy())
+                ort_all.append(ort_logits.numpy())
                 t1 += topk_correct(logits, labels, 1)
                 t5 += topk_correct(logits, labels, 5)
                 o1 += topk_correct(ort_logits, labels, 1)
-                agree += int((logits.argmax(1) == ort_logits.argmax(1)).sum())
                 if n64 < args.floor_images:
                     k = min(len(labels), args.floor_images - n64)
-                    agree64 += int((logits[:k].argmax(1) == model64(images[:k].double()).argmax(1)).sum())
+                    ref64.append(logits[:k].numpy())
+                    out64.append(model64(images[:k].double()).numpy())
                     n64 += k
                 n += len(labels)
-        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, agree / n, agree64 / n64, info.weight_bytes))
-        print(f"{scheme:7s} {plan_text:12s} {label:48s} top-1 {t1 / n:.4f}  ORT {o1 / n:.4f}  agree {agree / n:.4f} "
-              f"float64 agree {agree64 / n64:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            noise_ref, noise_ort = model(noise).numpy(), backend.run(art, noise.numpy())
+        test, rand = agreement(np.concatenate(ref_all), np.concatenate(ort_all)), agreement(noise_ref, noise_ort)
+        floor = agreement(np.concatenate(ref64), np.concatenate(out64))
+        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, test, floor, rand, info.weight_bytes))
+        print(f"{scheme:7s} {plan_text:12s} {label:48s} top-1 {t1 / n:.4f}  ORT {o1 / n:.4f}  agree {test.top1:.4f} "
+              f"cos {test.cosine:.5f}  noise agree {rand.top1:.4f} cos {rand.cosine:.5f}  float64 agree {floor.top1:.4f} cos {floor.cosine:.5f} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         return n
 
     fp = create_model(recipe.model.arch, recipe.model.checkpoint)
+    cfg = resolve_data_config({}, model=fp)
+    noise = noise_images(args.noise_images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1)
     n = run(fp, "FP32", "-", "-")
     fp_top1 = rows[0][3]
     timings = []
@@ -118,9 +136,14 @@ def main() -> None:
         f"{recipe.data.seed}, min/max observer. 'top-1' is the PyTorch fake-quant model in the `ort` target's "
         "format (uint8 asymmetric activations, int8/int4 symmetric per-channel weights); 'ORT top-1' is the "
         "exported Q/DQ ONNX run by ONNX Runtime (ort-cpu backend, all graph optimisations) on the same images, "
-        "and 'agree' the fraction of images where both predict the same class. 'FP64 agree' is the float noise "
+        "and 'agree' the fraction of images where both predict the same class, 'cosine' the cosine of their logits "
+        f"(all images' as one vector); 'noise agree' and 'noise cosine' the same on {args.noise_images} seeded "
+        "uniform-noise images, which drive activations to the ends of their ranges. 'FP64 agree' and 'FP64 cosine' are the float noise "
         f"floor of the plan: the same PyTorch fake-quant model run in float64 against float32, on the first "
         f"{min(args.floor_images, n)} of those images.",
+        "",
+        f"CPU: {cpu.describe()}; ort-cpu runs the integer weights as {cpu.weight_format} "
+        f"({'u8 x s8 kernels, exact with VNNI/AMX' if cpu.exact_u8s8 else 'u8 x u8 kernels: u8 x s8 saturates on this CPU'}).",
         "",
         "Regenerate with:",
         "",
@@ -129,19 +152,20 @@ def main() -> None:
         + (f" --limit {args.limit}" if args.limit else ""),
         "```",
         "",
-        "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) | ORT top-1 | agree | FP64 agree | ORT − PyTorch (points) | ONNX weight bytes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) | ORT top-1 | agree | cosine | FP64 agree | "
+        "FP64 cosine | ORT − PyTorch (points) | noise agree | noise cosine | ONNX weight bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for scheme, plan_text, label, top1, top5, ort1, agree, agree64, wbytes in rows:
+    for scheme, plan_text, label, top1, top5, ort1, test, floor, rand, wbytes in rows:
         delta = "" if scheme == "-" else f"{100 * (top1 - fp_top1):+.2f}"
-        lines.append(f"| {scheme} | {plan_text} | {label} | {top1:.4f} | {top5:.4f} | {delta} | {ort1:.4f} | {agree:.4f} | "
-                     f"{agree64:.4f} | {100 * (ort1 - top1):+.2f} | {wbytes:,} |")
+        lines.append(f"| {scheme} | {plan_text} | {label} | {top1:.4f} | {top5:.4f} | {delta} | {ort1:.4f} | {test.top1:.4f} | "
+                     f"{test.cosine:.5f} | {floor.top1:.4f} | {floor.cosine:.5f} | {100 * (ort1 - top1):+.2f} | {rand.top1:.4f} | {rand.cosine:.5f} | {wbytes:,} |")
     lines += ["", "Mixed plans are named by plan-id; their widths are in the 'what' column. " + PARITY_NOTE, "",
               "## Calibration time (this machine, one process)", "",
               "| scheme | full calibration (s) | plan from the cache (s) |", "| --- | --- | --- |"]
     lines += [f"| {s} | {c:.1f} | {m:.2f} |" for s, c, m in timings]
     lines += ["", f"Measured with torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
+              f"{cpu.model} ({platform.machine()}), {os.cpu_count()} CPUs.", ""]
     write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 

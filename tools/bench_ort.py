@@ -2,7 +2,10 @@
 
 All variants run through the same ort-cpu backend (all graph optimisations, same threads) in one process,
 so the ratios compare like with like. The peer is ``onnxruntime.quantization.quantize_static`` (QDQ,
-uint8 activations, int8 per-channel weights, MinMax) fed the same calibration images as our schemes.
+uint8 activations, int8 per-channel weights, MinMax) fed the same calibration images as our schemes. On a
+CPU whose u8 x s8 GEMM saturates (no VNNI/AMX) the backend runs every integer weight as uint8 (exact); the
+peer is then also run as ONNX Runtime runs it by default (u8 x s8), with its agreement against the exact
+run, and our 8/8/8 plan likewise, to show what exactness costs there. The CPU heads the table.
 
     python tools/bench_ort.py                          # reference model (+ top-1) and deit_small (latency)
     python tools/bench_ort.py --models reference --runs 100 --out /tmp/bench.md
@@ -18,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
+from pomq_deploy.backends.cpu import CpuFacts, detect  # noqa: E402
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
 from pomq_deploy.build import evaluate_artifact  # noqa: E402
 from pomq_deploy.data import calibration_batches  # noqa: E402
@@ -32,8 +37,11 @@ from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
 from pomq_deploy.quant.model import QuantModel  # noqa: E402
 from pomq_deploy.atomic import write_text  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
+from pomq_deploy.verify import agreement, noise_images  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
+# what the backend builds for a CPU with VNNI: INT8 weights left as ORT's default u8 x s8 GEMM operands
+DEFAULT_KERNELS = CpuFacts("-", "ONNX Runtime's default u8 x s8 kernels", "x86_64", ("avx512_vnni",))
 NOTES_MARKER = "<!-- hand-written notes below: kept when the table above is regenerated -->"
 
 
@@ -67,25 +75,39 @@ def plans(name: str, scheme: str, n: int) -> dict[str, Plan]:
 
 def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list[torch.Tensor], recipe, args, work: Path):
     backend = OrtCpuBackend(threads=args.threads)
-    rows = []
+    default = OrtCpuBackend(threads=args.threads, cpu=DEFAULT_KERNELS)  # u8 x s8: saturates where VNNI is missing
+    exact_here = detect().exact_u8s8
+    cfg = resolve_data_config({}, model=fp)
+    noise = noise_images(500, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1).numpy()
+    rows, checks = [], []
 
-    def measure(what: str, onnx_path: Path, plan_note: str = ""):
+    def measure(what: str, onnx_path: Path, runner=backend, versus=None):
         out = onnx_path.parent / f"{label}_{len(rows)}"
         out.mkdir()
-        art = backend.build(onnx_path, out)
-        lat = {b: backend.latency(art, b, args.runs) for b in (1, 8)}
-        top1 = evaluate_artifact(backend, art, recipe).top1 if recipe is not None else None
+        art = runner.build(onnx_path, out)
+        lat = {b: runner.latency(art, b, args.runs) for b in (1, 8)}
+        top1 = evaluate_artifact(runner, art, recipe).top1 if recipe is not None else None
         rows.append((label, what, lat[1].median_ms, lat[8].median_ms, lat[8].p90_ms, top1, onnx_path.stat().st_size))
         print(f"{label:12s} {what:52s} b1 {lat[1].median_ms:7.2f} ms  b8 {lat[8].median_ms:7.2f} ms  "
               f"top-1 {'-' if top1 is None else f'{top1:.4f}'}", file=sys.stderr, flush=True)
+        if versus is not None:  # the same model run exactly (u8 weights): does the default run agree with it?
+            a = agreement(backend.run(versus, noise), runner.run(art, noise))
+            checks.append((label, what, a))
+            print(f"{'':12s} vs the exact run on {a.images} noise images: {a.describe()}", file=sys.stderr, flush=True)
+        return art
 
     fp_path = export_fp32(fp, work / f"{label}_fp32.onnx").path
     measure("FP32", fp_path)
     peer = ort_quantize_static(fp_path, work / f"{label}_ort_qdq.onnx", [b.numpy() for b in calib])
-    measure("ORT quantize_static (QDQ u8/s8 per-channel)", peer)
+    peer_exact = measure("ORT quantize_static (QDQ u8/s8 per-channel)" + ("" if exact_here else ", run exact (u8 weights)"), peer)
+    if not exact_here:
+        measure("ORT quantize_static, ORT's default u8 x s8 (saturates here)", peer, default, peer_exact)
     for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
-        measure(what, export_quantized(qmodel, plan, "ort", work / f"{label}_{plan.plan_id}.onnx").path)
-    return rows
+        path = export_quantized(qmodel, plan, "ort", work / f"{label}_{plan.plan_id}.onnx").path
+        ours = measure(what, path)
+        if not exact_here and plan.blocks == uniform_plan("8/8/8", qmodel.num_blocks, label, qmodel.scheme).blocks:
+            measure(f"{what}, u8 x s8 weights (saturates here)", path, default, ours)
+    return rows, checks
 
 
 def main() -> None:
@@ -97,12 +119,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pomq-bench-"))
-    rows = []
+    rows, checks = [], []
+    cpu = detect()
+    print(f"CPU: {cpu.describe()}; integer weights as {cpu.weight_format}", file=sys.stderr)
     if "reference" in args.models:
         recipe = load_recipe("deit_fmnist")
         qmodel, _ = calibrated_model(recipe, args.scheme)
         calib = calibration_batches(recipe.data, qmodel)
-        rows += bench_model("reference", create_model(recipe.model.arch, recipe.model.checkpoint), qmodel, calib, recipe, args, work)
+        r, c = bench_model("reference", create_model(recipe.model.arch, recipe.model.checkpoint), qmodel, calib, recipe, args, work)
+        rows, checks = rows + r, checks + c
     if "deit_small" in args.models:
         torch.manual_seed(0)
         fp = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -111,22 +136,32 @@ def main() -> None:
 
         qmodel = QuantModel(copy.deepcopy(fp), args.scheme)
         qmodel.calibrate(calib)
-        rows += bench_model("deit_small", fp, qmodel, calib, None, args, work)
+        r, c = bench_model("deit_small", fp, qmodel, calib, None, args, work)
+        rows, checks = rows + r, checks + c
 
     base = {label: (b1, b8) for label, what, b1, b8, *_ in rows if what == "FP32"}
     lines = ["# ONNX Runtime CPU benchmarks", "",
              f"ort-cpu backend, {args.threads} threads, all graph optimisations; latency = median of {args.runs} timed runs "
              "after 10 warm-ups; speed-up = FP32 median / this median, measured in the same run. `reference` is the "
              "embedded Fashion-MNIST model (top-1 on the full test set through ORT); `deit_small` is timm's "
-             "deit_small_patch16_224 with random weights at 224x224 (latency only), calibrated on random images.", "",
+             "deit_small_patch16_224 with random weights at 224x224 (latency only), calibrated on random images. "
+             "Integer kernels differ by CPU (see 'Integer formats by CPU' below), so every table names its CPU.", "",
              "Regenerate with:", "", "```bash", ".venv/bin/python tools/bench_ort.py", "```", "",
+             f"## {cpu.describe()}", "",
+             f"Integer weights run as {cpu.weight_format} here "
+             f"({'u8 x s8 kernels, exact with VNNI/AMX' if cpu.exact_u8s8 else 'u8 x u8 kernels; u8 x s8 saturates on this CPU'}).", "",
              "| model | variant | batch 1 (ms) | speed-up b1 | batch 8 (ms) | p90 b8 (ms) | speed-up b8 | top-1 | ONNX bytes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, what, b1, b8, p90, top1, size in rows:
         lines.append(f"| {label} | {what} | {b1:.2f} | {base[label][0] / b1:.2f}x | {b8:.2f} | {p90:.2f} | "
                      f"{base[label][1] / b8:.2f}x | {'-' if top1 is None else f'{top1:.4f}'} | {size:,} |")
+    if checks:
+        lines += ["", "ONNX Runtime's default u8 x s8 kernels against the exact run of the same model (u8 weights), "
+                  "on 500 seeded uniform-noise images:", "",
+                  "| model | variant | top-1 agreement | logits cosine | lowest image cosine |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {label} | {what} | {a.top1:.4f} | {a.cosine:.5f} | {a.cosine_min:.4f} |" for label, what, a in checks]
     lines += ["", f"Measured {time.strftime('%Y-%m-%d')} with onnxruntime {__import__('onnxruntime').__version__}, "
-              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.", ""]
+              f"torch {torch.__version__}, {cpu.model} ({platform.machine()}), {os.cpu_count()} CPUs.", ""]
     kept = args.out.read_text().split(NOTES_MARKER, 1)[1] if args.out.is_file() and NOTES_MARKER in args.out.read_text() else "\n"
     write_text(args.out, "\n".join(lines) + "\n" + NOTES_MARKER + kept)
     print(f"wrote {args.out}", file=sys.stderr)
