@@ -127,9 +127,10 @@ def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optio
             info = export_quantized(reference, plan, opts.target, onnx_path)  # leaves the plan applied in the target's format
         status(f"building with {opts.backend.name}")
         artifact = opts.backend.build(onnx_path, tmp)
+        check = {"skipped": "--no-verify"}
         if opts.verify:
             status("checking the artifact against the PyTorch reference")
-        check = self_check(opts.backend, artifact, reference, recipe, onnx_path) if opts.verify else {"skipped": "--no-verify"}
+            check = self_check(opts.backend, artifact, reference, recipe, onnx_path)
         accuracy = evaluate_artifact(opts.backend, artifact, recipe, track)
         status(f"timing batch {opts.batch} x {opts.runs} runs")
         latency = opts.backend.latency(artifact, opts.batch, opts.runs)

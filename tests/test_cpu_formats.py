@@ -113,4 +113,11 @@ def test_other_cpu_kinds_that_stay_exact_get_a_note(tmp_path):
     note = check_cpu(_artifact(tmp_path, "zen3"), KINDS["sapphire_rapids"])
     assert "AMD EPYC 7763" in note and "exact here too" in note
     assert check_cpu(_artifact(tmp_path, "zen3"), KINDS["zen3"]) is None
-    assert check_cpu(_artifact(tmp_path, "sapphire_rapids", integer_weights=0), KINDS["zen3"]) is not None  # FP32: no refusal
+    assert check_cpu(_artifact(tmp_path, "sapphire_rapids", integer_weights=0), KINDS["zen3"]) is None  # FP32: nothing to check
+
+
+def test_an_artifact_that_did_not_record_its_cpu_is_refused_only_where_it_could_saturate(tmp_path):
+    old = Artifact(tmp_path / "model.ort.onnx", "ort-cpu", {"threads": None})
+    assert check_cpu(old, KINDS["sapphire_rapids"]) is None
+    with pytest.raises(BackendError, match="did not record its CPU.*AMD EPYC 7763"):
+        check_cpu(old, KINDS["zen3"])

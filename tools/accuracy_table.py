@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
     p.add_argument("--floor-images", type=int, default=2000,
                    help="images the float64 run (the 'FP64 agree' column) covers, from the first (default 2000: it is 3x slower)")
+    p.add_argument("--schemes", nargs="+", default=["minmax", "fqvit", "tsptq"], choices=["minmax", "fqvit", "tsptq"])
     p.add_argument("--noise-images", type=int, default=500, help="seeded uniform-noise images for the 'noise' columns (default 500)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "accuracy.md")
     args = p.parse_args()
@@ -115,7 +116,7 @@ def main() -> None:
     n = run(fp, "FP32", "-", "-")
     fp_top1 = rows[0][3]
     timings = []
-    for scheme in ("minmax", "fqvit", "tsptq"):
+    for scheme in args.schemes:
         model, info = calibrated_model(recipe, scheme, force=True)
         t0 = time.perf_counter()
         model, cached = calibrated_model(recipe, scheme)

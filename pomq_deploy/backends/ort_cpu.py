@@ -156,17 +156,22 @@ class OrtCpuBackend:
 
 
 def check_cpu(artifact: Artifact, here: CpuFacts) -> Optional[str]:
-    """Refuse an artifact whose integer formats are not exact on ``here`` (one line naming both CPUs);
-    for one built on another CPU that is still exact here, a note saying so (None: built for this path)."""
+    """Refuse an artifact whose integer weights are not exact on ``here`` (one line naming both CPUs); for
+    one built on another CPU kind that is still exact here, a note saying so (None: nothing to say)."""
     built = artifact.options.get("cpu")
-    if built is None:  # no integer format recorded: an FP32 or foreign artifact of an older build
-        return None
+    if built is None:  # built before artifacts recorded their CPU: int8 weights, u8 x s8 kernels
+        if here.exact_u8s8:
+            return None
+        raise BackendError(f"{artifact.path.parent}: built by an earlier pomq-deploy that did not record its CPU; its "
+                           f"int8 weights may saturate in int16 on this CPU, {here.describe()}; rebuild it with pomq-deploy build")
     built = CpuFacts.from_dict(built)
-    fmt = artifact.options.get("weight_format", built.weight_format)
-    if fmt == "s8" and artifact.options.get("integer_weights") and not here.exact_u8s8:
+    fmt = artifact.options["weight_format"]
+    if not artifact.options.get("integer_weights"):
+        return None
+    if fmt == "s8" and not here.exact_u8s8:
         raise BackendError(f"{artifact.path.parent}: built on {built.describe()} with u8 x s8 integer GEMMs, which "
                            f"saturate in int16 on this CPU, {here.describe()}; rebuild it here with pomq-deploy build")
-    if (built.exact_u8s8, built.weight_format) == (here.exact_u8s8, here.weight_format):
+    if fmt == here.weight_format:
         return None
     return (f"built on {built.describe()} (weights {fmt}); this CPU, {here.describe()}, would build weights "
             f"{here.weight_format}: its integer results are exact here too, its latency was measured there")

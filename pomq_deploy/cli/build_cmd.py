@@ -12,10 +12,11 @@ Export the plan to Q/DQ ONNX, build it with the backend, check that it computes 
 fake-quant reference computes (64 calibration and 64 noise images: top-1 agreement >= 0.95 and logits
 cosine >= 0.995, else the build fails naming the block that differs most; --no-verify skips this),
 evaluate top-1 through the backend on the recipe's evaluation split, time it (warm-up, then median and
-p90), and write
-<out>/<recipe>/<plan-id>/ with model.onnx, the backend's artifact and manifest.json (plan, plan-id,
-versions, latency, sizes, accuracy, self-check, the CPU and integer formats built for, checksums). The directory appears only when complete. With --fp32,
-build the float model instead (the baseline a plan must beat). --json prints the manifest.
+p90), and write <out>/<recipe>/<plan-id>/ with model.onnx, the backend's artifact and manifest.json
+(plan, plan-id, versions, latency, sizes, accuracy, self-check, the CPU and integer formats built for,
+checksums). The directory appears only when complete. On ort-cpu, INT8 weights run as uint8 on CPUs
+whose u8 x s8 GEMM saturates (no VNNI/AMX): the same values, exact. With --fp32, build the float model
+instead (the baseline a plan must beat). --json prints the manifest.
 
 examples:
   pomq-deploy build --plan best.yaml
