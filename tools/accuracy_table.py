@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument("--floor-images", type=int, default=2000,
                    help="images the float64 run (the 'FP64 agree' column) covers, from the first (default 2000: it is 3x slower)")
     p.add_argument("--schemes", nargs="+", default=["minmax", "fqvit", "tsptq"], choices=["minmax", "fqvit", "tsptq"])
+    p.add_argument("--only", nargs="+", metavar="ROW", help="only the rows whose plan or label starts with one of these "
+                   "(e.g. 8/8/8 paper '4-bit weights in'); the FP32 row always runs")
     p.add_argument("--noise-images", type=int, default=500, help="seeded uniform-noise images for the 'noise' columns (default 500)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "accuracy.md")
     args = p.parse_args()
@@ -110,6 +112,9 @@ def main() -> None:
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         return n
 
+    def wanted(name: str) -> bool:
+        return args.only is None or name.startswith(tuple(args.only))
+
     fp = create_model(recipe.model.arch, recipe.model.checkpoint)
     cfg = resolve_data_config({}, model=fp)
     noise = noise_images(args.noise_images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1)
@@ -125,9 +130,11 @@ def main() -> None:
         assert cached.cached
         timings.append((scheme, info.seconds, materialise))
         for u in UNIFORM[scheme]:
-            run(model, f"uniform {u}", scheme, u, uniform_plan(u, model.num_blocks, recipe.name, scheme))
+            if wanted(u):
+                run(model, f"uniform {u}", scheme, u, uniform_plan(u, model.num_blocks, recipe.name, scheme))
         for label, plan in list(mixed_plans(recipe.name, scheme, model.num_blocks).items())[: MIXED[scheme]]:
-            run(model, label, scheme, plan.plan_id, plan)
+            if wanted(label):
+                run(model, label, scheme, plan.plan_id, plan)
 
     lines = [
         "# Accuracy of the reference model under quantization",
