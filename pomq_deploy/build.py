@@ -99,7 +99,11 @@ def self_check(backend: Backend, artifact: Artifact, reference: torch.nn.Module,
         import onnx
 
         images = calib if not result.calibration.ok() else noise
-        worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, find_blocks(reference), images)
+        try:
+            worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, find_blocks(reference), images)
+        except ValueError as e:  # blocks the graph does not delimit as expected: report without them
+            raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()} (no "
+                              f"per-block comparison: {e}); nothing was written (--no-verify builds it anyway)") from None
         result = dataclasses.replace(result, worst_block=worst)
     raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()}; nothing was "
                       "written (--no-verify builds it anyway)")

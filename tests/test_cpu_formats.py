@@ -71,7 +71,7 @@ def test_gemm_with_extreme_codes_is_exact_in_the_format_chosen_for_this_cpu(tmp_
     exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1))
     assert exact, f"ORT's integer GEMM is not exact on {detect().describe()} with weights {options['weight_format']}"
     assert options["cpu"] == detect().to_dict() and options["weight_format"] == detect().weight_format
-    assert options["integer_weights"] == 1
+    assert options["integer_weights"] == 1 and options["activation_format"] == "u8"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -88,3 +88,21 @@ def test_artifact_from_a_vnni_cpu_is_refused_on_one_without(tiny_recipe, tmp_pat
     monkeypatch.setattr("pomq_deploy.backends.ort_cpu.detect", lambda: KINDS["sapphire_rapids"])
     assert main(["bench", "--artifact", str(tmp_path / "tiny" / m["plan_id"]), "--runs", "2", "--json"]) == 0
     assert "note:" in capsys.readouterr().err
+
+
+def test_block_scopes_follow_the_exporters_node_names():
+    """Swin restarts block numbers in each stage: a block is named by every numbered module above it."""
+    from torch import nn
+
+    from pomq_deploy.verify import _in_scope, block_scopes
+
+    stage = lambda: nn.Module()  # noqa: E731
+    model = nn.Module()
+    model.layers = nn.ModuleList([stage(), stage()])
+    for layer in model.layers:
+        layer.blocks = nn.ModuleList([nn.Identity() for _ in range(11)])
+    block = model.layers[1].blocks[1]
+    assert block_scopes(model, [block]) == [("layers.1", "blocks.1")]
+    assert _in_scope("/layers/layers.1/blocks/blocks.1/attn/MatMul", ("layers.1", "blocks.1"))
+    assert not _in_scope("/layers/layers.0/blocks/blocks.1/attn/MatMul", ("layers.1", "blocks.1"))
+    assert not _in_scope("/layers/layers.1/blocks/blocks.10/Add", ("layers.1", "blocks.1"))

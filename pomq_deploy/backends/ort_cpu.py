@@ -96,6 +96,7 @@ class OrtCpuBackend:
 
         done = {"int4_weights_on_int8_kernels": _int4_to_int8(model), "cpu": self.cpu.to_dict()}
         done["integer_weights"] = len(int8_weight_dequantizers(Graph(model)))
+        done["activation_format"] = "s8" if _has_int8_activations(model) else "u8"
         done["weight_format"] = self.cpu.weight_format
         done["weights_as_uint8"] = _weights_to_uint8(model) if self.cpu.weight_format == "u8" else 0
         return done
