@@ -93,6 +93,7 @@ def self_check(backend: Backend, artifact: Artifact, reference: torch.nn.Module,
     if result.passed:
         return result.to_json()
     run_onnx = getattr(backend, "run_onnx", None)
+    unlocated = ""
     if run_onnx is not None:
         import dataclasses
 
@@ -101,12 +102,11 @@ def self_check(backend: Backend, artifact: Artifact, reference: torch.nn.Module,
         images = calib if not result.calibration.ok() else noise
         try:
             worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, find_blocks(reference), images)
+            result = dataclasses.replace(result, worst_block=worst)
         except ValueError as e:  # blocks the graph does not delimit as expected: report without them
-            raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()} (no "
-                              f"per-block comparison: {e}); nothing was written (--no-verify builds it anyway)") from None
-        result = dataclasses.replace(result, worst_block=worst)
-    raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()}; nothing was "
-                      "written (--no-verify builds it anyway)")
+            unlocated = f" (no per-block comparison: {e})"
+    raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()}{unlocated}; "
+                      "nothing was written (--no-verify builds it anyway)")
 
 
 def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optional[Track] = None,

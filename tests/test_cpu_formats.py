@@ -10,7 +10,8 @@ from onnx.reference import ReferenceEvaluator
 
 from pomq_deploy.backends import Artifact, BackendError
 from pomq_deploy.backends.cpu import CpuFacts, detect, parse_proc_cpuinfo
-from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu, int8_weight_dequantizers
+from pomq_deploy.export.graph import Graph
 
 SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -90,7 +91,8 @@ def test_uint8_weights_keep_the_values():
     model, _ = _gemm()
     x = np.random.default_rng(0).integers(0, 256, (4, 64)).astype(np.float32)
     before = ReferenceEvaluator(model).run(None, {"x": x})[0]
-    assert _weights_to_uint8(model) == 1
+    g = Graph(model)
+    assert _weights_to_uint8(g, int8_weight_dequantizers(g)) == 1
     codes = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2)
     assert numpy_helper.to_array(codes)[0, :2].tolist() == [255, 0]  # 127 + 128, -128 + 128
     assert np.array_equal(ReferenceEvaluator(model).run(None, {"x": x})[0], before)

@@ -79,8 +79,7 @@ class OrtCpuBackend:
         import onnx
 
         model = _load(Path(onnx_path))
-        options = self.options(INT8_DISABLED if _has_int8_activations(model) else None)
-        options |= self.prepare(model)
+        options = self.prepare(model)
         out = Path(out_dir) / ARTIFACT_NAME
         self._session(model.SerializeToString(), optimized_out=out, options=options, name=Path(onnx_path))
         optimised = _load(out)
@@ -90,22 +89,24 @@ class OrtCpuBackend:
 
     def prepare(self, model) -> dict[str, Any]:
         """The rewrites of ``model`` (in place) that ONNX Runtime needs before it optimises: INT4 weights as
-        INT8 codes, and on a CPU without exact u8 x s8 kernels INT8 weights as uint8. Returns what was done,
-        for the artifact's options."""
+        INT8 codes, and on a CPU without exact u8 x s8 kernels INT8 weights as uint8. Returns the session
+        options with what was done, for the artifact."""
         from ..export.graph import Graph
 
-        done = {"int4_weights_on_int8_kernels": _int4_to_int8(model), "cpu": self.cpu.to_dict()}
-        done["integer_weights"] = len(int8_weight_dequantizers(Graph(model)))
-        done["activation_format"] = "s8" if _has_int8_activations(model) else "u8"
-        done["weight_format"] = self.cpu.weight_format
-        done["weights_as_uint8"] = _weights_to_uint8(model) if self.cpu.weight_format == "u8" else 0
-        return done
+        int8_activations = _has_int8_activations(model)
+        options = self.options(INT8_DISABLED if int8_activations else None)
+        options |= {"int4_weights_on_int8_kernels": _int4_to_int8(model), "cpu": self.cpu.to_dict()}
+        g = Graph(model)
+        weights = int8_weight_dequantizers(g)
+        options |= {"integer_weights": len(weights), "activation_format": "s8" if int8_activations else "u8",
+                    "weight_format": self.cpu.weight_format,
+                    "weights_as_uint8": _weights_to_uint8(g, weights) if self.cpu.weight_format == "u8" else 0}
+        return options
 
     def run_onnx(self, model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run an in-memory ONNX model (rewritten in place) as ``build``'s artifacts run: the same rewrites and
         session options; for comparing parts of a model (see pomq_deploy.verify.worst_block)."""
-        options = self.options(INT8_DISABLED if _has_int8_activations(model) else None)
-        options |= self.prepare(model)
+        options = self.prepare(model)
         return self._session(model.SerializeToString(), options=options).run(None, feeds)
 
     def run(self, artifact: Artifact, images: np.ndarray) -> np.ndarray:
@@ -178,19 +179,16 @@ def check_cpu(artifact: Artifact, here: CpuFacts) -> Optional[str]:
             f"{here.weight_format}: its integer results are exact here too, its latency was measured there")
 
 
-def _weights_to_uint8(model) -> int:
-    """Each INT8 weight read by a DequantizeLinear as uint8 codes + 128 with zero point + 128 (default 0).
+def _weights_to_uint8(g, dequantizers: list) -> int:
+    """Each INT8 weight read by ``dequantizers`` (of Graph ``g``) as uint8 codes + 128 with zero point + 128
+    (default 0).
 
     ``(q + 128) - (z + 128) = q - z``: the same values. ONNX Runtime then fuses the GEMMs into its u8 x u8
     kernels, exact on every x86 CPU, instead of u8 x s8, which saturates where VNNI/AMX is missing (see
     :mod:`.cpu`). Returns how many weights were rewritten."""
     from onnx import numpy_helper
 
-    from ..export.graph import Graph
-
-    g = Graph(model)
-    dqs = int8_weight_dequantizers(g)
-    for dq in dqs:
+    for dq in dequantizers:
         codes = g.inits[dq.input[0]]
         scale = g.value(dq.input[1])
         zero = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, np.int8)
@@ -201,7 +199,7 @@ def _weights_to_uint8(model) -> int:
         g.replace_initializer(None, zero_u8)
         dq.input[:] = [shifted.name, dq.input[1], zero_u8.name]
     g.drop_unused()
-    return len(dqs)
+    return len(dequantizers)
 
 
 def int8_weight_dequantizers(g) -> list:
