@@ -19,3 +19,15 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+NOTES_MARKER = "<!-- hand-written notes below: kept when the table above is regenerated -->"
+
+
+def write_generated(path: Path, generated: str) -> None:
+    """Write a generated document (the tools' tables) over ``path``, keeping what follows ``NOTES_MARKER`` there:
+    notes and earlier machines' tables written by hand survive a regeneration."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    kept = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    write_text(path, generated.rstrip("\n") + "\n\n" + NOTES_MARKER + kept)

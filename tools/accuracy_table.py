@@ -15,6 +15,7 @@ import argparse
 import copy
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -33,19 +34,34 @@ from pomq_deploy.export import export_fp32, export_quantized  # noqa: E402
 from pomq_deploy.models.loading import create_model  # noqa: E402
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
 from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
-from pomq_deploy.atomic import write_text  # noqa: E402
+from pomq_deploy.atomic import write_generated  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
 from pomq_deploy.verify import agreement, noise_images  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
 UNIFORM = {"minmax": ["8/8/8", "4/4/4"], "fqvit": ["8/8/8", "8/8/4", "4/4/4"], "tsptq": ["8/8/8", "8/8/4", "4/4/4"]}
 MIXED = {"minmax": 0, "fqvit": 3, "tsptq": 1}  # how many of the mixed plans each scheme is evaluated on
-PARITY_NOTE = ("Linear layers whose input sits on one grid run as integer GEMMs in both (PyTorch: `integer_linear`), so "
-               "'agree' falls below 0.995 only where inputs of GEMMs are not on one grid (TSPTQ's V-2SF on fc2 and on "
-               "attention x V) together with 4-bit activations: a last-bit difference in those float GEMMs, in GELU or in "
-               "LayerNorm that lands on a rounding boundary moves a 4-bit code by a whole step and spreads through the "
-               "following blocks, and 'FP64 agree' shows that PyTorch's own float64 run of such a plan departs from its "
-               "float32 run at least as often; see docs/quantization.md, 'In the exported ONNX'.")
+PARITY_NOTE = ("Every GEMM of a plan runs on integer codes in both (PyTorch: `integer_linear`, `integer_product` and the "
+               "attention's two MatMuls; ORT: its integer kernels, and two MatMulIntegers for a V-2SF input), except "
+               "`probs @ v` on LIS's log2 codes (FQ-ViT at 4-bit attention). What remains are float GELU, LayerNorm, "
+               "Softmax and LIS's log-domain ops: with 4-bit activations a last-bit difference there that lands on a "
+               "rounding boundary moves a code by a whole step and spreads through the following blocks. 'FP64 agree' "
+               "shows that PyTorch's own float64 run of such a plan departs from its float32 run more often than ONNX "
+               "Runtime does; see docs/quantization.md, 'In the exported ONNX'.")
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """The command line as run, less ``--out``: the regeneration command the document shows."""
+    out = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
 
 
 def mixed_plans(recipe: str, scheme: str, n: int) -> dict[str, Plan]:
@@ -104,11 +120,13 @@ def main() -> None:
                     n64 += k
                 n += len(labels)
             noise_ref, noise_ort = model(noise).numpy(), backend.run(art, noise.numpy())
+            noise64 = model64(noise.double()).numpy()
         test, rand = agreement(np.concatenate(ref_all), np.concatenate(ort_all)), agreement(noise_ref, noise_ort)
-        floor = agreement(np.concatenate(ref64), np.concatenate(out64))
-        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, test, floor, rand, info.weight_bytes))
+        floor, rand_floor = agreement(np.concatenate(ref64), np.concatenate(out64)), agreement(noise_ref, noise64)
+        rows.append((scheme, plan_text, label, t1 / n, t5 / n, o1 / n, test, floor, rand, rand_floor, info.weight_bytes))
         print(f"{scheme:7s} {plan_text:12s} {label:48s} top-1 {t1 / n:.4f}  ORT {o1 / n:.4f}  agree {test.top1:.4f} "
-              f"cos {test.cosine:.5f}  noise agree {rand.top1:.4f} cos {rand.cosine:.5f}  float64 agree {floor.top1:.4f} cos {floor.cosine:.5f} "
+              f"cos {test.cosine:.5f}  noise agree {rand.top1:.4f} cos {rand.cosine:.5f}  float64 agree {floor.top1:.4f} cos {floor.cosine:.5f}  "
+              f"float64 noise agree {rand_floor.top1:.4f} cos {rand_floor.cosine:.5f} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         return n
 
@@ -148,7 +166,7 @@ def main() -> None:
         f"(all images' as one vector); 'noise agree' and 'noise cosine' the same on {args.noise_images} seeded "
         "uniform-noise images, which drive activations to the ends of their ranges. 'FP64 agree' and 'FP64 cosine' are the float noise "
         f"floor of the plan: the same PyTorch fake-quant model run in float64 against float32, on the first "
-        f"{min(args.floor_images, n)} of those images.",
+        f"{min(args.floor_images, n)} of those images ('FP64 noise': on the noise images).",
         "",
         f"CPU: {cpu.describe()}; ort-cpu runs the integer weights as {cpu.weight_format} "
         f"({'u8 x s8 kernels, exact with VNNI/AMX' if cpu.exact_u8s8 else 'u8 x u8 kernels: u8 x s8 saturates on this CPU'}).",
@@ -156,25 +174,25 @@ def main() -> None:
         "Regenerate with:",
         "",
         "```bash",
-        ".venv/bin/python tools/accuracy_table.py" + (f" --recipe {args.recipe}" if args.recipe != "deit_fmnist" else "")
-        + (f" --limit {args.limit}" if args.limit else ""),
+        " ".join([".venv/bin/python tools/accuracy_table.py", *map(shlex.quote, _without_out(sys.argv[1:]))]),
         "```",
         "",
         "| scheme | plan | what | top-1 | top-5 | Δ top-1 vs FP32 (points) | ORT top-1 | agree | cosine | FP64 agree | "
-        "FP64 cosine | ORT − PyTorch (points) | noise agree | noise cosine | ONNX weight bytes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "FP64 cosine | ORT − PyTorch (points) | noise agree | noise cosine | FP64 noise agree | FP64 noise cosine | ONNX weight bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for scheme, plan_text, label, top1, top5, ort1, test, floor, rand, wbytes in rows:
+    for scheme, plan_text, label, top1, top5, ort1, test, floor, rand, rand_floor, wbytes in rows:
         delta = "" if scheme == "-" else f"{100 * (top1 - fp_top1):+.2f}"
         lines.append(f"| {scheme} | {plan_text} | {label} | {top1:.4f} | {top5:.4f} | {delta} | {ort1:.4f} | {test.top1:.4f} | "
-                     f"{test.cosine:.5f} | {floor.top1:.4f} | {floor.cosine:.5f} | {100 * (ort1 - top1):+.2f} | {rand.top1:.4f} | {rand.cosine:.5f} | {wbytes:,} |")
+                     f"{test.cosine:.5f} | {floor.top1:.4f} | {floor.cosine:.5f} | {100 * (ort1 - top1):+.2f} | {rand.top1:.4f} | {rand.cosine:.5f} | "
+                     f"{rand_floor.top1:.4f} | {rand_floor.cosine:.5f} | {wbytes:,} |")
     lines += ["", "Mixed plans are named by plan-id; their widths are in the 'what' column. " + PARITY_NOTE, "",
               "## Calibration time (this machine, one process)", "",
               "| scheme | full calibration (s) | plan from the cache (s) |", "| --- | --- | --- |"]
     lines += [f"| {s} | {c:.1f} | {m:.2f} |" for s, c, m in timings]
     lines += ["", f"Measured with torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{cpu.model} ({platform.machine()}), {os.cpu_count()} CPUs.", ""]
-    write_text(args.out, "\n".join(lines))
+    write_generated(args.out, "\n".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

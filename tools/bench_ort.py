@@ -35,14 +35,13 @@ from pomq_deploy.models.loading import create_model  # noqa: E402
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
 from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
 from pomq_deploy.quant.model import QuantModel  # noqa: E402
-from pomq_deploy.atomic import write_text  # noqa: E402
+from pomq_deploy.atomic import write_generated  # noqa: E402
 from pomq_deploy.recipe import load_recipe  # noqa: E402
 from pomq_deploy.verify import agreement, noise_images  # noqa: E402
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
 # what the backend builds for a CPU with VNNI: INT8 weights left as ORT's default u8 x s8 GEMM operands
 DEFAULT_KERNELS = CpuFacts("-", "ONNX Runtime's default u8 x s8 kernels", "x86_64", ("avx512_vnni",))
-NOTES_MARKER = "<!-- hand-written notes below: kept when the table above is regenerated -->"
 
 
 def ort_quantize_static(fp_onnx: Path, out: Path, batches: list[np.ndarray]) -> Path:
@@ -162,8 +161,7 @@ def main() -> None:
         lines += [f"| {label} | {what} | {a.top1:.4f} | {a.cosine:.5f} | {a.cosine_min:.4f} |" for label, what, a in checks]
     lines += ["", f"Measured {time.strftime('%Y-%m-%d')} with onnxruntime {__import__('onnxruntime').__version__}, "
               f"torch {torch.__version__}, {cpu.model} ({platform.machine()}), {os.cpu_count()} CPUs.", ""]
-    kept = args.out.read_text().split(NOTES_MARKER, 1)[1] if args.out.is_file() and NOTES_MARKER in args.out.read_text() else "\n"
-    write_text(args.out, "\n".join(lines) + "\n" + NOTES_MARKER + kept)
+    write_generated(args.out, "\n".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
