@@ -1,7 +1,7 @@
 """Bit-width plans: per encoder block, the widths of its weights (``w``), of the activations entering its
 Linear layers and LayerNorms (``a``) and of its post-Softmax attention (``attn``), each 4 or 8.
 
-A plan is a small YAML file a person can read, edit and diff (see DESIGN.md). Its id is a hash of what
+A plan is a small YAML file a person can read, edit and diff (README.md, "Plans"). Its id is a hash of what
 changes the quantized model (model, scheme, blocks), so identical plans share artifacts and results.
 """
 
@@ -76,7 +76,7 @@ def load_plan(path: Path) -> Plan:
 
 
 def dump_plan(plan: Plan) -> str:
-    """YAML with one flow-style row per block, as in DESIGN.md."""
+    """YAML with one flow-style row per block (README.md, "Plans")."""
     lines = [f"model: {plan.model}", f"scheme: {plan.scheme}", "blocks:"]
     lines += [f"  - {{w: {b.w}, a: {b.a}, attn: {b.attn}}}" for b in plan.blocks]
     if plan.measured is not None:

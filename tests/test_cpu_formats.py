@@ -3,15 +3,18 @@ artifact refusing a CPU whose integer path would compute it wrongly."""
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import torch
 from onnx import helper as h
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from pomq_deploy.backends import Artifact, BackendError
 from pomq_deploy.backends.cpu import CpuFacts, detect, parse_proc_cpuinfo
-from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu, int8_weight_dequantizers
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu, int8_weight_readers
 from pomq_deploy.export.graph import Graph
+from pomq_deploy.quant.functional import integer_product
 
 SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -92,7 +95,7 @@ def test_uint8_weights_keep_the_values():
     x = np.random.default_rng(0).integers(0, 256, (4, 64)).astype(np.float32)
     before = ReferenceEvaluator(model).run(None, {"x": x})[0]
     g = Graph(model)
-    assert _weights_to_uint8(g, int8_weight_dequantizers(g)) == 1
+    assert _weights_to_uint8(g, int8_weight_readers(g)) == 1
     codes = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2)
     assert numpy_helper.to_array(codes)[0, :2].tolist() == [255, 0]  # 127 + 128, -128 + 128
     assert np.array_equal(ReferenceEvaluator(model).run(None, {"x": x})[0], before)
@@ -123,3 +126,39 @@ def test_an_artifact_that_did_not_record_its_cpu_is_refused_only_where_it_could_
     assert check_cpu(old, KINDS["sapphire_rapids"]) is None
     with pytest.raises(BackendError, match="did not record its CPU.*AMD EPYC 7763"):
         check_cpu(old, KINDS["zen3"])
+
+
+def _two_grid_gemm(k: int = 64, n: int = 8) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A GEMM on a V-2SF input as our exporter writes it: ``DQ(Q(fine part)) + DQ(Q(coarse part))`` (uint8
+    codes, the coarse step 8x the fine one), times INT8 per-channel weights in extreme codes."""
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1::2] = -128
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(n, 0.5, np.float32), "ws"),
+             numpy_helper.from_array(np.float32(0.25), "sf"), numpy_helper.from_array(np.float32(2.0), "sc"),
+             numpy_helper.from_array(np.uint8(0), "z")]
+    nodes = [h.make_node("QuantizeLinear", ["xf", "sf", "z"], ["qf"]), h.make_node("DequantizeLinear", ["qf", "sf", "z"], ["df"]),
+             h.make_node("QuantizeLinear", ["xc", "sc", "z"], ["qc"]), h.make_node("DequantizeLinear", ["qc", "sc", "z"], ["dc"]),
+             h.make_node("Add", ["df", "dc"], ["x"]), h.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=1),
+             h.make_node("MatMul", ["x", "wd"], ["y"])]
+    inputs = [h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["b", k]) for name in ("xf", "xc")]
+    graph = h.make_graph(nodes, "two_grid_gemm", inputs, [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", n])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_grid_gemm_runs_as_exact_integer_gemms(tmp_path, kind):
+    """Both grids' codes go into integer GEMMs (int32 sums), scaled by 2^m and rescaled once: the numbers of
+    ``integer_product``, bit for bit, in each CPU kind's weight format that is exact on this CPU."""
+    model, w = _two_grid_gemm()
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    backend = OrtCpuBackend(threads=1, cpu=KINDS[kind])
+    art = backend.build(tmp_path / "gemm.onnx", tmp_path)
+    ops = [n.op_type for n in onnx.load(str(art.path)).graph.node]
+    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops and art.options["two_grid_integer_gemms"] == 1
+    codes_f = np.array([[127] * 64, [0, 127] * 32, [3] * 64], np.float32)
+    codes_c = np.array([[0] * 64, [127, 0] * 32, [127] * 64], np.float32)
+    want = integer_product([(torch.from_numpy(codes_f), 0), (torch.from_numpy(codes_c), 3)], torch.from_numpy(w.astype(np.float32)))
+    out = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, {"xf": codes_f * 0.25, "xc": codes_c * 2.0})[0]
+    # u8 weights are exact on every x86 CPU, s8 where VNNI/AMX is present; elsewhere s8 is not this test's claim
+    if KINDS[kind].weight_format == "u8" or detect().exact_u8s8:
+        assert np.array_equal(out, want.numpy() * np.float32(0.125))

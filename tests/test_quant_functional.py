@@ -39,7 +39,7 @@ def test_integer_linear_by_hand():
     assert xc.tolist() == [[2.0, -1.0, 13.0]]  # 8 / 0.5 + 2 = 18 clamps to 15, centred 13
     wc, ws = Fq.weight_codes(torch.tensor([[0.7, -0.3, 0.1], [1.4, 0.0, -0.6]]), 8)
     assert wc.tolist() == [[127.0, -54.0, 18.0], [127.0, 0.0, -54.0]]  # -0.3 / (0.7/127) = -54.4, 0.1 -> 18.1
-    y = Fq.integer_linear(xc, wc, 0.5, ws, torch.tensor([0.25, -1.0]))
+    y = Fq.integer_linear([(xc, 0)], wc, 0.5, ws, torch.tensor([0.25, -1.0]))
     acc = [2 * 127 + 54 + 13 * 18, 2 * 127 - 13 * 54]  # 542, -448
     scales = torch.tensor(0.5) * ws  # one float32 multiplier per output channel
     assert y.dtype == torch.float32
@@ -53,7 +53,7 @@ def test_integer_linear_sums_exactly(x_max, w_max, k):
     x = torch.randint(-x_max, x_max + 1, (64, k), generator=g).float()
     w = torch.randint(-w_max, w_max + 1, (32, k), generator=g).float()
     exact = (x.long() @ w.long().T).float() * torch.tensor(0.1)
-    assert torch.equal(Fq.integer_linear(x, w, 0.1, torch.ones(32), None), exact)
+    assert torch.equal(Fq.integer_linear([(x, 0)], w, 0.1, torch.ones(32), None), exact)
 
 
 def test_omse_shrinks_range_when_clipping_pays():
@@ -95,6 +95,31 @@ def test_two_scale_grids_by_hand():
     assert float(coarse[0]) == pytest.approx(1 / 127) and float(fine[0]) == pytest.approx(1 / 1016)
     out = Fq.two_scale_quant(torch.tensor([0.05, 0.5]), coarse, fine, qmin, qmax)
     assert out.tolist() == pytest.approx([51 / 1016, 64 / 127])  # 50.8 -> 51 on the fine grid; 63.5 -> 64 coarse
+    fine_codes, coarse_codes = Fq.two_scale_codes(torch.tensor([0.05, 0.5]), coarse, fine, qmin, qmax)
+    assert fine_codes.tolist() == [51.0, 0.0] and coarse_codes.tolist() == [0.0, 64.0]  # one of each pair is 0
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, False), (4, False), (4, True)])
+def test_two_scale_codes_and_onnx_form_give_the_fake_quant_values(bits, symmetric):
+    """fine * s_f + coarse * s_c and DQ(Q(fine part)) + DQ(Q(coarse part)) are two_scale_quant, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, generator=g) ** 3 * (0.1 if not symmetric else 1.0)
+    x = x if symmetric else x.abs()
+    coarse, fine, (qmin, qmax) = Fq.two_scale_regions(x.min(), x.max(), bits, 3, symmetric)
+    want = Fq.two_scale_quant(x, coarse, fine, qmin, qmax)
+    f, c = Fq.two_scale_codes(x, coarse, fine, qmin, qmax)
+    assert ((f != 0) & (c != 0)).sum() == 0 and (f != 0).sum() > 100 and (c != 0).sum() > 10
+    assert torch.equal(f * fine[0] + c * coarse[0], want)
+    assert torch.equal(Fq.two_scale_quant_onnx(x, coarse, fine, qmin, qmax), want)
+
+
+def test_integer_product_sums_each_part_exactly_then_scales_by_its_power_of_two():
+    g = torch.Generator().manual_seed(0)
+    fine = torch.randint(0, 128, (8, 300), generator=g).float()
+    coarse = torch.randint(0, 128, (8, 300), generator=g).float() * (torch.rand(8, 300, generator=g) < 0.1)
+    b = torch.randint(-127, 128, (300, 16), generator=g).float()
+    want = (fine.long() @ b.long()).float() + 8 * (coarse.long() @ b.long()).float()
+    assert torch.equal(Fq.integer_product([(fine, 0), (coarse, 3)], b), want)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -146,3 +146,41 @@ def test_calibration_is_cached_per_scheme_and_observer(tmp_path, monkeypatch):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(first(x), second(x))
+
+
+@pytest.mark.parametrize("scheme", ["fqvit", "tsptq"])
+def test_attention_matmuls_run_on_codes(scheme, monkeypatch):
+    """Each block's q @ k^T and probs @ v (one grid, or V-2SF's two) are taken as integer GEMMs, and nothing else
+    in the attention's forward (the qkv and proj Linears' own GEMMs) is: the logits stay those of the float
+    MatMuls on the same quantized values up to summation order (here often to the bit: the quantizers after
+    them absorb last-bit differences)."""
+    from pomq_deploy.quant.attention import IntegerAttention
+
+    qm = QuantModel(tiny_vit(), scheme)
+    qm.calibrate(images())
+    qm.apply(uniform_plan("8/8/8", 6, "t", scheme))
+    x = images(1, seed=7)[0]
+    taken = []
+    integer = IntegerAttention._integer
+
+    def counting(self, a, b):
+        y = integer(self, a, b)
+        taken.append((tuple(a.shape), tuple(b.shape), y is not None))
+        return y
+
+    with torch.no_grad():
+        monkeypatch.setattr(IntegerAttention, "_integer", counting)
+        on_codes = qm(x)
+        monkeypatch.setattr(IntegerAttention, "_integer", lambda self, a, b: None)
+        in_float = qm(x)
+    tokens, heads, dim = 17, 2, 32  # test_vit at 32 px, patch 8: 16 patches + cls; 64-d, 2 heads
+    assert taken == [((8, heads, tokens, dim), (8, heads, dim, tokens), True),
+                     ((8, heads, tokens, tokens), (8, heads, tokens, dim), True)] * 6
+    assert cos(on_codes, in_float) > 0.9999
+    monkeypatch.undo()
+    taken.clear()
+    copied = copy.deepcopy(qm)  # its hooks take its own modules' codes, not the original's
+    monkeypatch.setattr(IntegerAttention, "_integer", counting)
+    with torch.no_grad():
+        assert torch.equal(copied(x), on_codes) and [t[2] for t in taken] == [True] * 12
+

@@ -89,17 +89,20 @@ class OrtCpuBackend:
 
     def prepare(self, model) -> dict[str, Any]:
         """The rewrites of ``model`` (in place) that ONNX Runtime needs before it optimises: INT4 weights as
-        INT8 codes, and on a CPU without exact u8 x s8 kernels INT8 weights as uint8. Returns the session
-        options with what was done, for the artifact."""
+        INT8 codes, GEMMs on two-grid (V-2SF) inputs as integer GEMMs (:mod:`.ort_split_codes`), and on a CPU
+        without exact u8 x s8 kernels INT8 weights as uint8. Returns the session options with what was done,
+        for the artifact."""
         from ..export.graph import Graph
+        from .ort_split_codes import split_code_matmuls
 
         int8_activations = _has_int8_activations(model)
         options = self.options(INT8_DISABLED if int8_activations else None)
         options |= {"int4_weights_on_int8_kernels": _int4_to_int8(model), "cpu": self.cpu.to_dict()}
         g = Graph(model)
-        weights = int8_weight_dequantizers(g)
-        options |= {"integer_weights": len(weights), "activation_format": "s8" if int8_activations else "u8",
-                    "weight_format": self.cpu.weight_format,
+        options["two_grid_integer_gemms"] = split_code_matmuls(g)
+        weights = int8_weight_readers(g)
+        options |= {"integer_weights": len({n.input[i] for n, i, _ in weights}),
+                    "activation_format": "s8" if int8_activations else "u8", "weight_format": self.cpu.weight_format,
                     "weights_as_uint8": _weights_to_uint8(g, weights) if self.cpu.weight_format == "u8" else 0}
         return options
 
@@ -179,36 +182,45 @@ def check_cpu(artifact: Artifact, here: CpuFacts) -> Optional[str]:
             f"{here.weight_format}: its integer results are exact here too, its latency was measured there")
 
 
-def _weights_to_uint8(g, dequantizers: list) -> int:
-    """Each INT8 weight read by ``dequantizers`` (of Graph ``g``) as uint8 codes + 128 with zero point + 128
-    (default 0).
+def _weights_to_uint8(g, readers: list) -> int:
+    """Each INT8 weight read by ``readers`` (of Graph ``g``: ``int8_weight_readers``) as uint8 codes + 128 with
+    zero point + 128 (default 0).
 
     ``(q + 128) - (z + 128) = q - z``: the same values. ONNX Runtime then fuses the GEMMs into its u8 x u8
     kernels, exact on every x86 CPU, instead of u8 x s8, which saturates where VNNI/AMX is missing (see
     :mod:`.cpu`). Returns how many weights were rewritten."""
     from onnx import numpy_helper
 
-    for dq in dequantizers:
-        codes = g.inits[dq.input[0]]
-        scale = g.value(dq.input[1])
-        zero = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, np.int8)
-        shifted = numpy_helper.from_array((numpy_helper.to_array(codes).astype(np.int16) + 128).astype(np.uint8),
-                                          f"{dq.output[0]}_u8")
-        zero_u8 = numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), f"{shifted.name}_zero")
-        g.replace_initializer(None, shifted)
-        g.replace_initializer(None, zero_u8)
-        dq.input[:] = [shifted.name, dq.input[1], zero_u8.name]
+    shifted: dict[str, tuple[str, str]] = {}  # int8 initializer -> (uint8 codes, uint8 zero point) names
+    for node, codes_at, zero_at in readers:
+        name = node.input[codes_at]
+        zero_name = node.input[zero_at] if len(node.input) > zero_at and node.input[zero_at] else None
+        key = (name, zero_name)
+        if key not in shifted:
+            codes = numpy_helper.to_array(g.inits[name])
+            width = codes.shape[1] if node.op_type == "MatMulInteger" else g.value(node.input[1]).shape
+            zero = g.value(zero_name) if zero_name else np.zeros(width, np.int8)
+            u8 = numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), f"{name}_u8")
+            zero_u8 = numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), f"{u8.name}_zero")
+            g.replace_initializer(None, u8)
+            g.replace_initializer(None, zero_u8)
+            shifted[key] = (u8.name, zero_u8.name)
+        inputs = list(node.input) + [""] * (zero_at + 1 - len(node.input))
+        inputs[codes_at], inputs[zero_at] = shifted[key]
+        node.input[:] = inputs
     g.drop_unused()
-    return len(dequantizers)
+    return len(shifted)
 
 
-def int8_weight_dequantizers(g) -> list:
-    """The DequantizeLinear nodes that read an INT8 initializer: the integer weights (activations come from
-    a QuantizeLinear)."""
+def int8_weight_readers(g) -> list:
+    """(node, codes input, zero point input) of each node that reads an INT8 initializer as integer weights:
+    DequantizeLinear (activations come from a QuantizeLinear instead) and MatMulInteger's B
+    (``split_code_matmuls``)."""
     import onnx
 
-    return [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in g.inits
-            and g.inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    slots = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3)}
+    return [(n, *slots[n.op_type]) for n in g.graph.node if n.op_type in slots and n.input[slots[n.op_type][0]] in g.inits
+            and g.inits[n.input[slots[n.op_type][0]]].data_type == onnx.TensorProto.INT8]
 
 
 def _load(path: Path):

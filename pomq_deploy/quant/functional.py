@@ -74,21 +74,38 @@ def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     return codes * scale.reshape(-1, *([1] * (w.ndim - 1)))
 
 
-def integer_linear(x_codes: torch.Tensor, w_codes: torch.Tensor, x_scale: float, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """A Linear layer on quantized input and weight, computed as integer hardware does: the products of the
-    codes summed exactly (in float32 when the sums provably fit its 24 bits, else float64), then one scale
-    ``s_x s_w[c]`` per output channel and the bias, in ``x_codes``' float type (float32: ONNX Runtime's
-    MatMulIntegerToFloat, an INT8 GEMM with a float epilogue). The result does not depend on a float GEMM's
-    summation order, which at 4-bit activations decides codes downstream (docs/quantization.md)."""
-    dtype = x_codes.dtype
+def integer_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
+    """``a_codes @ b_codes`` on integer codes (held in floats): the products summed exactly, then rounded once to
+    ``a_codes``' float type, as an int32 accumulator cast to float (ONNX MatMulInteger -> Cast). Exact sums do not
+    depend on a float GEMM's summation order, which at 4-bit activations decides codes downstream
+    (docs/quantization.md)."""
+    dtype = a_codes.dtype
     # float32 sums integers exactly while every partial sum stays below 2^24, in any summation order
-    bound = x_codes.shape[-1] * float(x_codes.abs().max()) * float(w_codes.abs().max()) if x_codes.numel() else 0.0
+    bound = a_codes.shape[-1] * float(a_codes.abs().max()) * float(b_codes.abs().max()) if a_codes.numel() else 0.0
     if dtype == torch.float32 and bound < 2**24:
-        acc = x_codes @ w_codes.T
-    else:
-        acc = (x_codes.double() @ w_codes.double().T).to(dtype)
-    y = acc * (torch.tensor(x_scale, dtype=dtype) * w_scale.to(dtype))
+        return a_codes @ b_codes
+    return (a_codes.double() @ b_codes.double()).to(dtype)
+
+
+def integer_product(parts: list[tuple[torch.Tensor, int]], b_codes: torch.Tensor) -> torch.Tensor:
+    """``sum_i 2^e_i (a_i @ b)`` for an input split into code parts ``(a_i, e_i)`` on grids 2^e_i apart (V-2SF's
+    fine and coarse codes): each part's exact integer product rounded once, scaled by 2^e_i (exact), summed in
+    order, as the deployed graph's MatMulInteger -> Cast -> Mul(2^e) -> Add does."""
+    acc = None
+    for codes, e in parts:
+        part = integer_matmul(codes, b_codes)
+        part = part * 2.0**e if e else part
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def integer_linear(x_parts: list[tuple[torch.Tensor, int]], w_codes: torch.Tensor, x_scale: float, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """A Linear layer on quantized input and weight, computed as integer hardware does: the code products summed
+    exactly (``integer_product``), then one scale ``s_x s_w[c]`` per output channel and the bias, in the codes'
+    float type (float32: ONNX Runtime's MatMulIntegerToFloat, an INT8 GEMM with a float epilogue)."""
+    dtype = x_parts[0][0].dtype
+    y = integer_product(x_parts, w_codes.T) * (torch.tensor(x_scale, dtype=dtype) * w_scale.to(dtype))
     return y if bias is None else y + bias
 
 
@@ -96,7 +113,7 @@ def fake_quant_onnx(x: torch.Tensor, scale: float, zero_point: int, qmin: int, q
     """``fake_quant`` written with the op the ONNX exporter turns into QuantizeLinear -> DequantizeLinear.
 
     ONNX's 8-bit Q/DQ has no narrower range, so a narrower code (4-bit, V-2SF's half codes) first clips x
-    to what its codes cover; the 8-bit Q then yields exactly the narrow code (the 4-bit emulation DESIGN.md
+    to what its codes cover; the 8-bit Q then yields exactly the narrow code (the 4-bit emulation docs/quantization.md
     describes for activations)."""
     lo8, hi8 = (0, 255) if qmin >= 0 else (-128, 127)
     if (qmin, qmax) != (lo8, hi8):
@@ -181,12 +198,36 @@ def two_scale_regions(lo: torch.Tensor, hi: torch.Tensor, bits: int, m: int, sym
     return coarse, (s_f, z_f), (qmin, qmax)
 
 
-def two_scale_quant(x: torch.Tensor, coarse, fine, qmin: int, qmax: int, quant=fake_quant) -> torch.Tensor:
-    """Values inside the fine grid's range take the fine grid, the rest the coarse one (exported: two Q/DQ
-    pairs and a Where, with ``quant=fake_quant_onnx``)."""
+def two_scale_codes(x: torch.Tensor, coarse, fine, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred fine and coarse codes of ``two_scale_quant``, each 0 where the other grid applies:
+    ``two_scale_quant(x) == fine_codes * s_f + coarse_codes * s_c``, one term always 0."""
     (s_c, z_c), (s_f, z_f) = coarse, fine
-    inside = (x >= (qmin - z_f) * s_f) & (x <= (qmax - z_f) * s_f)
-    return torch.where(inside, quant(x, s_f, z_f, qmin, qmax), quant(x, s_c, z_c, qmin, qmax))
+    inside = _inside_fine(x, s_f, z_f, qmin, qmax)
+    zero = torch.zeros_like(x)
+    return (torch.where(inside, quant_codes(x, s_f, z_f, qmin, qmax), zero),
+            torch.where(inside, zero, quant_codes(x, s_c, z_c, qmin, qmax)))
+
+
+def _inside_fine(x: torch.Tensor, s_f, z_f, qmin: int, qmax: int) -> torch.Tensor:
+    return (x >= (qmin - z_f) * s_f) & (x <= (qmax - z_f) * s_f)
+
+
+def two_scale_quant(x: torch.Tensor, coarse, fine, qmin: int, qmax: int) -> torch.Tensor:
+    """Values inside the fine grid's range take the fine grid, the rest the coarse one."""
+    (s_c, z_c), (s_f, z_f) = coarse, fine
+    return torch.where(_inside_fine(x, s_f, z_f, qmin, qmax), fake_quant(x, s_f, z_f, qmin, qmax), fake_quant(x, s_c, z_c, qmin, qmax))
+
+
+def two_scale_quant_onnx(x: torch.Tensor, coarse, fine, qmin: int, qmax: int) -> torch.Tensor:
+    """``two_scale_quant`` as two Q/DQ pairs whose codes are the fine and coarse codes (the other grid's x set to 0,
+    which quantizes to the zero point), added: ``DQ(Q(where(in, x, 0))) + DQ(Q(where(in, 0, x)))``, one term
+    always 0, so the same values. Each grid's codes stay in the graph, so ONNX Runtime's backend runs a GEMM
+    reading them as two integer GEMMs (``pomq_deploy.backends.ort_cpu``)."""
+    (s_c, z_c), (s_f, z_f) = coarse, fine
+    inside = _inside_fine(x, s_f, z_f, qmin, qmax)
+    zero = torch.zeros_like(x)
+    return (fake_quant_onnx(torch.where(inside, x, zero), s_f, z_f, qmin, qmax)
+            + fake_quant_onnx(torch.where(inside, zero, x), s_c, z_c, qmin, qmax))
 
 
 def v2sf_search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, max_m: int = 12) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..plan import Plan
+from .attention import integer_attention
 from .functional import weight_scale
 from .modules import ActQuant, QuantInput, QuantWeighted
 from .observers import RangeObserver
@@ -42,6 +43,7 @@ def _wrap_block(block: nn.Module, i: int) -> None:
     block.norm2 = QuantInput(block.norm2, ActQuant("ln_in", i))
     mlp.fc1 = QuantWeighted(mlp.fc1, i, ActQuant("act", i))
     mlp.fc2 = QuantWeighted(mlp.fc2, i, ActQuant("gelu", i))
+    integer_attention(attn)
 
 
 def _wrap_rest(module: nn.Module) -> None:

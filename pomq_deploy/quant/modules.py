@@ -14,7 +14,7 @@ from torch import nn
 
 from .functional import integer_linear, weight_codes
 from .observers import RangeObserver
-from .quantizers import FORMATS, Quantizer, UniformQ, fit
+from .quantizers import FORMATS, Parts, Quantizer, TwoScaleQ, UniformQ, fit
 from .schemes import method_for
 
 
@@ -31,12 +31,17 @@ class ActQuant(nn.Module):
         self.fitted: dict[str, Quantizer] = {}  # "asym8" -> quantizer
         self.active: Optional[Quantizer] = None
         self.exporting = False  # forward through the ops the ONNX exporter maps to Q/DQ (QuantModel.onnx_mode)
+        self.keep_last = False  # keep (input, output) of the last call in ``last`` (IntegerAttention reads it)
+        self.last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "quant":
-            if self.active is None:
-                return x
-            return self.active.onnx(x) if self.exporting else self.active(x)
+            if self.exporting:
+                return x if self.active is None else self.active.onnx(x)
+            y = x if self.active is None else self.active(x)
+            if self.keep_last:
+                self.last = (x, y)
+            return y
         if self.state in ("observe", "fit"):
             self.observer.update(x)
             if self.state == "fit":
@@ -44,13 +49,20 @@ class ActQuant(nn.Module):
                                for bits in (4, 8) for fmt in FORMATS}
         return x
 
-    def grid(self) -> Optional[UniformQ]:
-        """The quantizer now applied, when it puts the whole tensor on one uniform grid (one scale and zero
-        point): then a Linear reading this activation can run on its integer codes."""
+    def uniform(self) -> Optional[UniformQ]:
+        """The quantizer now applied, when it puts the whole tensor on one uniform grid (one scale, zero point)."""
         q = self.active
         if self.state == "quant" and not self.exporting and isinstance(q, UniformQ) and q.shift is None:
             return q
         return None
+
+    def parts(self, x: torch.Tensor) -> Optional[Parts]:
+        """``x`` as the integer codes the quantizer now applied writes (see ``Parts``), when it writes codes that a
+        GEMM can read (one grid, or V-2SF's two grids): then the GEMM reading this activation runs on them."""
+        q = self.active
+        if self.state != "quant" or self.exporting or not isinstance(q, (UniformQ, TwoScaleQ)):
+            return None
+        return q.parts(x)
 
     def extra_repr(self) -> str:
         return f"role={self.role}, block={self.block}, state={self.state}, active={self.active}"
@@ -59,9 +71,9 @@ class ActQuant(nn.Module):
 class QuantWeighted(nn.Module):
     """A Linear or Conv2d with a quantized input, weight (symmetric per output channel) and optional output.
 
-    A Linear whose input sits on one uniform grid runs as an integer GEMM (``integer_linear``), the
-    arithmetic of the deployed kernels; otherwise (PTF-scaled or two-scale inputs, Conv2d) the layer runs in
-    float on the dequantized values."""
+    A Linear whose input is written as integer codes (one grid, or V-2SF's two) runs as an integer GEMM
+    (``integer_linear``), the arithmetic of the deployed kernels; otherwise (PTF-scaled inputs, Conv2d) the
+    layer runs in float on the dequantized values."""
 
     def __init__(self, layer: nn.Module, block: Optional[int], in_quant: ActQuant, out_quant: Optional[ActQuant] = None):
         super().__init__()
@@ -88,12 +100,12 @@ class QuantWeighted(nn.Module):
         return self.out_quant(y) if self.out_quant is not None else y
 
     def _integer(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The Linear as an integer GEMM, when its input sits on one grid and its weight is quantized."""
-        grid = self.in_quant.grid()
-        if grid is None or self.weight_bits is None:
+        """The Linear as an integer GEMM, when its input is written as codes and its weight is quantized."""
+        parts = self.in_quant.parts(x) if self.weight_bits is not None else None
+        if parts is None:
             return None
         w_codes, w_scale = self.weight_codes(self.weight_bits)
-        return integer_linear(grid.codes(x), w_codes, grid.scale, w_scale, self.layer.bias)
+        return integer_linear(parts[1], w_codes, parts[0], w_scale, self.layer.bias)
 
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         """The layer in float on the (already quantized) input ``x``."""

@@ -21,6 +21,10 @@ SEARCH_SAMPLES = 1 << 18
 SEARCH_TOKENS = 1 << 14
 
 
+# An activation as integer codes: (base scale, [(centred codes, e)]), the value being sum(codes * scale * 2^e).
+Parts = tuple[float, list[tuple[torch.Tensor, int]]]
+
+
 def _sample(x: torch.Tensor, k: int) -> torch.Tensor:
     """At most ``k`` rows of ``x``, drawn with a fixed seed so that calibration stays deterministic."""
     if x.shape[0] <= k:
@@ -43,9 +47,12 @@ class UniformQ:
             return Fq.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         return Fq.fake_quant_shifted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.shift)
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The centred integer codes ``q - z`` of a per-tensor quantizer (``self(x) == codes(x) * scale``)."""
-        return Fq.quant_codes(x, self.scale, self.zero_point, self.qmin, self.qmax)
+    def parts(self, x: torch.Tensor) -> Optional[Parts]:
+        """The centred integer codes ``q - z`` with their scale (``self(x) == codes * scale``); None with a
+        per-channel shift, whose channels sit on different grids."""
+        if self.shift is not None:
+            return None
+        return self.scale, [(Fq.quant_codes(x, self.scale, self.zero_point, self.qmin, self.qmax), 0)]
 
     def onnx(self, x: torch.Tensor) -> torch.Tensor:
         """The same values as exportable Q/DQ; a per-channel shift becomes ``Mul(2^-shift) -> Q/DQ -> Mul(2^shift)``."""
@@ -79,12 +86,18 @@ class TwoScaleQ:
     m: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return Fq.two_scale_quant(x, (self.coarse_scale, self.coarse_zero_point),
-                                  (self.fine_scale, self.fine_zero_point), self.qmin, self.qmax)
+        return Fq.two_scale_quant(x, *self._grids(), self.qmin, self.qmax)
 
     def onnx(self, x: torch.Tensor) -> torch.Tensor:
-        return Fq.two_scale_quant(x, (self.coarse_scale, self.coarse_zero_point),
-                                  (self.fine_scale, self.fine_zero_point), self.qmin, self.qmax, Fq.fake_quant_onnx)
+        return Fq.two_scale_quant_onnx(x, *self._grids(), self.qmin, self.qmax)
+
+    def parts(self, x: torch.Tensor) -> Parts:
+        """Fine codes (scale ``fine_scale``) and coarse codes (2^m times that), each 0 where the other applies."""
+        fine, coarse = Fq.two_scale_codes(x, *self._grids(), self.qmin, self.qmax)
+        return self.fine_scale, [(fine, 0), (coarse, self.m)]
+
+    def _grids(self):
+        return (self.coarse_scale, self.coarse_zero_point), (self.fine_scale, self.fine_zero_point)
 
 
 Quantizer = Union[UniformQ, Log2Q, TwoScaleQ]
