@@ -1,8 +1,8 @@
 """Write files whole or not at all: into a temporary name beside the target, then rename over it."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -2,9 +2,9 @@
 
 import datetime
 import platform
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
-def emulated_settings(plan: Optional[Plan], backend: str) -> list[str]:
+def emulated_settings(plan: Plan | None, backend: str) -> list[str]:
     """Plan settings a CPU backend runs without their width's speed-up (the numbers stay the plan's)."""
     if plan is None:
         return []
@@ -63,7 +63,7 @@ def emulated_settings(plan: Optional[Plan], backend: str) -> list[str]:
     return notes
 
 
-def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, track: Optional[Track] = None) -> EvalResult:
+def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, track: Track | None = None) -> EvalResult:
     """Top-1/top-5 of the built artifact, run by its backend, on the recipe's evaluation split."""
     from .data import eval_dataset, eval_loader
     from .models.loading import data_model
@@ -109,7 +109,7 @@ def self_check(backend: Backend, artifact: Artifact, reference: torch.nn.Module,
                       "nothing was written (--no-verify builds it anyway)")
 
 
-def build(recipe: Recipe, plan: Optional[Plan], opts: BuildOptions, track: Optional[Track] = None,
+def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | None = None,
           status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
     """Export ``plan`` (None: the FP32 model), build it with the backend, measure it, write the directory."""
     from .export import export_fp32, export_quantized

@@ -1,8 +1,8 @@
 """Top-1/top-5 accuracy of a classifier over batches of (images, labels)."""
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

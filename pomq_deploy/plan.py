@@ -8,14 +8,14 @@ changes the quantized model (model, scheme, blocks), so identical plans share ar
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from .atomic import write_text
 from ._schema import STRICT, parse, read_yaml, to_plain
+from .atomic import write_text
 from .errors import PlanError
 
 Bits = Literal[4, 8]
@@ -34,7 +34,7 @@ class Plan:
     model: str  # the recipe name
     scheme: Literal["fqvit", "tsptq", "minmax"]
     blocks: tuple[BlockBits, ...] = Field(min_length=1)
-    measured: Optional[dict[str, Any]] = None  # written by search/build, informational only
+    measured: dict[str, Any] | None = None  # written by search/build, informational only
 
     @property
     def is_mixed(self) -> bool:
@@ -51,10 +51,6 @@ class Plan:
         if len(self.blocks) != n_blocks:
             raise PlanError(f"{source}: 'blocks' has {len(self.blocks)} rows but model {self.model} has {n_blocks} "
                             f"encoder blocks; give one {{w, a, attn}} row per block")
-
-    def describe(self) -> str:
-        """Compact text, e.g. ``w 4,4,8,... a 8,... attn 4,...``."""
-        return " ".join(f"{k} " + ",".join(str(getattr(b, k)) for b in self.blocks) for k in ("w", "a", "attn"))
 
 
 def parse_uniform(text: str) -> tuple[int, int, int]:

@@ -6,7 +6,7 @@ working directory. ``--recipe`` takes a path or the bare name of a recipe in the
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveInt
 from pydantic.dataclasses import dataclass
@@ -21,16 +21,16 @@ DEFAULT_RECIPE = "deit_fmnist"
 @dataclass(frozen=True, config=STRICT)
 class ModelSpec:
     arch: str  # a timm model name, e.g. deit_tiny_patch16_224 (deit_fmnist is registered by pomq_deploy)
-    checkpoint: Optional[str] = None  # .safetensors or .pth state dict in timm's key format
+    checkpoint: str | None = None  # .safetensors or .pth state dict in timm's key format
 
 
 @dataclass(frozen=True, config=STRICT)
 class DataSpec:
     kind: Literal["fashion_mnist", "image_folder"]
     # fashion_mnist: the folder holding the four IDX files; image_folder: the evaluation folder (<class>/<image>).
-    root: Optional[str] = None
+    root: str | None = None
     # image_folder only: the folder calibration images come from (ImageNet's train/); default: root.
-    calib_root: Optional[str] = None
+    calib_root: str | None = None
     calib_images: PositiveInt = 1000  # FQ-ViT: 10 batches x 100 shuffled training images
     calib_batch: PositiveInt = 100
     seed: int = 0
@@ -40,7 +40,7 @@ class DataSpec:
 @dataclass(frozen=True, config=STRICT)
 class EvalSpec:
     batch_size: PositiveInt = 100
-    limit: Optional[PositiveInt] = None  # evaluate only the first N images
+    limit: PositiveInt | None = None  # evaluate only the first N images
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -50,7 +50,7 @@ class SearchSpec:
     algorithm: Literal["nsga2", "random"] = "nsga2"
     population: PositiveInt = 12
     generations: PositiveInt = 6
-    trials: Optional[PositiveInt] = None  # random search: plans to evaluate (default population x generations)
+    trials: PositiveInt | None = None  # random search: plans to evaluate (default population x generations)
     seed: int = 0
     scheme: Literal["fqvit", "tsptq", "minmax"] = "fqvit"
     eval_images: PositiveInt = 1000  # top-1 objective on the first N evaluation images; the front gets the full set
@@ -67,7 +67,7 @@ class Recipe:
     search: SearchSpec = SearchSpec()
 
 
-def find_recipe(spec: Optional[str]) -> Path:
+def find_recipe(spec: str | None) -> Path:
     """A recipe path from a path or a bare recipe name (default: the embedded reference recipe)."""
     spec = spec or DEFAULT_RECIPE
     path = Path(spec).expanduser()
@@ -80,14 +80,14 @@ def find_recipe(spec: Optional[str]) -> Path:
     raise RecipeError(f"{spec}: no such recipe file or recipe name; recipes in {RECIPES_DIR}: {known}")
 
 
-def _resolve(base: Path, value: Optional[str]) -> Optional[str]:
+def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def load_recipe(spec: Optional[str] = None) -> Recipe:
+def load_recipe(spec: str | None = None) -> Recipe:
     """Load and validate a recipe; its relative paths come back resolved against the recipe's folder."""
     path = find_recipe(spec)
     recipe = parse(Recipe, read_yaml(path, RecipeError), str(path), RecipeError)

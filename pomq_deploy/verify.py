@@ -8,8 +8,8 @@ differs most when every block is fed the reference's own input (so one block's e
 the blocks after it).
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def agreement(reference: np.ndarray, output: np.ndarray) -> Agreement:
     """How closely ``output`` logits (images x classes) follow ``reference``."""
     ref, out = np.asarray(reference, np.float64), np.asarray(output, np.float64)
-    lowest = min(cosine(r, o) for r, o in zip(ref, out))
+    lowest = min(cosine(r, o) for r, o in zip(ref, out, strict=True))
     return Agreement(len(ref), float((ref.argmax(1) == out.argmax(1)).mean()), cosine(ref, out), lowest)
 
 
@@ -70,7 +70,7 @@ class BlockDiff:
 class Verification:
     calibration: Agreement
     noise: Agreement
-    worst_block: Optional[BlockDiff] = None  # only looked for when the check fails
+    worst_block: BlockDiff | None = None  # only looked for when the check fails
 
     @property
     def passed(self) -> bool:

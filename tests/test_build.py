@@ -6,12 +6,11 @@ import shutil
 from contextlib import redirect_stdout
 
 import pytest
+from conftest import tiny_recipe_file
+from test_cli import user_error
 
 from pomq_deploy.artifact import MANIFEST, load_artifact
 from pomq_deploy.cli.main import main
-
-from conftest import tiny_recipe_file
-from test_cli import user_error
 
 BUILD = ["--limit", "16", "--runs", "5", "--batch", "2"]
 

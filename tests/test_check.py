@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 import onnx.parser
 import pytest
-
 from conftest import REPO, tiny_recipe_file
+
 from pomq_deploy.cli.main import main
 from pomq_deploy.export import export_quantized
 from pomq_deploy.export.trt_rules import ERROR, MODEL, WARNING, check_tensorrt

@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 import timm
-import torch
+from conftest import make_fmnist
 from safetensors.torch import save_file
+from test_image_folder import make_folder
 
 from pomq_deploy.cli.main import COMMANDS, main
-
-from conftest import make_fmnist
-from test_image_folder import make_folder
 
 CLI = Path(sys.executable).parent / "pomq-deploy"
 

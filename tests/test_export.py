@@ -10,15 +10,13 @@ import timm
 import torch
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
+from test_quant_model import images, tiny_vit
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_fp32, export_quantized
-from pomq_deploy.export.graph import (block_int4_scales, fold_weight_transposes, qdq_to_attention_matmuls,
-                                     store_integer_weights)
+from pomq_deploy.export.graph import block_int4_scales, fold_weight_transposes, qdq_to_attention_matmuls, store_integer_weights
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.model import QuantModel
-
-from test_quant_model import images, tiny_vit
 
 
 @pytest.fixture(scope="module", params=["fqvit", "tsptq"])
@@ -86,7 +84,7 @@ def test_int4_scales_as_blocks_by_hand():
     assert {a.name: h.get_attribute_value(a) for a in dq.attribute} == {"axis": 0, "block_size": 64}
     assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq.input[1])).shape == (3, 3)
     assert [n.input[1] for n in model.graph.node[1:]] == ["s", "s"]
-    for a, b in zip(ReferenceEvaluator(model).run(None, {}), before):
+    for a, b in zip(ReferenceEvaluator(model).run(None, {}), before, strict=True):
         assert np.array_equal(a, b)
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_fmnist
+
 from pomq_deploy.data.fashion_mnist import ArrayImageDataset, load_fashion_mnist
 from pomq_deploy.data.idx import write_idx
 from pomq_deploy.errors import DataError

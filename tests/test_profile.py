@@ -10,6 +10,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe_file
+from test_cli import user_error
 
 from pomq_deploy.artifact import MANIFEST, load_artifact, seal, write_json_atomic
 from pomq_deploy.cli.main import main
@@ -17,9 +19,6 @@ from pomq_deploy.cli.profile_cmd import bench_child_command
 from pomq_deploy.profiling import ProfileError
 from pomq_deploy.profiling.nsys import parse_kern_sum, profile_command, report_path, stats_command
 from pomq_deploy.profiling.ort_trace import summarize
-
-from conftest import tiny_recipe_file
-from test_cli import user_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -3,9 +3,9 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import make_fmnist
 from safetensors.torch import save_file
 
-from conftest import make_fmnist
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.calibration import CACHE_ENV, calibrated_model
 from pomq_deploy.quant.model import QuantModel

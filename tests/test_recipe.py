@@ -1,11 +1,10 @@
 import pytest
 import yaml
+from conftest import REPO
 
 from pomq_deploy._schema import parse, to_plain
 from pomq_deploy.errors import RecipeError
 from pomq_deploy.recipe import RECIPES_DIR, Recipe, find_recipe, load_recipe
-
-from conftest import REPO
 
 ALL = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 PAPER_ARCHS = {"deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "vit_base_patch16_224",

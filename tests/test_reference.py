@@ -4,8 +4,8 @@ import copy
 import json
 
 import pytest
-
 from conftest import REPO
+
 from pomq_deploy.cli.main import main
 from pomq_deploy.models.reference import REFERENCE_CONFIG
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import make_fmnist
+
 from pomq_deploy.data import calibration_batches, calibration_indices, eval_dataset
 from pomq_deploy.errors import DataError
 from pomq_deploy.recipe import DataSpec
@@ -28,7 +28,7 @@ def test_fmnist_calibration_is_from_train_split(tmp_path):
     assert [b.shape[0] for b in batches] == [10, 10, 5]
     assert batches[0].shape[1:] == (1, 28, 28)
     again = calibration_batches(spec, model)
-    assert all(torch.equal(x, y) for x, y in zip(batches, again))
+    assert all(torch.equal(x, y) for x, y in zip(batches, again, strict=True))
     assert len(eval_dataset(spec, model)) == 20
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_cli import user_error
 
 from pomq_deploy.cli.main import main
 from pomq_deploy.plan import BlockBits, Plan, load_plan
 from pomq_deploy.search.report import Row, mark_front, select
-
-from test_cli import user_error
 
 CLI = Path(sys.executable).parent / "pomq-deploy"
 
@@ -59,7 +58,9 @@ def test_search_writes_report_front_and_best_plan(recipe, tmp_path, capsys):
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert report.splitlines()[0].startswith(("NO FEASIBLE PLAN", f"{sum(t['feasible'] for t in doc['trials'])} of 8"))
-    if best is not None:
+    feasible = [t for t in doc["trials"] if t["feasible"]]
+    assert (best is None) == (not feasible)  # a feasible trial puts a plan on the front, and select() picks one
+    if feasible:
         plan = load_plan(out / "best.yaml")
         assert plan.plan_id == best["plan_id"] and plan.is_mixed
 

@@ -16,16 +16,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from test_cli import user_error
 
 from pomq_deploy.backends import Artifact, BackendError, get_backend
-from pomq_deploy.backends.tensorrt import (LAYERS_NAME, artifact_label, manifest_section, read_onnx_graph, rules_gate)
-from pomq_deploy.backends.trt_inspect import (FP16, FP32, INT4, INT8, OTHER, judge, read_layer_info, summarise,
-                                              tensor_type)
-from pomq_deploy.backends.trt_settings import (TrtBuildSettings, build_settings, builder_flags, compatibility_problems,
-                                               trtexec_command)
+from pomq_deploy.backends.tensorrt import LAYERS_NAME, artifact_label, manifest_section, read_onnx_graph, rules_gate
+from pomq_deploy.backends.trt_inspect import FP16, FP32, INT4, INT8, OTHER, judge, read_layer_info, summarise, tensor_type
+from pomq_deploy.backends.trt_settings import TrtBuildSettings, build_settings, builder_flags, compatibility_problems, trtexec_command
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
-
-from test_cli import user_error
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trt_layers.json"
 # block 0: 4-bit weights; block 1: 4-bit activations; block 2: 4-bit attention; the rest 8/8/8
@@ -438,16 +435,15 @@ def test_engine_agrees_with_ort_cpu(plan, reference_recipe, fmnist_root, tmp_pat
 
 
 @pytest.mark.gpu
-def test_latency_against_an_fp16_engine_of_the_fp32_model(reference_recipe, fmnist_root, tmp_path, record_property):
+def test_fp16_engine_of_the_fp32_model_builds_through_autocast(reference_recipe, fmnist_root, tmp_path):
+    """The FP16 baseline (tools/bench_trt.py compares latencies; a unit test does not time): the float model
+    converted by ModelOpt AutoCast, built strongly typed, and as accurate as FP32 to within FP16 rounding."""
     pytest.importorskip("modelopt.onnx.autocast", reason="the FP16 baseline converts the ONNX with ModelOpt AutoCast")
     from pomq_deploy.build import BuildOptions, build
 
-    cache = tmp_path / ".trt_timing.cache"
-    fp16 = build(reference_recipe, None, BuildOptions(get_backend("tensorrt", batch=8, fp16=True, timing_cache=cache),
-                                                      "tensorrt", tmp_path, runs=200))
-    int8 = build(reference_recipe, uniform_plan("8/8/8", 12, "deit_fmnist", "fqvit"),
-                 BuildOptions(get_backend("tensorrt", batch=8, timing_cache=cache), "tensorrt", tmp_path, runs=200))
-    a, b = fp16.manifest["latency"], int8.manifest["latency"]
-    assert a["runs"] >= 200 and b["runs"] >= 200 and a["median_ms"] > 0 and b["median_ms"] > 0
-    record_property("speedup_8_8_8_over_fp16", a["median_ms"] / b["median_ms"])
-    assert (fp16.directory / "model.fp16.onnx").is_file()
+    trt, ort = get_backend("tensorrt", batch=8, fp16=True), get_backend("ort-cpu")
+    fp16 = build(reference_recipe, None, BuildOptions(trt, "tensorrt", tmp_path / "trt", runs=20))
+    fp32 = build(reference_recipe, None, BuildOptions(ort, "tensorrt", tmp_path / "ort", runs=5))
+    assert (fp16.directory / "model.fp16.onnx").is_file() and fp16.manifest["backend"]["options"]["fp16"] is True
+    agree = np.mean(_predictions(trt, fp16.artifact, reference_recipe) == _predictions(ort, fp32.artifact, reference_recipe))
+    assert agree >= 0.99, f"top-1 agreement of the FP16 engine with FP32 ORT {agree:.4f}"

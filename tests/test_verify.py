@@ -6,6 +6,7 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
+from test_cpu_formats import KINDS
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.build import BuildOptions, build
@@ -14,8 +15,6 @@ from pomq_deploy.errors import VerifyError
 from pomq_deploy.plan import uniform_plan
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
-
-from test_cpu_formats import KINDS
 
 BUILD = ["--limit", "8", "--runs", "2", "--batch", "2"]
 

@@ -26,17 +26,17 @@ import torch
 from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pomq_deploy.backends.cpu import detect  # noqa: E402
-from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
-from pomq_deploy.data import eval_dataset, eval_loader  # noqa: E402
-from pomq_deploy.evaluate import topk_correct  # noqa: E402
-from pomq_deploy.export import export_fp32, export_quantized  # noqa: E402
-from pomq_deploy.models.loading import create_model  # noqa: E402
-from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
-from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
-from pomq_deploy.atomic import write_generated  # noqa: E402
-from pomq_deploy.recipe import load_recipe  # noqa: E402
-from pomq_deploy.verify import agreement, noise_images  # noqa: E402
+from pomq_deploy.atomic import write_generated
+from pomq_deploy.backends.cpu import detect
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+from pomq_deploy.data import eval_dataset, eval_loader
+from pomq_deploy.evaluate import topk_correct
+from pomq_deploy.export import export_fp32, export_quantized
+from pomq_deploy.models.loading import create_model
+from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+from pomq_deploy.quant.calibration import calibrated_model
+from pomq_deploy.recipe import load_recipe
+from pomq_deploy.verify import agreement, noise_images
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
 UNIFORM = {"minmax": ["8/8/8", "4/4/4"], "fqvit": ["8/8/8", "8/8/4", "4/4/4"], "tsptq": ["8/8/8", "8/8/4", "4/4/4"]}

@@ -24,20 +24,20 @@ import torch
 from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import timm  # noqa: E402
+import timm
 
-from pomq_deploy.backends.cpu import CpuFacts, detect  # noqa: E402
-from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
-from pomq_deploy.build import evaluate_artifact  # noqa: E402
-from pomq_deploy.data import calibration_batches  # noqa: E402
-from pomq_deploy.export import export_fp32, export_quantized  # noqa: E402
-from pomq_deploy.models.loading import create_model  # noqa: E402
-from pomq_deploy.plan import BlockBits, Plan, uniform_plan  # noqa: E402
-from pomq_deploy.quant.calibration import calibrated_model  # noqa: E402
-from pomq_deploy.quant.model import QuantModel  # noqa: E402
-from pomq_deploy.atomic import write_generated  # noqa: E402
-from pomq_deploy.recipe import load_recipe  # noqa: E402
-from pomq_deploy.verify import agreement, noise_images  # noqa: E402
+from pomq_deploy.atomic import write_generated
+from pomq_deploy.backends.cpu import CpuFacts, detect
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+from pomq_deploy.build import evaluate_artifact
+from pomq_deploy.data import calibration_batches
+from pomq_deploy.export import export_fp32, export_quantized
+from pomq_deploy.models.loading import create_model
+from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+from pomq_deploy.quant.calibration import calibrated_model
+from pomq_deploy.quant.model import QuantModel
+from pomq_deploy.recipe import load_recipe
+from pomq_deploy.verify import agreement, noise_images
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
 # what the backend builds for a CPU with VNNI: INT8 weights left as ORT's default u8 x s8 GEMM operands

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import timm  # noqa: E402
+import timm
+from bench_ort import plans
 
-from bench_ort import plans  # noqa: E402  (the same plans as the ONNX Runtime table)
-from pomq_deploy.backends import BackendError  # noqa: E402
-from pomq_deploy.backends.tensorrt import machine, require_gpu_stack  # noqa: E402
+from pomq_deploy.backends import BackendError
+from pomq_deploy.backends.tensorrt import machine, require_gpu_stack
 
 BATCHES = (1, 32)
 

@@ -23,12 +23,12 @@ import numpy as np
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pomq_deploy.backends.ort_cpu import OrtCpuBackend  # noqa: E402
-from pomq_deploy.atomic import write_text  # noqa: E402
-from pomq_deploy.recipe import load_recipe  # noqa: E402
-from pomq_deploy.search.evaluator import PlanEvaluator  # noqa: E402
-from pomq_deploy.search.report import hypervolume, mark_front, rows_of, select  # noqa: E402
-from pomq_deploy.search.study import SearchConfig, baselines, open_study, run_trials  # noqa: E402
+from pomq_deploy.atomic import write_text
+from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+from pomq_deploy.recipe import load_recipe
+from pomq_deploy.search.evaluator import PlanEvaluator
+from pomq_deploy.search.report import hypervolume, mark_front, rows_of, select
+from pomq_deploy.search.study import SearchConfig, baselines, open_study, run_trials
 
 
 def main() -> None:

@@ -30,13 +30,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import timm  # noqa: E402
+import timm
 
-import pomq_deploy  # noqa: E402
-import pomq_deploy.models  # noqa: E402,F401  (registers deit_fmnist)
-from pomq_deploy.data.fashion_mnist import DEBIAN_ROOT, load_fashion_mnist  # noqa: E402
-from pomq_deploy.evaluate import evaluate  # noqa: E402
-from pomq_deploy.models.reference import FMNIST_MEAN, FMNIST_STD, REFERENCE_CONFIG  # noqa: E402
+import pomq_deploy
+import pomq_deploy.models
+from pomq_deploy.data.fashion_mnist import DEBIAN_ROOT, load_fashion_mnist
+from pomq_deploy.evaluate import evaluate
+from pomq_deploy.models.reference import FMNIST_MEAN, FMNIST_STD, REFERENCE_CONFIG
 
 
 def parse_args() -> argparse.Namespace:
@@ -162,7 +162,7 @@ def main() -> None:
                                     info=f"loss {float(loss_sum) / (step + 1):.3f} lr {sched.get_last_lr()[0]:.2e}")
             loss_sum = float(loss_sum)
             model.eval()
-            res = evaluate(predict, zip(test_x.split(500), test_y.split(500)))
+            res = evaluate(predict, zip(test_x.split(500), test_y.split(500), strict=True))
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_top1_bf16": res.top1,
                             "seconds": time.time() - t0, "schedule_epochs": args.epochs, "peak_lr": args.lr,
                             "augment": not args.no_augment})
@@ -173,7 +173,7 @@ def main() -> None:
 
     model.eval()
     model.cpu()  # the published number is FP32 on the CPU, as `pomq-deploy eval` measures it
-    final = evaluate(model, zip(test_x.cpu().split(500), test_y.cpu().split(500)))
+    final = evaluate(model, zip(test_x.cpu().split(500), test_y.cpu().split(500), strict=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"arch": "deit_fmnist"})

@@ -14,7 +14,7 @@ activations: its default re-quantizes them to int8 on the fly, which no fake-qua
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +33,7 @@ INT8_DISABLED = ["QDQS8ToU8Transformer"]
 class OrtCpuBackend:
     name = "ort-cpu"
 
-    def __init__(self, threads: Optional[int] = None, cpu: Optional[CpuFacts] = None):
+    def __init__(self, threads: int | None = None, cpu: CpuFacts | None = None):
         """``cpu``: build and run as on that CPU instead of this machine (tests force each kind's formats)."""
         try:
             import onnxruntime  # noqa: F401
@@ -43,15 +43,15 @@ class OrtCpuBackend:
         self.cpu = cpu or detect()
         self._sessions: OrderedDict = OrderedDict()
 
-    def options(self, disabled_optimizers: Optional[list[str]] = None) -> dict[str, Any]:
+    def options(self, disabled_optimizers: list[str] | None = None) -> dict[str, Any]:
         import onnxruntime as ort
 
         return {"threads": self.threads, "disabled_optimizers": disabled_optimizers or [],
                 "graph_optimization_level": "ORT_ENABLE_ALL", "qdq_matmulnbits_accuracy_level": 0,
                 "onnxruntime": ort.__version__}
 
-    def _session(self, model: Path | bytes, optimized_out: Optional[Path] = None, options: Optional[dict] = None,
-                 name: Optional[Path] = None, profile_prefix: Optional[Path] = None):
+    def _session(self, model: Path | bytes, optimized_out: Path | None = None, options: dict | None = None,
+                 name: Path | None = None, profile_prefix: Path | None = None):
         import onnxruntime as ort
 
         options = options or self.options()
@@ -143,7 +143,7 @@ class OrtCpuBackend:
             sess.run(None, feed)
         return Path(sess.end_profiling())
 
-    def artifact_note(self, artifact: Artifact) -> Optional[str]:
+    def artifact_note(self, artifact: Artifact) -> str | None:
         """Refuse an artifact this CPU would compute wrongly; a note when it was built for another CPU kind."""
         return check_cpu(artifact, self.cpu)
 
@@ -160,7 +160,7 @@ class OrtCpuBackend:
         return self._sessions[key]
 
 
-def check_cpu(artifact: Artifact, here: CpuFacts) -> Optional[str]:
+def check_cpu(artifact: Artifact, here: CpuFacts) -> str | None:
     """Refuse an artifact whose integer weights are not exact on ``here`` (one line naming both CPUs); for
     one built on another CPU kind that is still exact here, a note saying so (None: nothing to say)."""
     built = artifact.options.get("cpu")

@@ -15,9 +15,10 @@ artifact directory (the plan-id), so that Nsight Systems shows them by name.
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +26,7 @@ from ..atomic import replace_atomically, write_text
 from ..plan import Plan
 from . import Artifact, BackendError, LatencyStats
 from .trt_inspect import read_layer_info, summarise
-from .trt_settings import (DEFAULT_TIMING_CACHE, TrtBuildSettings, build_settings, builder_flags, compatibility_problems,
-                           trtexec_command)
+from .trt_settings import DEFAULT_TIMING_CACHE, TrtBuildSettings, build_settings, builder_flags, compatibility_problems, trtexec_command
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def artifact_label(directory: Path) -> str:
     return m.group(1) if m else Path(directory).name
 
 
-def manifest_section(artifact: Artifact, plan: Optional[Plan]) -> dict[str, Any]:
+def manifest_section(artifact: Artifact, plan: Plan | None) -> dict[str, Any]:
     """The manifest's ``tensorrt`` entry: the trtexec line that builds the same engine and the engine's layer
     summary against the plan. Version, GPU, CUDA and the settings are in ``backend.options``."""
     settings = TrtBuildSettings.from_dict(artifact.options["settings"])
@@ -128,9 +128,9 @@ def machine() -> dict[str, str]:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, batch: int = 8, max_batch: Optional[int] = None, fp16: bool = True, strongly_typed: bool = True,
-                 optimization_level: int = 3, workspace_mib: Optional[int] = None,
-                 timing_cache: Optional[Path] = DEFAULT_TIMING_CACHE, cuda_graph: Optional[bool] = None):
+    def __init__(self, batch: int = 8, max_batch: int | None = None, fp16: bool = True, strongly_typed: bool = True,
+                 optimization_level: int = 3, workspace_mib: int | None = None,
+                 timing_cache: Path | None = DEFAULT_TIMING_CACHE, cuda_graph: bool | None = None):
         require_gpu_stack()
         self.batch, self.max_batch, self.fp16, self.strongly_typed = batch, max_batch, fp16, strongly_typed
         self.optimization_level, self.workspace_mib, self.timing_cache = optimization_level, workspace_mib, timing_cache
@@ -172,7 +172,7 @@ class TensorRTBackend:
         return artifact
 
     @staticmethod
-    def manifest_extra(artifact: Artifact, plan: Optional[Plan]) -> dict[str, Any]:
+    def manifest_extra(artifact: Artifact, plan: Plan | None) -> dict[str, Any]:
         return manifest_section(artifact, plan)
 
     def run(self, artifact: Artifact, images: np.ndarray) -> np.ndarray:
@@ -211,12 +211,12 @@ class TensorRTBackend:
         step = _capture(eng) if graph else eng.execute
         starts, ends = ([torch.cuda.Event(enable_timing=True) for _ in range(runs)] for _ in range(2))
         with nvtx.range(f"timed {label} x{runs}{' graph' if graph else ''}"):
-            for start, end in zip(starts, ends):
+            for start, end in zip(starts, ends, strict=True):
                 start.record()
                 step()
                 end.record()
             torch.cuda.current_stream().synchronize()
-        return LatencyStats.from_times(batch, [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)])
+        return LatencyStats.from_times(batch, [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)])
 
     def _loaded(self, artifact: Artifact) -> "_Engine":
         """One deserialized engine per artifact file, reused; the few most recent are kept."""

@@ -15,9 +15,10 @@ Q/DQ layout changes) are counted as "other".
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from ..plan import BlockBits, Plan
 
@@ -62,7 +63,7 @@ def read_layer_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def tensor_type(tensor: dict[str, Any]) -> Optional[str]:
+def tensor_type(tensor: dict[str, Any]) -> str | None:
     """The data type a tensor entry names, or None ("N/A due to dynamic shapes", Int32 shape tensors)."""
     text = tensor.get("Format/Datatype") or tensor.get("DataType") or tensor.get("Format") or ""
     for word in re.findall(r"[a-z0-9]+", text.lower()):
@@ -108,7 +109,7 @@ def plan_layers(layers: Iterable[EngineLayer]) -> dict[tuple[int, str], EngineLa
     return found
 
 
-def judge(bits: BlockBits, linear: str, precision: str) -> Optional[str]:
+def judge(bits: BlockBits, linear: str, precision: str) -> str | None:
     """How the engine departs from the plan for one of a block's layers, or None where it does not."""
     if linear == "attn@v":
         if precision == INT8:
@@ -123,7 +124,7 @@ def judge(bits: BlockBits, linear: str, precision: str) -> Optional[str]:
     return "a=4 runs as INT8 (TensorRT has no 4-bit activation math)" if bits.a == 4 else None
 
 
-def summarise(info: dict[str, Any], plan: Optional[Plan] = None) -> EngineSummary:
+def summarise(info: dict[str, Any], plan: Plan | None = None) -> EngineSummary:
     """Layers by precision and, given the plan the engine was built from, what the engine did not honour."""
     layers = parse_layers(info)
     counts = {p: 0 for p in PRECISIONS}

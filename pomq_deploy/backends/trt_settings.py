@@ -15,7 +15,7 @@ import dataclasses
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_TIMING_CACHE = Path("engines/.trt_timing.cache")
 MIN_MAX_BATCH = 32  # the profile covers at least batch 1..32, so bench and eval need no rebuild for usual sizes
@@ -34,8 +34,8 @@ class TrtBuildSettings:
     strongly_typed: bool = True
     fp16: bool = True  # the float parts in FP16: AutoCast (strongly typed) or the FP16 flag (weakly typed)
     optimization_level: int = 3
-    workspace_mib: Optional[int] = None  # None: TensorRT's default (all device memory)
-    timing_cache: Optional[str] = str(DEFAULT_TIMING_CACHE)  # shared by every build; None: no cache
+    workspace_mib: int | None = None  # None: TensorRT's default (all device memory)
+    timing_cache: str | None = str(DEFAULT_TIMING_CACHE)  # shared by every build; None: no cache
     detailed_profiling: bool = True  # layer parameters and precisions in layers.json and in NVTX ranges
 
     def __post_init__(self):
@@ -57,9 +57,9 @@ class TrtBuildSettings:
         return cls(**(d | {"input_shape": tuple(d["input_shape"])}))
 
 
-def build_settings(input_name: str, input_shape: tuple[int, ...], batch: int, *, max_batch: Optional[int] = None,
+def build_settings(input_name: str, input_shape: tuple[int, ...], batch: int, *, max_batch: int | None = None,
                    strongly_typed: bool = True, fp16: bool = True, optimization_level: int = 3,
-                   workspace_mib: Optional[int] = None, timing_cache: Optional[Path] = DEFAULT_TIMING_CACHE) -> TrtBuildSettings:
+                   workspace_mib: int | None = None, timing_cache: Path | None = DEFAULT_TIMING_CACHE) -> TrtBuildSettings:
     """Settings for an engine timed at ``batch``: profile 1 / batch / max(32, batch) unless ``max_batch`` says more."""
     return TrtBuildSettings(input_name, tuple(input_shape), 1, batch, max(max_batch or MIN_MAX_BATCH, batch),
                             strongly_typed, fp16, optimization_level, workspace_mib,

@@ -1,7 +1,8 @@
 """Terminal output shared by the subcommands: results on stdout, progress and logs on stderr."""
 
 import json
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from .._schema import to_plain
     from ..data import eval_dataset, eval_loader
     from ..evaluate import evaluate
-    from ..models.loading import create_model
     from ..export.onnx_export import TARGET_FORMAT
+    from ..models.loading import create_model
     from ._console import emit, progress_iter
 
     if args.artifact is not None:

@@ -9,9 +9,9 @@ script: ``Time (%)`` (share of the summed kernel time), ``Total Time (ns)``, ``I
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from . import ProfileError
 

@@ -12,8 +12,9 @@ are in the trace: a node event belongs to the ``model_run`` whose span holds its
 import bisect
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 KERNEL_SUFFIX = "_kernel_time"
 

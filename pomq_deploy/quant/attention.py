@@ -9,7 +9,6 @@ Nothing of timm's forward is copied; a MatMul whose operands are not on integer 
 stays float.
 """
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ class IntegerAttention(TorchFunctionMode):
                 return y
         return func(*args, **(kwargs or {}))
 
-    def _integer(self, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    def _integer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         grid = self.qkv_out.uniform()
         if grid is None:
             return None

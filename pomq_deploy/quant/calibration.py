@@ -12,9 +12,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -69,7 +69,7 @@ def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax") -> QuantM
     return QuantModel(create_model(recipe.model.arch, recipe.model.checkpoint), scheme, observer)
 
 
-def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, track: Optional[Track] = None) -> CalibInfo:
+def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, track: Track | None = None) -> CalibInfo:
     """Load ``qmodel``'s fitted quantizers from the cache, or calibrate now and store them."""
     from ..data import calibration_batches
 
@@ -89,7 +89,7 @@ def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, tr
 
 
 def calibrated_model(recipe: Recipe, scheme: str, observer: str = "minmax", force: bool = False,
-                     track: Optional[Track] = None) -> tuple[QuantModel, CalibInfo]:
+                     track: Track | None = None) -> tuple[QuantModel, CalibInfo]:
     """The recipe's model wrapped for ``scheme``, with its quantizers calibrated or loaded from the cache."""
     start = time.perf_counter()
     qmodel = quant_model(recipe, scheme, observer)

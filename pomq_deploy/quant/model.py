@@ -6,8 +6,8 @@ Encoder blocks are found by shape, not by class: any module with ``norm1``, ``at
 blocks (patch embedding, Swin's patch merging, the final norm and the head) stay 8-bit.
 """
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ class QuantModel(nn.Module):
             aq.state = state
 
     @torch.no_grad()
-    def calibrate(self, batches: list[torch.Tensor], progress: Optional[Iterable] = None) -> dict:
+    def calibrate(self, batches: list[torch.Tensor], progress: Iterable | None = None) -> dict:
         """FQ-ViT's calibration: FP forward passes update every observer; on the last batch each activation
         also fits its quantizers for 4 and 8 bits in both formats. Returns the fitted state for the cache."""
         for aq in self.act_quants.values():
@@ -140,7 +140,7 @@ class QuantModel(nn.Module):
         """Width of each quantized weight, by its parameter name in this module's state dict."""
         return {f"model.{name}.layer.weight": w.weight_bits for name, w in self.weighted.items() if w.weight_bits}
 
-    def apply(self, plan: Optional[Plan], fmt: str = "asym") -> None:
+    def apply(self, plan: Plan | None, fmt: str = "asym") -> None:
         """Fake-quantize every activation and weight at the plan's widths (``None``: back to FP32)."""
         if plan is None:
             self._set_state("fp")

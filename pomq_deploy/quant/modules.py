@@ -6,7 +6,6 @@ forward code is copied: the wrappers replace child modules, and the post-Softmax
 place of the attention's ``attn_drop`` (timm applies it right after Softmax on the explicit path).
 """
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +21,17 @@ class ActQuant(nn.Module):
     """One quantized activation. States: ``fp`` (pass through), ``observe`` (update the range),
     ``fit`` (update, then fit a quantizer per bit-width and format on this batch), ``quant`` (apply ``active``)."""
 
-    def __init__(self, role: str, block: Optional[int]):
+    def __init__(self, role: str, block: int | None):
         super().__init__()
         self.role, self.block = role, block
         self.state = "fp"
-        self.scheme: Optional[str] = None
-        self.observer: Optional[RangeObserver] = None
+        self.scheme: str | None = None
+        self.observer: RangeObserver | None = None
         self.fitted: dict[str, Quantizer] = {}  # "asym8" -> quantizer
-        self.active: Optional[Quantizer] = None
+        self.active: Quantizer | None = None
         self.exporting = False  # forward through the ops the ONNX exporter maps to Q/DQ (QuantModel.onnx_mode)
         self.keep_last = False  # keep (input, output) of the last call in ``last`` (IntegerAttention reads it)
-        self.last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "quant":
@@ -49,14 +48,14 @@ class ActQuant(nn.Module):
                                for bits in (4, 8) for fmt in FORMATS}
         return x
 
-    def uniform(self) -> Optional[UniformQ]:
+    def uniform(self) -> UniformQ | None:
         """The quantizer now applied, when it puts the whole tensor on one uniform grid (one scale, zero point)."""
         q = self.active
         if self.state == "quant" and not self.exporting and isinstance(q, UniformQ) and q.shift is None:
             return q
         return None
 
-    def parts(self, x: torch.Tensor) -> Optional[Parts]:
+    def parts(self, x: torch.Tensor) -> Parts | None:
         """``x`` as the integer codes the quantizer now applied writes (see ``Parts``), when it writes codes that a
         GEMM can read (one grid, or V-2SF's two grids): then the GEMM reading this activation runs on them."""
         q = self.active
@@ -75,12 +74,12 @@ class QuantWeighted(nn.Module):
     (``integer_linear``), the arithmetic of the deployed kernels; otherwise (PTF-scaled inputs, Conv2d) the
     layer runs in float on the dequantized values."""
 
-    def __init__(self, layer: nn.Module, block: Optional[int], in_quant: ActQuant, out_quant: Optional[ActQuant] = None):
+    def __init__(self, layer: nn.Module, block: int | None, in_quant: ActQuant, out_quant: ActQuant | None = None):
         super().__init__()
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
-        self.weight_bits: Optional[int] = None
+        self.weight_bits: int | None = None
         self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype) -> weight codes and scales
-        self.export_scale: Optional[torch.Tensor] = None  # set while exporting (QuantModel.onnx_mode)
+        self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
 
     def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Computed once per width and float type (a model moved to float64 gets float64 codes)."""
@@ -99,7 +98,7 @@ class QuantWeighted(nn.Module):
             y = self._float(self.in_quant(x))
         return self.out_quant(y) if self.out_quant is not None else y
 
-    def _integer(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _integer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The Linear as an integer GEMM, when its input is written as codes and its weight is quantized."""
         parts = self.in_quant.parts(x) if self.weight_bits is not None else None
         if parts is None:

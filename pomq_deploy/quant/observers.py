@@ -9,6 +9,7 @@ Per-channel ranges follow min/max, or EMA for the ``ema`` observer.
 import torch
 
 from .schemes import OBSERVERS
+
 EMA_MOMENTUM = 0.01
 PERCENTILE = 0.99999
 _KTH_MAX = 1 << 24  # kthvalue on more elements than this samples them with a fixed stride
@@ -59,7 +60,3 @@ class RangeObserver:
             else:
                 self.lo_c = self.lo_c + EMA_MOMENTUM * (lo_c - self.lo_c)
                 self.hi_c = self.hi_c + EMA_MOMENTUM * (hi_c - self.hi_c)
-
-    @property
-    def seen(self) -> bool:
-        return self.lo is not None

@@ -6,7 +6,6 @@ ONNX Runtime's x86 kernels fuse) or ``sym`` (int codes, zero point 0: what Tenso
 """
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
@@ -40,14 +39,14 @@ class UniformQ:
     zero_point: int
     qmin: int
     qmax: int
-    shift: Optional[torch.Tensor] = None
+    shift: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is None:
             return Fq.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         return Fq.fake_quant_shifted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.shift)
 
-    def parts(self, x: torch.Tensor) -> Optional[Parts]:
+    def parts(self, x: torch.Tensor) -> Parts | None:
         """The centred integer codes ``q - z`` with their scale (``self(x) == codes * scale``); None with a
         per-channel shift, whose channels sit on different grids."""
         if self.shift is not None:
@@ -100,7 +99,7 @@ class TwoScaleQ:
         return (self.coarse_scale, self.coarse_zero_point), (self.fine_scale, self.fine_zero_point)
 
 
-Quantizer = Union[UniformQ, Log2Q, TwoScaleQ]
+Quantizer = UniformQ | Log2Q | TwoScaleQ
 _TYPES = {"uniform": UniformQ, "log2": Log2Q, "two_scale": TwoScaleQ}
 
 

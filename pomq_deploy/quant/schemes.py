@@ -11,7 +11,7 @@ output channel (min/max), in every scheme.
 - ``tsptq``: O-2SF for LayerNorm inputs, V-2SF for post-Softmax and post-GELU values.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 ROLES = ("act", "ln_in", "attn", "gelu")
 OBSERVERS = ("minmax", "ema", "percentile", "omse")

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import onnx
 
@@ -55,7 +54,7 @@ class PlanEvaluator:
     """Holds the calibrated model and the backend; ``measure(plan)`` returns its objectives."""
 
     def __init__(self, recipe: Recipe, scheme: str, backend: Backend, target: str, eval_images: int, batch: int,
-                 runs: int, observer: str = "minmax", latency_cache: Optional[dict] = None, track=None):
+                 runs: int, observer: str = "minmax", latency_cache: dict | None = None, track=None):
         from ..quant.calibration import calibrated_model
 
         self.recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=eval_images))
@@ -69,7 +68,7 @@ class PlanEvaluator:
     def num_blocks(self) -> int:
         return self.qmodel.num_blocks
 
-    def measure(self, plan: Optional[Plan], full_test: bool = False) -> Measurement:
+    def measure(self, plan: Plan | None, full_test: bool = False) -> Measurement:
         """Build ``plan`` (None: the FP32 model) in a scratch directory, measure it, delete the build."""
         from ..export import export_fp32, export_quantized
         from ..models.loading import create_model

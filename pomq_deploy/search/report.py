@@ -3,7 +3,6 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import optuna
@@ -13,7 +12,6 @@ from ..atomic import replace_atomically, write_text
 from ..plan import Plan, save_plan
 from . import SELECT_RULES
 from .study import GENES, plan_from_params
-
 
 
 @dataclass
@@ -28,7 +26,7 @@ class Row:
     feasible: bool
     constraints: list[float]
     on_front: bool = False
-    top1_full: Optional[float] = None  # re-measured on the full evaluation split (front only)
+    top1_full: float | None = None  # re-measured on the full evaluation split (front only)
 
     def as_dict(self) -> dict:
         return {"trial": self.number, "plan_id": self.plan.plan_id,
@@ -71,7 +69,7 @@ def hypervolume(rows: list[Row], base: dict) -> float:
     return float(compute_hypervolume(np.minimum(pts, 1.0), np.ones(3)))
 
 
-def select(front: list[Row], base: dict, rule: str) -> Optional[Row]:
+def select(front: list[Row], base: dict, rule: str) -> Row | None:
     if not front:
         return None
     top1 = lambda r: r.top1_full if r.top1_full is not None else r.top1  # noqa: E731
@@ -110,7 +108,7 @@ def plot(rows: list[Row], base: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Optional[Row], meta: dict, paper_rows: list[dict]) -> None:
+def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "baselines": base, "best": best.as_dict() if best else None, "trials": [r.as_dict() for r in rows]}
     write_text(out_dir / "pareto.json", json.dumps(doc, indent=1) + "\n")
@@ -123,7 +121,7 @@ def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Optional[Row
     write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows))
 
 
-def report_md(rows: list[Row], base: dict, best: Optional[Row], meta: dict, paper_rows: list[dict]) -> str:
+def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict]) -> str:
     front = [r for r in rows if r.on_front]
     feasible = sum(r.feasible for r in rows)
     if feasible == 0:

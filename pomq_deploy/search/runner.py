@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import optuna
 
@@ -35,7 +34,7 @@ class SearchOptions:
 @dataclass(frozen=True)
 class SearchResult:
     first_line: str
-    best: Optional[Row]
+    best: Row | None
     rows: list[Row]
     hypervolume: float
 

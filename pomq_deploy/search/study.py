@@ -13,8 +13,8 @@ or several share the storage; stopping a search and starting it again with the s
 import dataclasses
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import optuna
 import sqlalchemy.exc
@@ -117,7 +117,7 @@ def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, 
 
 
 def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict,
-               on_trial: Optional[Callable[[FrozenTrial], None]] = None) -> None:
+               on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
     """Optimise until the study holds ``cfg.trials`` completed trials (with any number of workers)."""
     n = evaluator.num_blocks
 
@@ -141,7 +141,7 @@ def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
         for k, v in measurement_attrs(m).items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("constraints", constraints)
-        for name, value in zip(CONSTRAINTS, constraints):
+        for name, value in zip(CONSTRAINTS, constraints, strict=True):
             trial.set_constraint(name, value)  # NSGA-II's constrained domination reads these
         trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
