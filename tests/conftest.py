@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import pomq_deploy.models  # noqa: F401  (registers deit_fmnist with timm)
+from pomq_deploy.backends.cpu import parse_proc_cpuinfo
+from pomq_deploy.cli.main import main
 from pomq_deploy.data.fashion_mnist import DEBIAN_ROOT
 from pomq_deploy.data.idx import write_idx
 
@@ -84,3 +87,49 @@ def tiny_recipe_file(folder: Path, checkpoint: Path) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path, random_deit_fmnist):
     return tiny_recipe_file(tmp_path, random_deit_fmnist)
+
+
+# Helpers the test modules share: they import them from here, never from each other
+
+def make_folder(root, classes=("cat", "dog"), per_class=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(60, 200, 2)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / c / f"{i}.JPEG")
+    return root
+
+
+def user_error(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7763 64-Core Processor
+flags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni vaes vpclmulqdq
+"""
+KINDS = {"sapphire_rapids": parse_proc_cpuinfo(SAPPHIRE_RAPIDS, "x86_64"), "zen3": parse_proc_cpuinfo(ZEN3, "x86_64")}
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10).eval()  # 6 blocks, 64-d
+
+
+def images(n_batches=3, batch=8, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n_batches)]

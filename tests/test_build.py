@@ -6,8 +6,7 @@ import shutil
 from contextlib import redirect_stdout
 
 import pytest
-from conftest import tiny_recipe_file
-from test_cli import user_error
+from conftest import tiny_recipe_file, user_error
 
 from pomq_deploy.artifact import MANIFEST, load_artifact
 from pomq_deploy.cli.main import main

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import timm
-from conftest import make_fmnist
+from conftest import make_fmnist, make_folder, user_error
 from safetensors.torch import save_file
-from test_image_folder import make_folder
 
 from pomq_deploy.cli.main import COMMANDS, main
 
@@ -42,14 +41,6 @@ def test_eval_json_on_generated_data(tmp_path, random_deit_fmnist, capsys):
     assert rc == 0
     assert out["images"] == 30 and set(out) >= {"top1", "top5", "images", "seconds"}
     assert 0.0 <= out["top1"] <= out["top5"] <= 1.0
-
-
-def user_error(argv, capsys) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_unknown_recipe_key(tmp_path, capsys):

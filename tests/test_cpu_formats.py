@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import KINDS
 from onnx import helper as h
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -15,21 +16,6 @@ from pomq_deploy.backends.cpu import CpuFacts, detect, parse_proc_cpuinfo
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu, int8_weight_readers
 from pomq_deploy.export.graph import Graph
 from pomq_deploy.quant.functional import integer_product
-
-SAPPHIRE_RAPIDS = """processor\t: 0
-vendor_id\t: GenuineIntel
-model name\t: Intel(R) Xeon(R) Platinum 8480+
-flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
-
-processor\t: 1
-vendor_id\t: GenuineIntel
-"""
-ZEN3 = """processor\t: 0
-vendor_id\t: AuthenticAMD
-model name\t: AMD EPYC 7763 64-Core Processor
-flags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni vaes vpclmulqdq
-"""
-KINDS = {"sapphire_rapids": parse_proc_cpuinfo(SAPPHIRE_RAPIDS, "x86_64"), "zen3": parse_proc_cpuinfo(ZEN3, "x86_64")}
 
 
 def test_proc_cpuinfo_facts_and_the_format_each_kind_gets():

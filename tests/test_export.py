@@ -8,9 +8,9 @@ import onnx
 import pytest
 import timm
 import torch
+from conftest import images, tiny_vit
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
-from test_quant_model import images, tiny_vit
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_fp32, export_quantized

@@ -1,22 +1,11 @@
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from conftest import make_folder
 
 from pomq_deploy.data import calibration_batches, eval_dataset, eval_loader
 from pomq_deploy.errors import DataError
 from pomq_deploy.recipe import DataSpec
-
-
-def make_folder(root, classes=("cat", "dog"), per_class=3, seed=0):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            h, w = rng.integers(60, 200, 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / c / f"{i}.JPEG")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe_file
-from test_cli import user_error
+from conftest import tiny_recipe_file, user_error
 
 from pomq_deploy.artifact import MANIFEST, load_artifact, seal, write_json_atomic
 from pomq_deploy.cli.main import main

@@ -3,7 +3,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import make_fmnist
+from conftest import images, make_fmnist, tiny_vit
 from safetensors.torch import save_file
 
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
@@ -11,16 +11,6 @@ from pomq_deploy.quant.calibration import CACHE_ENV, calibrated_model
 from pomq_deploy.quant.model import QuantModel
 from pomq_deploy.quant.quantizers import Log2Q, TwoScaleQ, UniformQ
 from pomq_deploy.recipe import load_recipe
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10).eval()  # 6 blocks, 64-d
-
-
-def images(n_batches=3, batch=8, size=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n_batches)]
 
 
 def cos(a, b):

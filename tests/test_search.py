@@ -11,8 +11,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import user_error
 from optuna.trial import TrialState
-from test_cli import user_error
 
 from pomq_deploy.cli.main import main
 from pomq_deploy.plan import BlockBits, Plan, load_plan
@@ -132,3 +132,5 @@ def test_front_and_selection_rule():
     assert select(front, base, "top1-within-1pt").number == 1  # 0 and 1 are within 1 point of 0.899: the faster
     assert select(front, {"uniform8": {"top1": 0.905}}, "top1-within-1pt").number == 0  # only 0 is
     assert select(front, base, "max-top1").number == 0 and select(front, base, "min-size").number == 4
+    with pytest.raises(ValueError, match="unknown selection rule 'fastest'; allowed: top1-within-1pt, max-top1"):
+        select([], base, "fastest")  # not silently the default rule, even with nothing to pick from

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from conftest import user_error
 from onnx import TensorProto, helper
-from test_cli import user_error
 
 from pomq_deploy.backends import Artifact, BackendError, get_backend
 from pomq_deploy.backends.tensorrt import LAYERS_NAME, artifact_label, manifest_section, read_onnx_graph, rules_gate

@@ -6,7 +6,7 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
-from test_cpu_formats import KINDS
+from conftest import KINDS
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.build import BuildOptions, build

@@ -70,6 +70,9 @@ def hypervolume(rows: list[Row], base: dict) -> float:
 
 
 def select(front: list[Row], base: dict, rule: str) -> Row | None:
+    """The plan ``rule`` (one of ``SELECT_RULES``) picks from the front; None when the front is empty."""
+    if rule not in SELECT_RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; allowed: {', '.join(SELECT_RULES)}")
     if not front:
         return None
     top1 = lambda r: r.top1_full if r.top1_full is not None else r.top1  # noqa: E731
