@@ -206,3 +206,24 @@ def test_int4_codes_are_really_int4(tmp_path, calibrated):
     int4 = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert len(int4) == 4 * qm.num_blocks
     assert all(a.dtype == ml_dtypes.int4 and -8 <= a.astype(np.int8).min() and a.astype(np.int8).max() <= 7 for a in int4)
+
+
+@pytest.mark.parametrize("attr", ["value", "value_float", "value_floats", "value_int", "value_ints"])
+def test_every_pass_reads_a_constant_in_any_of_its_forms(tmp_path, attr):
+    """Graph.value, the TensorRT rule checker's index and the search's graph signature read a Constant node
+    through one reader, whichever attribute holds its value (a Constant is not always a ``value`` tensor)."""
+    from pomq_deploy.export.graph import Graph, constant_value
+    from pomq_deploy.search.evaluator import graph_signature
+
+    given = {"value": numpy_helper.from_array(np.float32([2.5]), "c"), "value_float": 2.5, "value_floats": [2.5],
+             "value_int": 3, "value_ints": [3]}[attr]
+    const = onnx.helper.make_node("Constant", [], ["c"], **{attr: given})
+    graph = onnx.helper.make_graph([const, onnx.helper.make_node("Mul", ["x", "c"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    want = 2.5 if "float" in attr or attr == "value" else 3
+    assert numpy_helper.to_array(constant_value(const)).reshape(-1).tolist() == [want]
+    assert Graph(model).value("c").reshape(-1).tolist() == [want]
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert len(graph_signature(tmp_path / "m.onnx")) == 16

@@ -286,7 +286,9 @@ def _has_int8_activations(model) -> bool:
     """Whether any QuantizeLinear writes int8 (as the tensorrt target's do); weights carry no Q node."""
     import onnx
 
+    from ..export.graph import constant_value
+
     int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     int8 |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"
-             and any(a.name == "value" and a.t.data_type == onnx.TensorProto.INT8 for a in n.attribute)}
+             and getattr(constant_value(n), "data_type", None) == onnx.TensorProto.INT8}
     return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in int8 for n in model.graph.node)

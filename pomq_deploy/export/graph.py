@@ -19,6 +19,17 @@ from onnx import numpy_helper
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
+def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """A Constant node's value as a tensor, whichever attribute holds it (``value``, ``value_float(s)``,
+    ``value_int(s)``); None for a sparse or string constant. Every pass reads Constants through this."""
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            return numpy_helper.from_array(np.array(onnx.helper.get_attribute_value(a)))
+    return None
+
+
 class Graph:
     """Lookups over a ModelProto's main graph that the passes share (producers, consumers, constants)."""
 
@@ -38,10 +49,8 @@ class Graph:
         """The constant array behind ``name`` (an initializer or a Constant node), else None."""
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
-        node = self.constants.get(name)
-        if node is not None:
-            return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
-        return None
+        tensor = constant_value(self.constants[name]) if name in self.constants else None
+        return None if tensor is None else numpy_helper.to_array(tensor)
 
     def replace_initializer(self, old: str | None, tensor: onnx.TensorProto) -> None:
         if old is not None and old in self.inits:

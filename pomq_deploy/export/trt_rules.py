@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from ..errors import PomqError
-from .graph import node_attr
+from .graph import constant_value, node_attr
 
 ERROR, WARNING = "error", "warning"
 MODEL = "(model)"  # Finding.node for whole-model findings
@@ -81,7 +81,7 @@ class _Graph:
             producer.update((o, node) for o in node.output)
             for i, name in enumerate(node.input):
                 consumers.setdefault(name, []).append((node, i))
-            value = _constant_value(node) if node.op_type == "Constant" else None
+            value = constant_value(node) if node.op_type == "Constant" else None
             if value is not None:
                 constants[node.output[0]] = value
         return cls(producer, consumers, constants)
@@ -89,16 +89,6 @@ class _Graph:
     def array(self, name: str) -> np.ndarray | None:
         tensor = self.constants.get(name)
         return None if tensor is None else numpy_helper.to_array(tensor)
-
-
-def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
-    """A Constant node's numeric value as a tensor: its ``value``, ``value_float(s)`` or ``value_int(s)``."""
-    a = node.attribute[0] if node.attribute else None
-    if a is not None and a.name == "value":
-        return a.t
-    if a is not None and a.name in ("value_float", "value_floats", "value_int", "value_ints"):
-        return numpy_helper.from_array(np.array(onnx.helper.get_attribute_value(a)))
-    return None
 
 
 def load_model(source: "onnx.ModelProto | Path | str") -> onnx.ModelProto:

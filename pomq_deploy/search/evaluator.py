@@ -19,6 +19,7 @@ import onnx
 
 from ..backends import Backend
 from ..build import evaluate_artifact
+from ..export.graph import constant_value
 from ..plan import Plan
 from ..recipe import Recipe
 
@@ -40,8 +41,8 @@ def graph_signature(path: Path) -> str:
     h = hashlib.sha256()
     for n in model.graph.node:
         if n.op_type == "Constant":
-            t = next(a.t for a in n.attribute if a.name == "value")
-            h.update(f"C{n.output[0]}:{t.data_type}:{list(t.dims)};".encode())
+            t = constant_value(n)
+            h.update((f"C{n.output[0]}:{t.data_type}:{list(t.dims)};" if t is not None else f"C{n.output[0]}:?;").encode())
             continue
         attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)
         h.update(f"{n.op_type}{list(n.input)}{list(n.output)}{attrs};".encode())
