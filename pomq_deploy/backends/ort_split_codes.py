@@ -26,13 +26,11 @@ def split_code_matmuls(g: Graph) -> int:
         match = _match(g, mm)
         if match is None:
             continue
-        add, parts, b_dq, (b_codes, b_zero, b_scale) = match
-        base = min(s for _, s, _ in parts)
+        add, base, parts, b_dq, (b_codes, b_zero, b_scale) = match
         names, nodes = [], []
         scale = numpy_helper.from_array((np.float32(base) * b_scale).astype(np.float32), f"{mm.name or mm.output[0]}_scale")
         g.replace_initializer(None, scale)
-        for i, (codes, s, zero) in enumerate(parts):
-            e = int(round(np.log2(s / base)))
+        for i, (codes, zero, e) in enumerate(parts):
             stem = f"{mm.output[0]}_part{i}"
             nodes += [helper.make_node("MatMulInteger", [codes, b_codes, zero, *([b_zero] if b_zero else [])], [f"{stem}_acc"],
                                        name=f"{stem}/MatMulInteger"),
@@ -59,8 +57,9 @@ def split_code_matmuls(g: Graph) -> int:
 
 
 def _match(g: Graph, mm: onnx.NodeProto):
-    """(Add, [(codes, scale, zero point name)] x 2, B's DequantizeLinear, (B codes, B zero point name or None,
-    B scale as float32 array)) when ``mm`` reads two uint8 code parts and a dequantized B, else None."""
+    """(Add, the finest part's scale, [(codes, zero point name, e: its scale is that times 2^e)] x 2, B's
+    DequantizeLinear, (B codes, B zero point name or None, B scale as float32 array)) when ``mm`` reads two uint8
+    code parts and a dequantized B, else None."""
     add, b_dq = g.producer(mm.input[0]), g.producer(mm.input[1])
     if add is None or add.op_type != "Add" or b_dq is None or b_dq.op_type != "DequantizeLinear":
         return None
@@ -76,7 +75,8 @@ def _match(g: Graph, mm: onnx.NodeProto):
             return None
         parts.append((dq.input[0], float(scale.reshape(())), dq.input[2]))
     base = min(s for _, s, _ in parts)
-    if any(not float(np.log2(s / base)).is_integer() for _, s, _ in parts):
+    exponents = [float(np.log2(s / base)) for _, s, _ in parts]
+    if not all(e.is_integer() for e in exponents):
         return None
     b_scale = g.value(b_dq.input[1])
     b_zero = b_dq.input[2] if len(b_dq.input) > 2 and b_dq.input[2] else None
@@ -86,4 +86,5 @@ def _match(g: Graph, mm: onnx.NodeProto):
         codes = g.value(b_dq.input[0])
         if codes is None or codes.ndim != 2 or node_attr(b_dq, "axis", 1) not in (1, -1):
             return None
-    return add, parts, b_dq, (b_dq.input[0], b_zero, b_scale.astype(np.float32))
+    parts = [(codes, zero, int(e)) for (codes, _, zero), e in zip(parts, exponents, strict=True)]
+    return add, base, parts, b_dq, (b_dq.input[0], b_zero, b_scale.astype(np.float32))
