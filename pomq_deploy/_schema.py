@@ -99,4 +99,5 @@ def _describe(cls: type, err: dict) -> str:
     where = f"'{_key_path(loc)}'" if loc else "top level"
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list, types.NoneType)) and kind != "none_required" else f" (got {got!r})"
-    return f"{where}: {err['msg']}{shown}"
+    msg = err["msg"].removeprefix("Value error, ")  # our own validators' messages stand alone
+    return f"{where}: {msg}{shown}"

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._schema import parse
 from .atomic import write_text
 from .backends import Artifact
 from .errors import PomqError
+from .manifest import MANIFEST_FORMAT, Manifest
 from .quant.calibration import file_sha256
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 
 
 class ArtifactError(PomqError):
@@ -70,22 +71,13 @@ def staging_dir(final: Path) -> Iterator[Path]:
 @dataclass(frozen=True)
 class BuiltArtifact:
     directory: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
-    def artifact(self) -> Artifact:
+    def runnable(self) -> Artifact:
+        """What the backend runs: its file in this directory, with the options it was built with."""
         m = self.manifest
-        return Artifact(self.directory / m["artifact"]["file"], m["backend"]["name"], m["backend"]["options"],
-                        m["artifact"]["size_bytes"])
-
-    @property
-    def recipe(self):
-        """The recipe the artifact was built with, as recorded (paths resolved at build time)."""
-        from ._schema import parse
-        from .errors import RecipeError
-        from .recipe import Recipe
-
-        return parse(Recipe, self.manifest["recipe_spec"], str(self.directory / MANIFEST), RecipeError)
+        return Artifact(self.directory / m.artifact.file, m.backend.name, m.backend.options, m.artifact.size_bytes)
 
 
 def load_artifact(directory: Path) -> BuiltArtifact:
@@ -104,10 +96,11 @@ def load_artifact(directory: Path) -> BuiltArtifact:
         raise ArtifactError(f"{path}: not a pomq-deploy manifest of format {MANIFEST_FORMAT}; rebuild it")
     if manifest.get("manifest_sha256") != _self_hash(manifest):
         raise ArtifactError(f"{path}: edited after the build (its checksum does not match its contents); rebuild it")
-    for name, meta in manifest["files"].items():
+    typed = parse(Manifest, manifest, str(path), ArtifactError)
+    for name, meta in typed.files.items():
         f = directory / name
         if not f.is_file():
             raise ArtifactError(f"{f}: listed in the manifest but missing; rebuild the artifact")
-        if f.stat().st_size != meta["bytes"] or file_sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta.bytes or file_sha256(f) != meta.sha256:
             raise ArtifactError(f"{f}: changed after the build (sha256 differs from the manifest's); rebuild it")
-    return BuiltArtifact(directory, manifest)
+    return BuiltArtifact(directory, typed)

@@ -17,9 +17,9 @@ from pydantic.dataclasses import dataclass
 from ._schema import STRICT, parse, read_yaml, to_plain
 from .atomic import write_text
 from .errors import PlanError
+from .quant.schemes import SchemeName
 
 Bits = Literal[4, 8]
-SCHEME_NAMES = ("fqvit", "tsptq", "minmax")
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -32,7 +32,7 @@ class BlockBits:
 @dataclass(frozen=True, config=STRICT)
 class Plan:
     model: str  # the recipe name
-    scheme: Literal["fqvit", "tsptq", "minmax"]
+    scheme: SchemeName
     blocks: tuple[BlockBits, ...] = Field(min_length=1)
     measured: dict[str, Any] | None = None  # written by search/build, informational only
 

@@ -13,6 +13,7 @@ from pydantic.dataclasses import dataclass
 
 from ._schema import STRICT, parse, read_yaml
 from .errors import RecipeError
+from .quant.schemes import DEFAULT_SCHEME, SchemeName
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = "deit_fmnist"
@@ -52,7 +53,7 @@ class SearchSpec:
     generations: PositiveInt = 6
     trials: PositiveInt | None = None  # random search: plans to evaluate (default population x generations)
     seed: int = 0
-    scheme: Literal["fqvit", "tsptq", "minmax"] = "fqvit"
+    scheme: SchemeName = DEFAULT_SCHEME
     eval_images: PositiveInt = 1000  # top-1 objective on the first N evaluation images; the front gets the full set
     batch: PositiveInt = 8  # latency batch size
     latency_runs: PositiveInt = 30

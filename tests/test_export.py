@@ -19,7 +19,7 @@ from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.model import QuantModel
 
 
-@pytest.fixture(scope="module", params=["fqvit", "tsptq"])
+@pytest.fixture(scope="module", params=["fqvit", "tsptq", "repq"])
 def calibrated(request):
     qm = QuantModel(tiny_vit(), request.param)
     qm.calibrate(images())
@@ -141,12 +141,13 @@ def test_export_matches_fake_quant(tmp_path, calibrated, target):
         consts |= {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         assert all(int(consts[n.input[2]]) == 0 for n in model.graph.node if n.op_type == "QuantizeLinear")
     # every MatMul, the attention's q @ k^T and attn @ v included, reads DequantizeLinear outputs (what
-    # integer kernels fuse), except for float inputs of two kinds: LIS's log-domain probabilities (fqvit,
-    # 4-bit attention in blocks 0 and 5) and V-2SF's Where of two grids (tsptq: attn @ v and fc2, every block)
+    # integer kernels fuse), except for float inputs of two kinds: log-domain probabilities (LIS in fqvit,
+    # log-sqrt(2) in repq: 4-bit attention in blocks 0 and 5) and V-2SF's Where of two grids (tsptq: attn @ v
+    # and fc2, every block). RepQ-ViT's folded LayerNorm outputs are per-tensor Q/DQ like any other.
     made_by = {o: n.op_type for n in model.graph.node for o in n.output}
     float_inputs = [n.name for n in model.graph.node if n.op_type == "MatMul"
                     for i in n.input if made_by.get(i) != "DequantizeLinear"]
-    assert len(float_inputs) == (2 if qm.scheme == "fqvit" else 2 * qm.num_blocks), float_inputs
+    assert len(float_inputs) == {"fqvit": 2, "repq": 2, "tsptq": 2 * qm.num_blocks}[qm.scheme], float_inputs
     x = torch.cat(images(2, seed=11))
     qm.apply(plan, "asym" if target == "ort" else "sym")
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_every_pass_reads_a_constant_in_any_of_its_forms(tmp_path, attr):
     """Graph.value, the TensorRT rule checker's index and the search's graph signature read a Constant node
     through one reader, whichever attribute holds its value (a Constant is not always a ``value`` tensor)."""
     from pomq_deploy.export.graph import Graph, constant_value
-    from pomq_deploy.search.evaluator import graph_signature
+    from pomq_deploy.measure import graph_signature
 
     given = {"value": numpy_helper.from_array(np.float32([2.5]), "c"), "value_float": 2.5, "value_floats": [2.5],
              "value_int": 3, "value_ints": [3]}[attr]

@@ -119,7 +119,7 @@ def trt_built(built):
 
 
 def test_profile_ort_artifact(built, capsys):
-    files_before = load_artifact(built).manifest["files"]
+    files_before = load_artifact(built).manifest.files
     assert main(["profile", "--artifact", str(built), "--batch", "2", "--runs", "3", "--top", "4"]) == 0
     out = capsys.readouterr().out
     assert "MatMulIntegerToFloat" in out and "QuantizeLinear" in out and "3 timed runs at batch 2 (10 warm-up runs dropped)" in out
@@ -130,7 +130,7 @@ def test_profile_ort_artifact(built, capsys):
     assert ops["MatMulIntegerToFloat"]["calls"] % 3 == 0 and sum(o["share"] for o in summary["ops"]) == pytest.approx(1, abs=1e-3)
     trace = json.loads((built / "profile" / "ort_profile.json").read_text())
     assert sum(e["name"] == "model_run" for e in trace) == 13  # the raw trace keeps the warm-up runs
-    assert load_artifact(built).manifest["files"] == files_before  # the artifact still verifies
+    assert load_artifact(built).manifest.files == files_before  # the artifact still verifies
 
 
 def test_profile_json_to_another_directory(built, tmp_path, capsys):

@@ -246,9 +246,24 @@ def test_tensorrt_without_a_gpu_says_so(monkeypatch):
     assert "pip install 'pomq-deploy[gpu]'" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_tensorrt_options_are_refused_for_ort_cpu(tiny_recipe, tmp_path, capsys):
-    err = user_error(["build", "--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--fp16", "--out", str(tmp_path)], capsys)
-    assert "apply to --backend tensorrt only" in err
+def test_another_backends_options_are_refused(tiny_recipe, tmp_path, capsys):
+    """build and search share each backend's options; one given to the other backend is a usage error, before
+    any backend is constructed (so the ort-cpu case below needs no GPU)."""
+    err = user_error(["build", "--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--fp16", "--cuda-graph", "--out", str(tmp_path)], capsys)
+    assert err.strip() == "pomq-deploy build: error: --fp16, --cuda-graph apply to --backend tensorrt only (this run uses --backend ort-cpu)"
+    err = user_error(["search", "--recipe", str(tiny_recipe), "--backend", "tensorrt", "--threads", "2", "--out", str(tmp_path)], capsys)
+    assert err.strip() == "pomq-deploy search: error: --threads applies to --backend ort-cpu only (this run uses --backend tensorrt)"
+
+
+def test_tensorrt_options_from_the_command_line():
+    """What build and search hand the tensorrt backend: the latency batch is the engine's, the cache lives in
+    the output root unless given."""
+    from pomq_deploy.backends.args import TensorRTArgs
+    from pomq_deploy.cli.main import build_parser
+
+    args = build_parser().parse_args(["search", "--backend", "tensorrt", "--no-fp16"])
+    assert TensorRTArgs().from_args(args, 32, Path("out")) == {"batch": 32, "fp16": False, "cuda_graph": False,
+                                                              "timing_cache": Path("out/.trt_timing.cache")}
 
 
 def _importable(name: str) -> bool:
@@ -426,12 +441,12 @@ def test_engine_agrees_with_ort_cpu(plan, reference_recipe, fmnist_root, tmp_pat
     ort = get_backend("ort-cpu")
     built_trt = build(reference_recipe, p, BuildOptions(trt, "tensorrt", tmp_path / "trt", runs=200))
     built_ort = build(reference_recipe, p, BuildOptions(ort, "tensorrt", tmp_path / "ort", runs=5))
-    agree = np.mean(_predictions(trt, built_trt.artifact, reference_recipe) == _predictions(ort, built_ort.artifact, reference_recipe))
+    agree = np.mean(_predictions(trt, built_trt.runnable, reference_recipe) == _predictions(ort, built_ort.runnable, reference_recipe))
     assert agree >= 0.99, f"top-1 agreement {agree:.4f}"
     m = built_trt.manifest
-    assert (built_trt.directory / LAYERS_NAME).is_file() and m["tensorrt"]["trtexec"].startswith("trtexec --onnx=model.onnx")
-    assert set(m["backend"]["options"]["built_with"]) == {"tensorrt", "gpu", "compute_capability", "cuda"}
-    assert m["latency"]["runs"] >= 200 and 0 < m["latency"]["median_ms"] <= m["latency"]["p90_ms"]
+    assert (built_trt.directory / LAYERS_NAME).is_file() and m.tensorrt["trtexec"].startswith("trtexec --onnx=model.onnx")
+    assert set(m.backend.options["built_with"]) == {"tensorrt", "gpu", "compute_capability", "cuda"}
+    assert m.latency.runs >= 200 and 0 < m.latency.median_ms <= m.latency.p90_ms
 
 
 @pytest.mark.gpu
@@ -444,6 +459,6 @@ def test_fp16_engine_of_the_fp32_model_builds_through_autocast(reference_recipe,
     trt, ort = get_backend("tensorrt", batch=8, fp16=True), get_backend("ort-cpu")
     fp16 = build(reference_recipe, None, BuildOptions(trt, "tensorrt", tmp_path / "trt", runs=20))
     fp32 = build(reference_recipe, None, BuildOptions(ort, "tensorrt", tmp_path / "ort", runs=5))
-    assert (fp16.directory / "model.fp16.onnx").is_file() and fp16.manifest["backend"]["options"]["fp16"] is True
-    agree = np.mean(_predictions(trt, fp16.artifact, reference_recipe) == _predictions(ort, fp32.artifact, reference_recipe))
+    assert (fp16.directory / "model.fp16.onnx").is_file() and fp16.manifest.backend.options["fp16"] is True
+    agree = np.mean(_predictions(trt, fp16.runnable, reference_recipe) == _predictions(ort, fp32.runnable, reference_recipe))
     assert agree >= 0.99, f"top-1 agreement of the FP16 engine with FP32 ORT {agree:.4f}"

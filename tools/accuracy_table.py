@@ -31,20 +31,22 @@ from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.data import eval_dataset, eval_loader
 from pomq_deploy.evaluate import topk_correct
-from pomq_deploy.export import export_fp32, export_quantized
+from pomq_deploy.measure import measure
 from pomq_deploy.models.loading import create_model
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
+from pomq_deploy.quant.schemes import SCHEMES
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
-UNIFORM = {"minmax": ["8/8/8", "4/4/4"], "fqvit": ["8/8/8", "8/8/4", "4/4/4"], "tsptq": ["8/8/8", "8/8/4", "4/4/4"]}
-MIXED = {"minmax": 0, "fqvit": 3, "tsptq": 1}  # how many of the mixed plans each scheme is evaluated on
+UNIFORM = {"minmax": ["8/8/8", "4/4/4"]}  # the uniform plans of a scheme, default DEFAULT_UNIFORM
+DEFAULT_UNIFORM = ["8/8/8", "8/8/4", "4/4/4"]
+MIXED = {"minmax": 0, "fqvit": 3}  # how many of the mixed plans a scheme is evaluated on, default 1 (the paper's)
 PARITY_NOTE = ("Every GEMM of a plan runs on integer codes in both (PyTorch: `integer_linear`, `integer_product` and the "
                "attention's two MatMuls; ORT: its integer kernels, and two MatMulIntegers for a V-2SF input), except "
-               "`probs @ v` on LIS's log2 codes (FQ-ViT at 4-bit attention). What remains are float GELU, LayerNorm, "
-               "Softmax and LIS's log-domain ops: with 4-bit activations a last-bit difference there that lands on a "
+               "`probs @ v` on log-domain codes (LIS's log2 in FQ-ViT, log-sqrt(2) in RepQ-ViT, at 4-bit attention). What "
+               "remains are float GELU, LayerNorm, Softmax and the log-domain ops: with 4-bit activations a last-bit difference there that lands on a "
                "rounding boundary moves a code by a whole step and spreads through the following blocks. 'FP64 agree' "
                "shows that PyTorch's own float64 run of such a plan departs from its float32 run more often than ONNX "
                "Runtime does; see docs/quantization.md, 'In the exported ONNX'.")
@@ -81,7 +83,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
     p.add_argument("--floor-images", type=int, default=2000,
                    help="images the float64 run (the 'FP64 agree' column) covers, from the first (default 2000: it is 3x slower)")
-    p.add_argument("--schemes", nargs="+", default=["minmax", "fqvit", "tsptq"], choices=["minmax", "fqvit", "tsptq"])
+    p.add_argument("--schemes", nargs="+", default=["minmax", *(s for s in SCHEMES if s != "minmax")], choices=SCHEMES)
     p.add_argument("--only", nargs="+", metavar="ROW", help="only the rows whose plan or label starts with one of these "
                    "(e.g. 8/8/8 paper '4-bit weights in'); the FP32 row always runs")
     p.add_argument("--noise-images", type=int, default=500, help="seeded uniform-noise images for the 'noise' columns (default 500)")
@@ -97,8 +99,8 @@ def main() -> None:
     def run(model, label, scheme, plan_text, plan=None):
         """Fake-quant (or FP32 PyTorch) and ONNX Runtime on the same batches."""
         out = work / f"{len(rows)}"
-        info = export_fp32(model, out / "model.onnx") if plan is None else export_quantized(model, plan, "ort", out / "model.onnx")
-        art = backend.build(info.path, out)
+        m = measure(backend, out, model=model, plan=plan, target="ort")  # export and build; the parity loop below runs it
+        info, art = m.onnx, m.artifact
         loader = eval_loader(eval_dataset(recipe.data, model), recipe.eval.batch_size, args.limit)
         model64 = copy.deepcopy(model).double()  # the same fake-quant model with float64 arithmetic
         n = t1 = t5 = o1 = n64 = 0
@@ -147,10 +149,10 @@ def main() -> None:
         materialise = time.perf_counter() - t0
         assert cached.cached
         timings.append((scheme, info.seconds, materialise))
-        for u in UNIFORM[scheme]:
+        for u in UNIFORM.get(scheme, DEFAULT_UNIFORM):
             if wanted(u):
                 run(model, f"uniform {u}", scheme, u, uniform_plan(u, model.num_blocks, recipe.name, scheme))
-        for label, plan in list(mixed_plans(recipe.name, scheme, model.num_blocks).items())[: MIXED[scheme]]:
+        for label, plan in list(mixed_plans(recipe.name, scheme, model.num_blocks).items())[: MIXED.get(scheme, 1)]:
             if wanted(label):
                 run(model, label, scheme, plan.plan_id, plan)
 

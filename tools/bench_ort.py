@@ -29,9 +29,8 @@ import timm
 from pomq_deploy.atomic import write_generated
 from pomq_deploy.backends.cpu import CpuFacts, detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
-from pomq_deploy.build import evaluate_artifact
 from pomq_deploy.data import calibration_batches
-from pomq_deploy.export import export_fp32, export_quantized
+from pomq_deploy.measure import measure
 from pomq_deploy.models.loading import create_model
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
@@ -80,32 +79,30 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list
     noise = noise_images(500, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1).numpy()
     rows, checks = [], []
 
-    def measure(what: str, onnx_path: Path, runner=backend, versus=None):
-        out = onnx_path.parent / f"{label}_{len(rows)}"
+    def run(what: str, runner=backend, versus=None, **source):
+        """One row: ``source`` is ``model=..., plan=...`` (exported here) or ``onnx_path=...``."""
+        out = work / f"{label}_{len(rows)}"
         out.mkdir()
-        art = runner.build(onnx_path, out)
-        lat = {b: runner.latency(art, b, args.runs) for b in (1, 8)}
-        top1 = evaluate_artifact(runner, art, recipe).top1 if recipe is not None else None
-        rows.append((label, what, lat[1].median_ms, lat[8].median_ms, lat[8].p90_ms, top1, onnx_path.stat().st_size))
-        print(f"{label:12s} {what:52s} b1 {lat[1].median_ms:7.2f} ms  b8 {lat[8].median_ms:7.2f} ms  "
-              f"top-1 {'-' if top1 is None else f'{top1:.4f}'}", file=sys.stderr, flush=True)
+        m = measure(runner, out, target="ort", eval_recipe=recipe, batches=(1, 8), runs=args.runs, **source)
+        lat, top1 = m.latency, m.accuracy.top1 if m.accuracy is not None else None
+        rows.append((label, what, lat[1].median_ms, lat[8].median_ms, lat[8].p90_ms, top1, m.onnx_path.stat().st_size))
+        print(f"{label:12s} {what:52s} b1 {lat[1].median_ms:7.2f} ms  b8 {lat[8].median_ms:7.2f} ms  top-1 {'-' if top1 is None else f'{top1:.4f}'}",
+              file=sys.stderr, flush=True)
         if versus is not None:  # the same model run exactly (u8 weights): does the default run agree with it?
-            a = agreement(backend.run(versus, noise), runner.run(art, noise))
+            a = agreement(backend.run(versus.artifact, noise), runner.run(m.artifact, noise))
             checks.append((label, what, a))
             print(f"{'':12s} vs the exact run on {a.images} noise images: {a.describe()}", file=sys.stderr, flush=True)
-        return art
+        return m
 
-    fp_path = export_fp32(fp, work / f"{label}_fp32.onnx").path
-    measure("FP32", fp_path)
-    peer = ort_quantize_static(fp_path, work / f"{label}_ort_qdq.onnx", [b.numpy() for b in calib])
-    peer_exact = measure("ORT quantize_static (QDQ u8/s8 per-channel)" + ("" if exact_here else ", run exact (u8 weights)"), peer)
+    fp32 = run("FP32", model=fp, plan=None)
+    peer = ort_quantize_static(fp32.onnx_path, work / f"{label}_ort_qdq.onnx", [b.numpy() for b in calib])
+    peer_exact = run("ORT quantize_static (QDQ u8/s8 per-channel)" + ("" if exact_here else ", run exact (u8 weights)"), onnx_path=peer)
     if not exact_here:
-        measure("ORT quantize_static, ORT's default u8 x s8 (saturates here)", peer, default, peer_exact)
+        run("ORT quantize_static, ORT's default u8 x s8 (saturates here)", default, peer_exact, onnx_path=peer)
     for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
-        path = export_quantized(qmodel, plan, "ort", work / f"{label}_{plan.plan_id}.onnx").path
-        ours = measure(what, path)
+        ours = run(what, model=qmodel, plan=plan)
         if not exact_here and plan.blocks == uniform_plan("8/8/8", qmodel.num_blocks, label, qmodel.scheme).blocks:
-            measure(f"{what}, u8 x s8 weights (saturates here)", path, default, ours)
+            run(f"{what}, u8 x s8 weights (saturates here)", default, ours, onnx_path=ours.onnx_path)
     return rows, checks
 
 

@@ -29,27 +29,29 @@ BATCHES = (1, 32)
 
 def bench_model(label: str, fp: torch.nn.Module, qmodel, args, work: Path) -> list[tuple]:
     from pomq_deploy.backends.tensorrt import TensorRTBackend
-    from pomq_deploy.export import export_fp32, export_quantized
+    from pomq_deploy.measure import measure
 
     cache = work / ".trt_timing.cache"
     rows = []
 
-    def measure(what: str, onnx_path: Path, fp16: bool):
-        stats, size = {}, 0
+    def run(what: str, plan, fp16: bool):
+        """One row: an engine per batch (TensorRT's optimisation profile is built for one), the ONNX exported once."""
+        stats, size, onnx_path = {}, 0, None
         for batch in BATCHES:
             backend = TensorRTBackend(batch=batch, fp16=fp16, strongly_typed=not (fp16 and args.weak_fp16),
                                       timing_cache=cache, cuda_graph=args.cuda_graph)
             out = work / f"{label}_{len(rows)}_b{batch}"
             out.mkdir()
-            art = backend.build(onnx_path, out)
-            stats[batch], size = backend.latency(art, batch, args.runs), art.size_bytes
+            source = {"onnx_path": onnx_path} if onnx_path else {"model": fp if plan is None else qmodel, "plan": plan}
+            m = measure(backend, out, target="tensorrt", batches=(batch,), runs=args.runs, **source)
+            stats[batch], size, onnx_path = m.latency[batch], m.artifact.size_bytes, m.onnx_path
         rows.append((label, what, stats, size))
         print(f"{label:10s} {what:50s} " + "  ".join(f"b{b} {s.median_ms:.3f} ms" for b, s in stats.items()),
               file=sys.stderr, flush=True)
 
-    measure("FP16 engine of the float model", export_fp32(fp, work / f"{label}_fp32.onnx").path, fp16=True)
+    run("FP16 engine of the float model", None, fp16=True)
     for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
-        measure(what, export_quantized(qmodel, plan, "tensorrt", work / f"{label}_{plan.plan_id}.onnx").path, fp16=True)
+        run(what, plan, fp16=True)
     return rows
 
 

@@ -4,17 +4,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ..backends.args import positive_int
 from ..recipe import Recipe, load_recipe
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+__all__ = ["positive_int"]  # shared by the subcommands with the backends' options
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,20 +49,27 @@ def uniform_spec(text: str) -> str:
     return text
 
 
+def add_scheme_argument(g, default_text: str, default: str | None = None) -> None:
+    """``--scheme``, its choices and help read from the scheme registry."""
+    from ..quant.schemes import SCHEMES
+
+    g.add_argument("--scheme", choices=SCHEMES, default=default, help=f"quantization scheme (default: {default_text}); "
+                   + "; ".join(f"{s.name}: {s.summary}" for s in SCHEMES.values()))
+
+
 def add_quant_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    from ..plan import SCHEME_NAMES
-    from ..quant.schemes import OBSERVERS
+    from ..quant.schemes import DEFAULT_SCHEME, OBSERVERS
+    from ..targets import TARGETS
 
     g = p.add_argument_group("quantization")
     which = g.add_mutually_exclusive_group(required=required)
     which.add_argument("--plan", metavar="P", type=Path, help="bit-width plan YAML (names its recipe and scheme)")
     which.add_argument("--uniform", metavar="W/A/ATTN", type=uniform_spec,
                        help="the same widths in every block, e.g. 8/8/8, 8/8/4, 4/4/4")
-    g.add_argument("--scheme", choices=SCHEME_NAMES, help="quantization scheme (default: the plan's, else fqvit)")
+    add_scheme_argument(g, f"the plan's, else {DEFAULT_SCHEME}")
     g.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
-    g.add_argument("--target", choices=("ort", "tensorrt"),
-                   help="activation format: ort = uint8 asymmetric (FQ-ViT's; the default, and ort-cpu's), "
-                   "tensorrt = int8 symmetric, zero point 0 (the tensorrt backend's default)")
+    g.add_argument("--target", choices=TARGETS, help="ONNX export target (default: the backend's); "
+                   + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
 
 
 def load_plan_arg(args: argparse.Namespace):
@@ -97,7 +97,9 @@ def resolve_plan(args: argparse.Namespace, plan, recipe: Recipe, n_blocks: int):
 
 
 def scheme_of(args: argparse.Namespace, plan) -> str:
-    return args.scheme or (plan.scheme if plan is not None else "fqvit")
+    from ..quant.schemes import DEFAULT_SCHEME
+
+    return args.scheme or (plan.scheme if plan is not None else DEFAULT_SCHEME)
 
 
 def calib_track(items, total, description):
@@ -132,9 +134,9 @@ def artifact_backend(built):
     from ..backends import get_backend
     from ._console import stderr
 
-    backend = get_backend(built.artifact.backend)
+    backend = get_backend(built.runnable.backend)
     note = getattr(backend, "artifact_note", None)  # optional Backend hook, see pomq_deploy.backends
-    text = note(built.artifact) if note is not None else None
+    text = note(built.runnable) if note is not None else None
     if text:
         stderr.print(f"note: {built.directory}: {text}")
     return backend

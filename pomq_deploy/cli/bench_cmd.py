@@ -32,21 +32,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backends import get_backend
     from ..errors import PomqError
+    from ..measure import measure
     from ._common import open_artifact
     from ._console import emit
 
     if args.artifact is not None:
         built, backend = open_artifact(args.artifact)
-        art = built.artifact
-        stats = backend.latency(art, args.batch, args.runs)
+        stats = backend.latency(built.runnable, args.batch, args.runs)
         what = str(built.directory)
     else:
         if not args.onnx.is_file():
             raise PomqError(f"{args.onnx}: no such ONNX file")
         backend = get_backend("ort-cpu", threads=args.threads)
         with tempfile.TemporaryDirectory() as tmp:
-            art = backend.build(args.onnx, Path(tmp))
-            stats = backend.latency(art, args.batch, args.runs)
+            stats = measure(backend, Path(tmp), onnx_path=args.onnx, batches=(args.batch,), runs=args.runs).latency[args.batch]
         what = str(args.onnx)
     out = {"what": what, "backend": backend.name, "batch": stats.batch, "runs": stats.runs,
            "median_ms": round(stats.median_ms, 4), "p90_ms": round(stats.p90_ms, 4)}

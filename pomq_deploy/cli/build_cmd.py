@@ -26,7 +26,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..backends import BACKENDS
+    from ..backends import add_backend_arguments
 
     add_recipe_arguments(p)
     add_quant_arguments(p)
@@ -34,23 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the self-check against the PyTorch reference (the manifest records that it was skipped)")
-    g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=list(BACKENDS), default="ort-cpu", help="default: ort-cpu")
-    g.add_argument("--threads", type=positive_int, help="ort-cpu intra-op threads (default: ONNX Runtime's, all cores)")
+    g = add_backend_arguments(p)
     g.add_argument("--batch", type=positive_int, default=8, help="batch size the latency is measured at (default 8)")
     g.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50; tensorrt times at least 200)")
-    t = p.add_argument_group("tensorrt backend (see docs/tensorrt.md)")
-    t.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
-                   help="run what the plan leaves in float (LayerNorm, Softmax, GELU, residual adds) in FP16: the ONNX is "
-                   "converted with NVIDIA ModelOpt AutoCast before TensorRT parses it (default: on; --no-fp16 keeps FP32)")
-    t.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays of the engine")
-    t.add_argument("--timing-cache", metavar="FILE", type=Path, help="shared TensorRT timing cache (default: OUT/.trt_timing.cache)")
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("engines"), help="output root (default: engines)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backends import DEFAULT_TARGET, get_backend
+    from .._schema import to_plain
+    from ..backends import BACKENDS, backend_from_args
     from ..build import BuildOptions, build
     from ..errors import PomqError
     from ._common import calib_track, load_plan_arg, recipe_from_args, resolve_plan, scheme_of
@@ -59,50 +52,41 @@ def run(args: argparse.Namespace) -> int:
     quantized = args.plan is not None or args.uniform is not None
     if quantized == args.fp32:
         raise PomqError("give one of --plan FILE, --uniform W/A/ATTN or --fp32")
-    backend = get_backend(args.backend, **backend_options(args))
+    backend = backend_from_args(args, args.batch, args.out)
     plan = load_plan_arg(args)
     recipe = recipe_from_args(args)
+    model = None
     if quantized:
         from ..quant.calibration import quant_model
 
-        n_blocks = quant_model(recipe, scheme_of(args, plan)).num_blocks  # a plan that does not fit fails here
-        plan = resolve_plan(args, plan, recipe, n_blocks)
-    target = DEFAULT_TARGET[args.backend] if args.target is None else args.target
+        model = quant_model(recipe, scheme_of(args, plan), args.observer)  # loaded once: build() calibrates this one
+        plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a plan that does not fit fails here
+    target = BACKENDS[args.backend].default_target if args.target is None else args.target
     opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer, args.verify)
-    built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None)
+    built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None,
+                  model=model)
     m = built.manifest
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(to_plain(m), indent=2))
         return 0
-    lat, acc = m["latency"], m["accuracy"]
-    stdout.print(f"built {built.directory}\n  plan {m['plan_id']} ({m['scheme'] or 'fp32'}, target {m['target']}) on {m['backend']['name']}\n"
-                 f"  top-1 {acc['top1']:.4f} on {acc['images']} images; latency batch {lat['batch']}: median "
-                 f"{lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms\n  ONNX weights {m['onnx']['weight_bytes'] / 1e6:.2f} MB, "
-                 f"deployable size {m['artifact']['size_bytes'] / 1e6:.2f} MB")
-    options = m["backend"]["options"]
+    lat, acc = m.latency, m.accuracy
+    stdout.print(f"built {built.directory}\n  plan {m.plan_id} ({m.scheme or 'fp32'}, target {m.target}) on {m.backend.name}\n"
+                 f"  top-1 {acc.top1:.4f} on {acc.images} images; latency batch {lat.batch}: median "
+                 f"{lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms\n  ONNX weights {m.onnx.weight_bytes / 1e6:.2f} MB, "
+                 f"deployable size {m.artifact.size_bytes / 1e6:.2f} MB")
+    options = m.backend.options
     if "cpu" in options:
         stdout.print(f"  built for {options['cpu']['model']}: integer weights as {options['weight_format']} "
                      f"({'u8 x s8 exact here' if options['cpu']['exact_u8s8'] else 'u8 x u8: u8 x s8 saturates on this CPU'})")
-    check = m["verify"]
+    check = m.verify
     if "skipped" in check:
         stdout.print("  self-check: skipped (--no-verify)")
     else:
         stdout.print(f"  self-check vs PyTorch: calibration images top-1 agreement {check['calibration']['top1']:.4f}, cosine "
                      f"{check['calibration']['cosine']:.5f}; noise images {check['noise']['top1']:.4f}, {check['noise']['cosine']:.5f}")
-    for note in m["emulated"]:
+    for note in m.emulated:
         stdout.print(f"  note: {note}")
-    for note in m.get("tensorrt", {}).get("layers", {}).get("not_honoured", []):
+    for note in (m.tensorrt or {}).get("layers", {}).get("not_honoured", []):
         stdout.print(f"  engine: {note}")
     return 0
 
-
-def backend_options(args: argparse.Namespace) -> dict:
-    """The command line's settings for the chosen backend."""
-    from ..errors import PomqError
-
-    if args.backend == "ort-cpu":
-        if args.fp16 is not None or args.cuda_graph or args.timing_cache:
-            raise PomqError("--fp16/--no-fp16, --cuda-graph and --timing-cache apply to --backend tensorrt only")
-        return {"threads": args.threads}
-    return {"batch": args.batch, "fp16": args.fp16 is not False, "cuda_graph": args.cuda_graph,
-            "timing_cache": args.timing_cache or args.out / ".trt_timing.cache"}

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from ._common import add_recipe_arguments, calib_track, recipe_from_args
+from ._common import add_recipe_arguments, add_scheme_argument, calib_track, recipe_from_args
 
 HELP = "calibrate a recipe's model for a scheme and cache the result"
 DESCRIPTION = """\
@@ -19,11 +19,10 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..plan import SCHEME_NAMES
-    from ..quant.schemes import OBSERVERS
+    from ..quant.schemes import DEFAULT_SCHEME, OBSERVERS
 
     add_recipe_arguments(p)
-    p.add_argument("--scheme", choices=SCHEME_NAMES, default="fqvit", help="quantization scheme (default: fqvit)")
+    add_scheme_argument(p, DEFAULT_SCHEME, DEFAULT_SCHEME)
     p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
     p.add_argument("--force", action="store_true", help="calibrate again even if a cached calibration exists")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

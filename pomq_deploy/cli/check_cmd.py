@@ -24,13 +24,14 @@ examples:
   pomq-deploy check --target tensorrt model.onnx --json
 """
 
-TARGETS = ("tensorrt",)
 STYLE = {"error": "bold red", "warning": "yellow"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..targets import TARGETS
+
     p.add_argument("onnx", metavar="FILE", type=Path, help="the ONNX file to check")
-    p.add_argument("--target", choices=TARGETS, default="tensorrt", help="rules to check against (default: tensorrt)")
+    p.add_argument("--target", choices=[t.name for t in TARGETS.values() if t.rules], default="tensorrt", help="rules to check against (default: tensorrt)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every finding")
 
 
@@ -51,10 +52,11 @@ def _table(findings: "list[Finding]") -> "Table":
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..export.trt_rules import ERROR, check_tensorrt
+    from ..export.trt_rules import ERROR
+    from ..targets import get_target
     from ._console import emit, stdout
 
-    findings = sorted(check_tensorrt(args.onnx), key=lambda f: f.severity != ERROR)  # errors first, else in order
+    findings = sorted(get_target(args.target).rule_checker()(args.onnx), key=lambda f: f.severity != ERROR)  # errors first, else in order
     errors = sum(f.severity == ERROR for f in findings)
     warnings = len(findings) - errors
     out = {"onnx": str(args.onnx), "target": args.target, "errors": errors, "warnings": warnings,

@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from .._schema import to_plain
     from ..data import eval_dataset, eval_loader
     from ..evaluate import evaluate
-    from ..export.onnx_export import TARGET_FORMAT
     from ..models.loading import create_model
+    from ..targets import get_target
     from ._console import emit, progress_iter
 
     if args.artifact is not None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if quantized:
         target = args.target or "ort"
         recipe, plan, model = calibrated_from_args(args)
-        model.apply(plan, TARGET_FORMAT[target])
+        model.apply(plan, get_target(target).act_format)
         label = f"{plan.scheme} {args.uniform or plan.plan_id}"
     else:
         recipe = recipe_from_args(args)
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _eval_artifact(args: argparse.Namespace) -> int:
     """Accuracy of a built artifact through its own backend, on its recipe's evaluation split."""
-    from ..build import evaluate_artifact
     from ..errors import PomqError
+    from ..measure import evaluate_artifact
     from ._common import calib_track, open_artifact
     from ._console import emit
 
@@ -77,11 +77,11 @@ def _eval_artifact(args: argparse.Namespace) -> int:
         raise PomqError("--artifact evaluates what was built; it takes no --plan or --uniform")
     built, backend = open_artifact(args.artifact)
     m = built.manifest
-    recipe = recipe_from_args(args, built.recipe)  # the recipe it was built with, unless --recipe names another
-    art = built.artifact
+    recipe = recipe_from_args(args, m.recipe_spec)  # the recipe it was built with, unless --recipe names another
+    art = built.runnable
     result = evaluate_artifact(backend, art, recipe, calib_track)  # options travel in the artifact
     emit(args.json, {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
-                     "seconds": round(result.seconds, 3), "artifact": str(built.directory), "plan_id": m["plan_id"],
+                     "seconds": round(result.seconds, 3), "artifact": str(built.directory), "plan_id": m.plan_id,
                      "backend": art.backend},
          f"{built.directory} ({art.backend}) on {result.images} images: top-1 {result.top1:.4f}  "
          f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ._common import artifact_backend
 
     built = load_artifact(args.artifact)
-    backend = built.manifest["backend"]["name"]
+    backend = built.manifest.backend.name
     out_dir = args.out if args.out is not None else built.directory / "profile"
     if backend == "ort-cpu":
         if args.nsys:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _head(built, backend: str, args: argparse.Namespace, out_dir: Path) -> dict:
-    return {"artifact": str(built.directory), "plan_id": built.manifest.get("plan_id"), "backend": backend,
+    return {"artifact": str(built.directory), "plan_id": built.manifest.plan_id, "backend": backend,
             "batch": args.batch, "out": str(out_dir)}
 
 
@@ -97,7 +97,7 @@ def _profile_ort(built, backend, out_dir: Path, args: argparse.Namespace) -> int
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # ORT writes <prefix>_<time>.json itself, whole, at end_profiling; renaming it gives the stable name atomically
-    raw = backend.profile(built.artifact, args.batch, args.runs, out_dir / f".{Path(ORT_TRACE).stem}", WARMUP)
+    raw = backend.profile(built.runnable, args.batch, args.runs, out_dir / f".{Path(ORT_TRACE).stem}", WARMUP)
     trace = out_dir / ORT_TRACE
     os.replace(raw, trace)
     profile = summarize(json.loads(trace.read_text()), WARMUP)

@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_recipe_arguments, positive_int
+from ._common import add_recipe_arguments, add_scheme_argument, positive_int
 
 HELP = "search per-block 4/8-bit plans for the Pareto front of top-1, latency and size"
 DESCRIPTION = """\
@@ -27,7 +27,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..backends import BACKENDS
+    from ..backends import add_backend_arguments
     from ..search import SELECT_RULES
 
     add_recipe_arguments(p)
@@ -37,16 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--generations", type=positive_int, help="NSGA-II generations (trials = population x generations)")
     g.add_argument("--trials", type=positive_int, help="plans to evaluate (overrides population x generations)")
     g.add_argument("--seed", type=int, help="sampler seed")
-    g.add_argument("--scheme", choices=("fqvit", "tsptq", "minmax"), help="quantization scheme of every plan")
+    add_scheme_argument(g, "the recipe's search.scheme")
     g.add_argument("--eval-images", type=positive_int, help="top-1 objective on the first N evaluation images")
     g.add_argument("--select", choices=list(SELECT_RULES), default="top1-within-1pt",
                    help="rule that picks best.yaml from the front (default: top1-within-1pt = "
                    + SELECT_RULES["top1-within-1pt"] + ")")
     g.add_argument("--allow-infeasible", action="store_true", help="exit 0 even when no plan meets the constraints")
-    b = p.add_argument_group("backend and storage")
-    b.add_argument("--backend", choices=list(BACKENDS), default="ort-cpu", help="default: ort-cpu")
-    b.add_argument("--threads", type=positive_int, help="ort-cpu intra-op threads (default: all cores)")
-    b.add_argument("--batch", type=positive_int, help="latency batch size")
+    b = add_backend_arguments(p)
+    b.add_argument("--batch", type=positive_int, help="latency batch size (and the tensorrt engine's batch)")
+    b = p.add_argument_group("storage")
     b.add_argument("--storage", metavar="URL", help="optuna storage URL (default: sqlite:///DIR/study.db)")
     b.add_argument("--study", metavar="NAME", help="study name (default: <recipe>-<scheme>-<algorithm>-s<seed>)")
     p.add_argument("--out", metavar="DIR", type=Path, help="output directory (default: searches/<study>)")
@@ -54,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backends import DEFAULT_TARGET, get_backend
+    from ..backends import BACKENDS, backend_from_args
     from ..search.runner import SearchOptions, run_search
     from ._common import recipe_from_args
     from ._console import stderr, stdout
@@ -72,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if args.storage is None:
         out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend(args.backend, **({"threads": args.threads} if args.backend == "ort-cpu" else {}))
+    batch = args.batch or spec.batch
+    backend = backend_from_args(args, batch, out)
     opts = SearchOptions(recipe=recipe, scheme=scheme, algorithm=algorithm, population=population, trials=trials, seed=seed,
-                         storage=storage, study=study, out=out, backend=backend, target=DEFAULT_TARGET[args.backend],
-                         eval_images=args.eval_images or spec.eval_images, batch=args.batch or spec.batch,
+                         storage=storage, study=study, out=out, backend=backend, target=BACKENDS[args.backend].default_target,
+                         eval_images=args.eval_images or spec.eval_images, batch=batch,
                          runs=spec.latency_runs, select=args.select)
     result = run_search(opts, stderr)
     say = stderr if args.json else stdout  # with --json, stdout holds the JSON object alone

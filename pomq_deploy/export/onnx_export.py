@@ -3,11 +3,7 @@
 The quantized model is traced in ``onnx_mode``: every quantizer forwards through the PyTorch ops that the
 exporter writes as Q/DQ (or, for LIS, as log-domain float ops), so the graph computes the plan's numbers.
 The graph passes in :mod:`.graph` then store the weights as INT8/INT4 codes and place the attention's
-Q/DQ at its MatMuls. Targets differ in the activation format: ``ort`` uint8 asymmetric (FQ-ViT's, what ONNX
-Runtime's x86 kernels fuse best), ``tensorrt`` int8 symmetric with zero point 0 (the only form TensorRT
-accepts); and in two layout choices, the same numbers: ``tensorrt`` writes INT4 weight scales as blocks
-(TensorRT's INT4 is block-quantized only) and a Q/DQ pair at each attention MatMul input (its fusion
-pattern), ``ort`` quantizes the qkv output before splitting it (1-byte codes through the shape ops).
+Q/DQ at its MatMuls, in the layout of the target (:mod:`.targets`).
 """
 
 import io
@@ -22,10 +18,9 @@ from torch import nn
 from ..atomic import replace_atomically
 from ..plan import Plan
 from ..quant.model import QuantModel
+from ..targets import get_target
 from .graph import block_int4_scales, count_ops, fold_weight_transposes, initializer_bytes, qdq_to_attention_matmuls, store_integer_weights
 
-TARGETS = ("ort", "tensorrt")
-TARGET_FORMAT = {"ort": "asym", "tensorrt": "sym"}
 OPSET = 21  # INT4 initializers and per-axis INT4 DequantizeLinear
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -80,9 +75,8 @@ def export_fp32(model: nn.Module, path: Path) -> ExportInfo:
 
 def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) -> ExportInfo:
     """``qmodel`` (calibrated) under ``plan``, in ``target``'s activation format, as Q/DQ ONNX at ``path``."""
-    if target not in TARGETS:
-        raise ValueError(f"target {target!r}; allowed: {', '.join(TARGETS)}")
-    qmodel.apply(plan, TARGET_FORMAT[target])
+    spec = get_target(target)
+    qmodel.apply(plan, spec.act_format)
     with qmodel.onnx_mode():
         model = _trace(qmodel, input_size(qmodel.model))
     bits = qmodel.weight_bits()
@@ -90,8 +84,8 @@ def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) ->
     if converted != len(bits):
         raise RuntimeError(f"stored {converted} of {len(bits)} quantized weights as integers; the export lost some")
     fold_weight_transposes(model)
-    qdq_to_attention_matmuls(model, quantize_first=target == "ort")
-    if target == "tensorrt":
+    qdq_to_attention_matmuls(model, quantize_first=spec.quantize_first)
+    if spec.int4_blocks:
         block_int4_scales(model)
     int4 = sum(b == 4 for b in bits.values())
     return _save(model, path, target, len(bits) - int4, int4)

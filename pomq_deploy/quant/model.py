@@ -17,8 +17,8 @@ from .attention import integer_attention
 from .functional import weight_scale
 from .modules import ActQuant, QuantInput, QuantWeighted
 from .observers import RangeObserver
-from .quantizers import FORMATS, from_state, to_state
-from .schemes import SCHEMES, needs_channels
+from .quantizers import FORMATS, from_state, get_method, to_state
+from .schemes import get_scheme
 
 OUTSIDE_BITS = 8
 
@@ -33,17 +33,53 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if is_encoder_block(m)]
 
 
-def _wrap_block(block: nn.Module, i: int) -> None:
+class NormLink:
+    """A LayerNorm, the quantizer of its output and the Linear reading it: where a quantizer with a ``fold``
+    method (RepQ-ViT's) moves per-channel factors into the LayerNorm's affine and the Linear's weight and bias.
+    Keeps the original parameters to restore them before another plan folds its own."""
+
+    def __init__(self, norm: nn.LayerNorm, linear: QuantWeighted):
+        self.norm, self.linear = norm, linear
+        self.params = [norm.weight, norm.bias, linear.layer.weight, linear.layer.bias]
+        self.originals: list[torch.Tensor] | None = None
+        self.folded = None  # the quantizer now folded in
+
+    @torch.no_grad()
+    def apply(self, q):
+        """Fold ``q`` if it has ``fold`` (else nothing), restoring what an earlier fold changed; returns the
+        quantizer the Linear's input then takes (``q``, or the per-tensor form ``q`` deploys as)."""
+        new = q if hasattr(q, "fold") else None
+        if new is not self.folded:
+            self._refold(new)
+        return q if new is None else new.deployed
+
+    def _refold(self, q) -> None:
+        if self.folded is not None:
+            for p, orig in zip(self.params, self.originals, strict=True):
+                p.copy_(orig)
+        if q is not None:
+            if self.linear.layer.bias is None:
+                raise ValueError(f"{type(self.linear.layer).__name__} without a bias after a LayerNorm: a reparameterized "
+                                 "quantizer needs one to fold its zero-point offsets into")
+            if self.originals is None:
+                self.originals = [p.detach().clone() for p in self.params]
+            q.fold(self.norm, self.linear.layer.weight, self.linear.layer.bias)
+        self.folded = q
+        self.linear.weight_changed()
+
+
+def _wrap_block(block: nn.Module, i: int) -> list[NormLink]:
     attn, mlp = block.attn, block.mlp
     attn.fused_attn = False  # timm's explicit q @ k -> softmax -> attn_drop -> @ v path, where we quantize
     block.norm1 = QuantInput(block.norm1, ActQuant("ln_in", i))
-    attn.qkv = QuantWeighted(attn.qkv, i, ActQuant("act", i), out_quant=ActQuant("act", i))  # q, k, v enter MatMuls
+    attn.qkv = QuantWeighted(attn.qkv, i, ActQuant("ln_out", i), out_quant=ActQuant("act", i))  # q, k, v enter MatMuls
     attn.attn_drop = ActQuant("attn", i)
     attn.proj = QuantWeighted(attn.proj, i, ActQuant("act", i))
     block.norm2 = QuantInput(block.norm2, ActQuant("ln_in", i))
-    mlp.fc1 = QuantWeighted(mlp.fc1, i, ActQuant("act", i))
+    mlp.fc1 = QuantWeighted(mlp.fc1, i, ActQuant("ln_out", i))
     mlp.fc2 = QuantWeighted(mlp.fc2, i, ActQuant("gelu", i))
     integer_attention(attn)
+    return [NormLink(block.norm1.module, attn.qkv), NormLink(block.norm2.module, mlp.fc1)]
 
 
 def _wrap_rest(module: nn.Module) -> None:
@@ -64,19 +100,17 @@ class QuantModel(nn.Module):
 
     def __init__(self, model: nn.Module, scheme: str, observer: str = "minmax"):
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+        spec = get_scheme(scheme)
         self.model, self.scheme, self.observer = model.eval(), scheme, observer
         self.blocks = find_blocks(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no ViT/Swin encoder blocks to quantize")
-        for i, block in enumerate(self.blocks):
-            _wrap_block(block, i)
+        self.norm_links = [link for i, block in enumerate(self.blocks) for link in _wrap_block(block, i)]
         _wrap_rest(model)
         self.act_quants = {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
         self.weighted = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeighted)}
         for aq in self.act_quants.values():
-            aq.scheme = scheme
+            aq.scheme = spec
 
     @property
     def pretrained_cfg(self) -> dict:
@@ -98,8 +132,10 @@ class QuantModel(nn.Module):
     def calibrate(self, batches: list[torch.Tensor], progress: Iterable | None = None) -> dict:
         """FQ-ViT's calibration: FP forward passes update every observer; on the last batch each activation
         also fits its quantizers for 4 and 8 bits in both formats. Returns the fitted state for the cache."""
+        self.apply(None)  # observe the model's own LayerNorm outputs, not a plan's reparameterized ones
         for aq in self.act_quants.values():
-            aq.observer = RangeObserver(self.observer, per_channel=needs_channels(self.scheme, aq.role))
+            per_channel = any(get_method(m).per_channel for m in aq.scheme.all_methods(aq.role))
+            aq.observer = RangeObserver(self.observer, per_channel=per_channel)
         self._set_state("observe")
         for i, batch in enumerate(progress if progress is not None else batches):
             if i == len(batches) - 1:
@@ -146,6 +182,8 @@ class QuantModel(nn.Module):
             self._set_state("fp")
             for w in self.weighted.values():
                 w.weight_bits = None
+            for link in self.norm_links:
+                link.apply(None)
             return
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -153,6 +191,8 @@ class QuantModel(nn.Module):
         for aq in self.act_quants.values():
             bits = OUTSIDE_BITS if aq.block is None else getattr(plan.blocks[aq.block], "attn" if aq.role == "attn" else "a")
             aq.active = aq.fitted[f"{fmt}{bits}"]
+        for link in self.norm_links:  # before the weights are quantized: RepQ-ViT quantizes the folded weights
+            link.linear.in_quant.active = link.apply(link.linear.in_quant.active)
         for w in self.weighted.values():
             w.weight_bits = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
         self._set_state("quant")

@@ -14,7 +14,7 @@ from torch import nn
 from .functional import integer_linear, weight_codes
 from .observers import RangeObserver
 from .quantizers import FORMATS, Parts, Quantizer, TwoScaleQ, UniformQ, fit
-from .schemes import method_for
+from .schemes import Scheme
 
 
 class ActQuant(nn.Module):
@@ -25,7 +25,7 @@ class ActQuant(nn.Module):
         super().__init__()
         self.role, self.block = role, block
         self.state = "fp"
-        self.scheme: str | None = None
+        self.scheme: Scheme | None = None
         self.observer: RangeObserver | None = None
         self.fitted: dict[str, Quantizer] = {}  # "asym8" -> quantizer
         self.active: Quantizer | None = None
@@ -44,7 +44,7 @@ class ActQuant(nn.Module):
         if self.state in ("observe", "fit"):
             self.observer.update(x)
             if self.state == "fit":
-                self.fitted = {f"{fmt}{bits}": fit(method_for(self.scheme, self.role, bits), self.observer, x, bits, fmt)
+                self.fitted = {f"{fmt}{bits}": fit(self.scheme.method(self.role, bits), self.observer, x, bits, fmt)
                                for bits in (4, 8) for fmt in FORMATS}
         return x
 
@@ -82,11 +82,15 @@ class QuantWeighted(nn.Module):
         self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
 
     def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Computed once per width and float type (a model moved to float64 gets float64 codes)."""
+        """Computed once per width and float type (a model moved to float64 gets float64 codes); ``weight_changed``
+        drops them."""
         key = (bits, self.layer.weight.dtype)
         if key not in self._codes:
             self._codes[key] = weight_codes(self.layer.weight.detach(), bits)
         return self._codes[key]
+
+    def weight_changed(self) -> None:
+        self._codes.clear()
 
     def quantized_weight(self, bits: int) -> torch.Tensor:
         codes, scale = self.weight_codes(bits)

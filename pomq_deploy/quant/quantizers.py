@@ -5,6 +5,7 @@ one per activation. ``format`` is ``asym`` (uint codes with a zero point: FQ-ViT
 ONNX Runtime's x86 kernels fuse) or ``sym`` (int codes, zero point 0: what TensorRT accepts).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +25,26 @@ SEARCH_TOKENS = 1 << 14
 Parts = tuple[float, list[tuple[torch.Tensor, int]]]
 
 
-def _sample(x: torch.Tensor, k: int) -> torch.Tensor:
+def sample(x: torch.Tensor, k: int) -> torch.Tensor:
     """At most ``k`` rows of ``x``, drawn with a fixed seed so that calibration stays deterministic."""
     if x.shape[0] <= k:
         return x
     return x[torch.randint(x.shape[0], (k,), generator=torch.Generator().manual_seed(0))]
 
 
+QUANTIZER_TYPES: dict[str, type] = {}  # kind -> class; the kind names a fitted quantizer in the calibration cache
+
+
+def register_quantizer(kind: str):
+    """Register a frozen-dataclass quantizer type under ``kind``, the name its fitted state is saved with."""
+    def wrap(cls):
+        QUANTIZER_TYPES[kind] = cls
+        return cls
+
+    return wrap
+
+
+@register_quantizer("uniform")
 @dataclass(frozen=True, eq=False)
 class UniformQ:
     """Per-tensor uniform Q/DQ; with ``shift``, channel c uses scale ``scale * 2^shift[c]`` (PTF, O-2SF)."""
@@ -60,6 +74,7 @@ class UniformQ:
         return Fq.fake_quant_shifted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.shift, Fq.fake_quant_onnx)
 
 
+@register_quantizer("log2")
 @dataclass(frozen=True)
 class Log2Q:
     """FQ-ViT's log2 quantizer of Softmax outputs (the LIS output side)."""
@@ -72,6 +87,7 @@ class Log2Q:
     onnx = __call__  # log-domain ops in the graph (Log, Round, Clip, Pow, Where): no Q/DQ form exists for LIS
 
 
+@register_quantizer("two_scale")
 @dataclass(frozen=True)
 class TwoScaleQ:
     """V-2SF: a fine and a coarse uniform grid (fine step = coarse step / 2^m), one flag bit between them."""
@@ -99,38 +115,81 @@ class TwoScaleQ:
         return (self.coarse_scale, self.coarse_zero_point), (self.fine_scale, self.fine_zero_point)
 
 
-Quantizer = UniformQ | Log2Q | TwoScaleQ
-_TYPES = {"uniform": UniformQ, "log2": Log2Q, "two_scale": TwoScaleQ}
-
-
+Quantizer = UniformQ | Log2Q | TwoScaleQ  # and the types other modules register (see register_quantizer)
 def to_state(q: Quantizer) -> dict:
-    kind = {UniformQ: "uniform", Log2Q: "log2", TwoScaleQ: "two_scale"}[type(q)]
+    kind = next(k for k, cls in QUANTIZER_TYPES.items() if type(q) is cls)
     return {"type": kind, **{k: v for k, v in vars(q).items() if v is not None}}
 
 
 def from_state(state: dict) -> Quantizer:
     state = dict(state)
-    return _TYPES[state.pop("type")](**state)
+    return QUANTIZER_TYPES[state.pop("type")](**state)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one quantization method is fitted: ``fit(observer, last batch, bits, symmetric) -> quantizer``.
+    ``per_channel``: it needs the observer's per-channel ranges. ``log_domain``: its codes are not on a uniform
+    grid, so the deployed graph computes it with float log-domain ops (no integer kernel reads them)."""
+
+    fit: Callable[[RangeObserver, torch.Tensor, int, bool], Quantizer]
+    per_channel: bool = False
+    log_domain: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, per_channel: bool = False, log_domain: bool = False):
+    def wrap(fn):
+        METHODS[name] = Method(fn, per_channel, log_domain)
+        return fn
+
+    return wrap
+
+
+@register_method("log2", log_domain=True)
+def _fit_log2(obs: RangeObserver, x: torch.Tensor, bits: int, symmetric: bool) -> Quantizer:
+    return Log2Q(bits)
+
+
+@register_method("uniform")
+def _fit_uniform(obs: RangeObserver, x: torch.Tensor, bits: int, symmetric: bool) -> Quantizer:
+    lo, hi = obs.lo, obs.hi
+    if obs.kind == "omse":
+        lo, hi = Fq.omse_range(sample(x.reshape(-1), SEARCH_SAMPLES), lo, hi, bits, symmetric)
+    scale, zp = Fq.uniform_qparams(lo, hi, bits, symmetric)
+    return UniformQ(float(scale), int(zp), *Fq.qrange(bits, symmetric))
+
+
+def _fit_shifted(search):
+    def fit_shifted(obs: RangeObserver, x: torch.Tensor, bits: int, symmetric: bool) -> Quantizer:
+        scale, zp, shift = search(sample(x.reshape(-1, x.shape[-1]), SEARCH_TOKENS), obs.lo_c, obs.hi_c, bits, symmetric)
+        return UniformQ(float(scale), int(zp), *Fq.qrange(bits, symmetric), shift=shift.to(torch.int8))
+
+    return fit_shifted
+
+
+register_method("ptf", per_channel=True)(_fit_shifted(Fq.ptf_search))
+register_method("o2sf", per_channel=True)(_fit_shifted(Fq.o2sf_search))
+
+
+@register_method("v2sf")
+def _fit_v2sf(obs: RangeObserver, x: torch.Tensor, bits: int, symmetric: bool) -> Quantizer:
+    m = Fq.v2sf_search(sample(x.reshape(-1), SEARCH_SAMPLES), obs.lo, obs.hi, bits, symmetric)
+    (s_c, z_c), (s_f, z_f), (qmin, qmax) = Fq.two_scale_regions(obs.lo, obs.hi, bits, m, symmetric)
+    return TwoScaleQ(float(s_c), int(z_c), float(s_f), int(z_f), qmin, qmax, m)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; registered: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def fit(method: str, obs: RangeObserver, x: torch.Tensor, bits: int, fmt: str) -> Quantizer:
     """Fit the quantizer ``method`` uses for ``bits`` from the observer's range and the last batch ``x``."""
-    symmetric = fmt == "sym"
-    x = x.detach().float()
-    if method == "log2":
-        return Log2Q(bits)
-    if method == "uniform":
-        lo, hi = obs.lo, obs.hi
-        if obs.kind == "omse":
-            lo, hi = Fq.omse_range(_sample(x.reshape(-1), SEARCH_SAMPLES), lo, hi, bits, symmetric)
-        scale, zp = Fq.uniform_qparams(lo, hi, bits, symmetric)
-        return UniformQ(float(scale), int(zp), *Fq.qrange(bits, symmetric))
-    if method in ("ptf", "o2sf"):
-        search = Fq.ptf_search if method == "ptf" else Fq.o2sf_search
-        scale, zp, shift = search(_sample(x.reshape(-1, x.shape[-1]), SEARCH_TOKENS), obs.lo_c, obs.hi_c, bits, symmetric)
-        return UniformQ(float(scale), int(zp), *Fq.qrange(bits, symmetric), shift=shift.to(torch.int8))
-    if method == "v2sf":
-        m = Fq.v2sf_search(_sample(x.reshape(-1), SEARCH_SAMPLES), obs.lo, obs.hi, bits, symmetric)
-        (s_c, z_c), (s_f, z_f), (qmin, qmax) = Fq.two_scale_regions(obs.lo, obs.hi, bits, m, symmetric)
-        return TwoScaleQ(float(s_c), int(z_c), float(s_f), int(z_f), qmin, qmax, m)
-    raise ValueError(f"unknown quantization method {method!r}")
+    return get_method(method).fit(obs, x.detach().float(), bits, fmt == "sym")
+
+
+from . import repq as _repq  # noqa: E402,F401  (registers RepQ-ViT's methods; it imports this module's types)

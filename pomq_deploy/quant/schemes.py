@@ -1,59 +1,79 @@
 """Quantization schemes: which method quantizes each kind of activation, at each bit-width.
 
 Roles of an activation: ``act`` (inputs of Linear layers and of the attention MatMuls), ``ln_in``
-(LayerNorm inputs: the residual stream, with its channel-wise outliers), ``attn`` (post-Softmax
-probabilities) and ``gelu`` (post-GELU values, the input of fc2). Weights are always symmetric int per
-output channel (min/max), in every scheme.
+(LayerNorm inputs: the residual stream, with its channel-wise outliers), ``ln_out`` (LayerNorm outputs in a
+block: the inputs of qkv and fc1), ``attn`` (post-Softmax probabilities) and ``gelu`` (post-GELU values, the
+input of fc2). Weights are always symmetric int per output channel (min/max), in every scheme.
 
 - ``minmax``: uniform everywhere; the baseline.
 - ``fqvit``: PTF for LayerNorm inputs; LIS (log2) for 4-bit attention. At 8 bits attention is uniform:
   FQ-ViT's own ablation runs PTF with 8-bit uniform attention and adds LIS at 4 bits.
 - ``tsptq``: O-2SF for LayerNorm inputs, V-2SF for post-Softmax and post-GELU values.
+- ``repq``: RepQ-ViT on FQ-ViT's PTF LayerNorm inputs: LayerNorm outputs calibrated per channel and
+  reparameterized into the LayerNorm's affine and the next Linear (per-tensor when deployed); log-sqrt(2)
+  attention at 4 bits, deployed as log2 shifts and a sqrt(2) factor on odd codes.
+
+This module is data only (no torch), so the command line and the plan schema read it cheaply; the methods
+it names are fitted by the functions registered in :mod:`.quantizers`.
 """
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
 
-ROLES = ("act", "ln_in", "attn", "gelu")
+from pydantic import AfterValidator
+
+ROLES = ("act", "ln_in", "ln_out", "attn", "gelu")
 OBSERVERS = ("minmax", "ema", "percentile", "omse")
-PER_CHANNEL_METHODS = ("ptf", "o2sf")
-
-SCHEMES: dict[str, Callable[[str, int], str]] = {}
+DEFAULT_SCHEME = "fqvit"
 
 
-def register_scheme(name: str):
-    def wrap(fn: Callable[[str, int], str]):
-        SCHEMES[name] = fn
-        return fn
+@dataclass(frozen=True)
+class Scheme:
+    """A scheme: a method per role (``"m"``, or ``("m at 4 bits", "m at 8 bits")``), uniform where not named."""
 
-    return wrap
+    name: str
+    summary: str  # one line, for --help and the docs
+    methods: dict[str, str | tuple[str, str]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        unknown = set(self.methods) - set(ROLES)
+        if unknown:
+            raise ValueError(f"scheme {self.name}: unknown roles {sorted(unknown)}; allowed: {', '.join(ROLES)}")
 
-@register_scheme("minmax")
-def _minmax(role: str, bits: int) -> str:
-    return "uniform"
+    def method(self, role: str, bits: int) -> str:
+        m = self.methods.get(role, "uniform")
+        return m if isinstance(m, str) else m[0 if bits == 4 else 1]
 
-
-@register_scheme("fqvit")
-def _fqvit(role: str, bits: int) -> str:
-    if role == "ln_in":
-        return "ptf"
-    if role == "attn" and bits == 4:
-        return "log2"
-    return "uniform"
-
-
-@register_scheme("tsptq")
-def _tsptq(role: str, bits: int) -> str:
-    if role == "ln_in":
-        return "o2sf"
-    if role in ("attn", "gelu"):
-        return "v2sf"
-    return "uniform"
+    def all_methods(self, role: str) -> set[str]:
+        return {self.method(role, b) for b in (4, 8)}
 
 
-def method_for(scheme: str, role: str, bits: int) -> str:
-    return SCHEMES[scheme](role, bits)
+SCHEMES: dict[str, Scheme] = {}
 
 
-def needs_channels(scheme: str, role: str) -> bool:
-    return any(method_for(scheme, role, b) in PER_CHANNEL_METHODS for b in (4, 8))
+def register_scheme(scheme: Scheme) -> Scheme:
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def get_scheme(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def _known(name: str) -> str:
+    get_scheme(name)
+    return name
+
+
+SchemeName = Annotated[str, AfterValidator(_known)]  # a schema field holding a registered scheme's name
+
+
+register_scheme(Scheme("fqvit", "FQ-ViT: PTF LayerNorm inputs, LIS (log2) attention at 4 bits",
+                       {"ln_in": "ptf", "attn": ("log2", "uniform")}))
+register_scheme(Scheme("tsptq", "TSPTQ-ViT: O-2SF LayerNorm inputs, V-2SF post-Softmax and post-GELU values",
+                       {"ln_in": "o2sf", "attn": "v2sf", "gelu": "v2sf"}))
+register_scheme(Scheme("repq", "RepQ-ViT on FQ-ViT's PTF: reparameterized per-channel LayerNorm outputs, "
+                       "log-sqrt(2) attention at 4 bits", {"ln_in": "ptf", "ln_out": "repq_ln", "attn": ("log_sqrt2", "uniform")}))
+register_scheme(Scheme("minmax", "uniform min/max everywhere (the baseline)"))

@@ -1,4 +1,4 @@
-"""Measure one plan the way the search sees it: build it, run it, time it.
+"""Measure one plan the way the search sees it: build it, run it, time it (``pomq_deploy.measure``).
 
 Every candidate is exported, built by the backend and measured for real: top-1 on the evaluation subset
 through the backend, latency median at the search batch size, artifact size. Two caches keep it cheap:
@@ -9,17 +9,13 @@ INT8) run the same kernels, so the second one reuses the first one's measurement
 """
 
 import dataclasses
-import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-
 from ..backends import Backend
-from ..build import evaluate_artifact
-from ..export.graph import constant_value
+from ..measure import measure
 from ..plan import Plan
 from ..recipe import Recipe
 
@@ -33,22 +29,6 @@ class Measurement:
     size_bytes: int  # the backend's artifact
     latency_key: str
     latency_cached: bool
-
-
-def graph_signature(path: Path) -> str:
-    """A hash of what decides the kernels ONNX Runtime or TensorRT pick: ops, wiring, initializer types/shapes."""
-    model = onnx.load(str(path))
-    h = hashlib.sha256()
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            t = constant_value(n)
-            h.update((f"C{n.output[0]}:{t.data_type}:{list(t.dims)};" if t is not None else f"C{n.output[0]}:?;").encode())
-            continue
-        attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)
-        h.update(f"{n.op_type}{list(n.input)}{list(n.output)}{attrs};".encode())
-    for t in model.graph.initializer:
-        h.update(f"I{t.name}:{t.data_type}:{list(t.dims)};".encode())
-    return h.hexdigest()[:16]
 
 
 class PlanEvaluator:
@@ -71,27 +51,21 @@ class PlanEvaluator:
 
     def measure(self, plan: Plan | None, full_test: bool = False) -> Measurement:
         """Build ``plan`` (None: the FP32 model) in a scratch directory, measure it, delete the build."""
-        from ..export import export_fp32, export_quantized
-        from ..models.loading import create_model
-
         out = Path(tempfile.mkdtemp(dir=self.work))
         try:
-            if plan is None:
-                fp = create_model(self.recipe.model.arch, self.recipe.model.checkpoint)
-                info = export_fp32(fp, out / "model.onnx")
-            else:
-                info = export_quantized(self.qmodel, plan, self.target, out / "model.onnx")
-            key = graph_signature(info.path)
-            artifact = self.backend.build(info.path, out)
-            acc = evaluate_artifact(self.backend, artifact, self.full_recipe if full_test else self.recipe)
-            cached = key in self.latency_cache
-            if not cached:
-                lat = self.backend.latency(artifact, self.batch, self.runs)
-                self.latency_cache[key] = (lat.median_ms, lat.p90_ms)
-            median, p90 = self.latency_cache[key]
-            return Measurement(acc.top1, acc.images, median, p90, artifact.size_bytes, key, cached)
+            m = measure(self.backend, out, model=self.fp_model() if plan is None else self.qmodel, plan=plan, target=self.target,
+                        eval_recipe=self.full_recipe if full_test else self.recipe, batches=(self.batch,), runs=self.runs,
+                        latency_cache=self.latency_cache)
+            lat = m.latency[self.batch]
+            return Measurement(m.accuracy.top1, m.accuracy.images, lat.median_ms, lat.p90_ms, m.artifact.size_bytes,
+                               m.latency_key, m.latency_cached)
         finally:
             shutil.rmtree(out, ignore_errors=True)
+
+    def fp_model(self):
+        from ..models.loading import create_model
+
+        return create_model(self.recipe.model.arch, self.recipe.model.checkpoint)
 
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
