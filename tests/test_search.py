@@ -123,10 +123,21 @@ def _row(n, top1, lat, size, feasible=True):
     return Row(n, plan, top1, lat, size, feasible, [0.0, 0.0, 0.0])
 
 
+def _study_of(rows):
+    """An in-memory study holding ``rows`` as trials, with the search's directions and constraints."""
+    import optuna
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for r in rows:
+        study.add_trial(optuna.trial.create_trial(values=[r.top1, r.latency_ms, r.size_bytes],
+                                                  system_attrs={"constraints": [0.0 if r.feasible else 1.0]}))
+    return study
+
+
 def test_front_and_selection_rule():
     rows = [_row(0, 0.90, 10, 100), _row(1, 0.89, 8, 100), _row(2, 0.88, 9, 100), _row(3, 0.95, 1, 1, feasible=False),
             _row(4, 0.85, 5, 50)]
-    front = mark_front(rows)
+    front = mark_front(rows, _study_of(rows))
     assert [r.number for r in front] == [0, 1, 4]  # 2 is dominated by 1; 3 is infeasible
     base = {"uniform8": {"top1": 0.899}}
     assert select(front, base, "top1-within-1pt").number == 1  # 0 and 1 are within 1 point of 0.899: the faster
@@ -134,3 +145,14 @@ def test_front_and_selection_rule():
     assert select(front, base, "max-top1").number == 0 and select(front, base, "min-size").number == 4
     with pytest.raises(ValueError, match="unknown selection rule 'fastest'; allowed: top1-within-1pt, max-top1"):
         select([], base, "fastest")  # not silently the default rule, even with nothing to pick from
+
+
+def test_hypervolume_by_hand():
+    """Normalised (1 - top-1, latency / FP32's, size / uniform 8-bit's) against (1, 1, 1): one plan at
+    (0.5, 0.5, 0.5) spans 0.125; a second at (0.75, 0.25, 0.5) adds 0.25 x 0.25 x 0.5; infeasible ones count nothing."""
+    from pomq_deploy.search.report import hypervolume
+
+    base = {"fp32": {"latency_ms": 10.0}, "uniform8": {"size_bytes": 100}}
+    rows = [_row(0, 0.5, 5.0, 50), _row(1, 0.25, 2.5, 50), _row(2, 0.99, 0.1, 1, feasible=False)]
+    assert hypervolume(rows[:1], base) == pytest.approx(0.125)
+    assert hypervolume(rows, base) == pytest.approx(0.125 + 0.25 * 0.25 * 0.5)

@@ -46,27 +46,26 @@ def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str) -> lis
     return out
 
 
-def mark_front(rows: list[Row]) -> list[Row]:
-    """Flag the feasible rows no other feasible row dominates (top-1 up, latency and size down)."""
-    feasible = [r for r in rows if r.feasible]
-    for r in feasible:
-        r.on_front = not any(o is not r and o.top1 >= r.top1 and o.latency_ms <= r.latency_ms and o.size_bytes <= r.size_bytes
-                             and (o.top1, -o.latency_ms, -o.size_bytes) != (r.top1, -r.latency_ms, -r.size_bytes)
-                             for o in feasible)
+def mark_front(rows: list[Row], study: optuna.Study) -> list[Row]:
+    """Flag the rows of the study's Pareto front: optuna's ``best_trials``, the feasible trials (every constraint
+    <= 0) that no other feasible trial dominates (top-1 up, latency and size down)."""
+    front = {t.number for t in study.best_trials}
+    for r in rows:
+        r.on_front = r.number in front
     return [r for r in rows if r.on_front]
 
 
 def hypervolume(rows: list[Row], base: dict) -> float:
     """Hypervolume of the feasible front in normalised objectives (1 - top-1, latency / FP32's, size /
     uniform 8-bit's) against the reference point (1, 1, 1): larger is better, 0 for an empty front."""
-    from optuna._hypervolume import compute_hypervolume
+    import moocore
 
     pts = np.array([[1 - r.top1, r.latency_ms / base["fp32"]["latency_ms"], r.size_bytes / base["uniform8"]["size_bytes"]]
                     for r in rows if r.feasible])
     if len(pts) == 0:
         return 0.0
     # a plan measured against a baseline within noise of the box edge contributes (almost) nothing: clip
-    return float(compute_hypervolume(np.minimum(pts, 1.0), np.ones(3)))
+    return float(moocore.hypervolume(np.minimum(pts, 1.0), ref=np.ones(3)))
 
 
 def select(front: list[Row], base: dict, rule: str) -> Row | None:

@@ -65,7 +65,7 @@ def _paper_rows(storage: str, recipe: str, scheme: str, n_blocks: int, rule: str
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         rows = rows_of(study, n_blocks, recipe, scheme)
-        front = mark_front(rows)
+        front = mark_front(rows, study)
         full = study.user_attrs.get("top1_full", {})
         for r in front:
             r.top1_full = full.get(r.plan.plan_id)
@@ -92,7 +92,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
         with trial_progress(console, study, opts.trials) as on_trial:
             run_trials(study, evaluator, cfg, base, on_trial)
         rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme)
-        front = mark_front(rows)
+        front = mark_front(rows, study)
         log(f"re-measuring the {len(front)} plans of the front on the full evaluation split")
         _full_top1(study, evaluator, front, base)
     finally:
