@@ -2,16 +2,16 @@
 Linear layers and LayerNorms (``a``) and of its post-Softmax attention (``attn``), each 4 or 8.
 
 A plan is a small YAML file a person can read, edit and diff (README.md, "Plans"). Its id is a hash of what
-changes the quantized model (model, scheme, blocks), so identical plans share artifacts and results.
+changes the quantized model (recipe, scheme, blocks), so identical plans share artifacts and results.
 """
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic.dataclasses import dataclass
 
 from ._schema import STRICT, parse, read_yaml, to_plain
@@ -31,7 +31,7 @@ class BlockBits:
 
 @dataclass(frozen=True, config=STRICT)
 class Plan:
-    model: str  # the recipe name
+    recipe: Annotated[str, Field(validation_alias=AliasChoices("recipe", "model"))]  # earlier plan files call it "model"
     scheme: SchemeName
     blocks: tuple[BlockBits, ...] = Field(min_length=1)
     measured: dict[str, Any] | None = None  # written by search/build, informational only
@@ -44,12 +44,13 @@ class Plan:
 
     @property
     def plan_id(self) -> str:
-        key = {"model": self.model, "scheme": self.scheme, "blocks": [[b.w, b.a, b.attn] for b in self.blocks]}
+        # "model": the key plan ids have been hashed with since the first release; keeping it keeps them
+        key = {"model": self.recipe, "scheme": self.scheme, "blocks": [[b.w, b.a, b.attn] for b in self.blocks]}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def check_blocks(self, n_blocks: int, source: str = "plan") -> None:
         if len(self.blocks) != n_blocks:
-            raise PlanError(f"{source}: 'blocks' has {len(self.blocks)} rows but model {self.model} has {n_blocks} "
+            raise PlanError(f"{source}: 'blocks' has {len(self.blocks)} rows but recipe {self.recipe}'s model has {n_blocks} "
                             f"encoder blocks; give one {{w, a, attn}} row per block")
 
 
@@ -62,9 +63,9 @@ def parse_uniform(text: str) -> tuple[int, int, int]:
     return w, a, attn
 
 
-def uniform_plan(text: str, n_blocks: int, model: str, scheme: str) -> Plan:
+def uniform_plan(text: str, n_blocks: int, recipe: str, scheme: str) -> Plan:
     w, a, attn = parse_uniform(text)
-    return Plan(model=model, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=attn) for _ in range(n_blocks)))
+    return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=attn) for _ in range(n_blocks)))
 
 
 def load_plan(path: Path) -> Plan:
@@ -73,7 +74,7 @@ def load_plan(path: Path) -> Plan:
 
 def dump_plan(plan: Plan) -> str:
     """YAML with one flow-style row per block (README.md, "Plans")."""
-    lines = [f"model: {plan.model}", f"scheme: {plan.scheme}", "blocks:"]
+    lines = [f"recipe: {plan.recipe}", f"scheme: {plan.scheme}", "blocks:"]
     lines += [f"  - {{w: {b.w}, a: {b.a}, attn: {b.attn}}}" for b in plan.blocks]
     if plan.measured is not None:
         lines.append(yaml.safe_dump({"measured": to_plain(plan.measured)}, sort_keys=False).rstrip())

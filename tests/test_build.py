@@ -117,7 +117,7 @@ def test_plan_block_count_must_fit_the_model(tiny_recipe, tmp_path, capsys):
     plan = tmp_path / "p.yaml"
     plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n" + "  - {w: 8, a: 8, attn: 8}\n" * 5)
     err = user_error(["build", "--plan", str(plan), "--recipe", str(tiny_recipe), "--out", str(tmp_path / "eng")], capsys)
-    assert "'blocks' has 5 rows but model tiny has 12 encoder blocks" in err
+    assert "'blocks' has 5 rows but recipe tiny's model has 12 encoder blocks" in err
     assert not (tmp_path / "eng").exists()
 
 

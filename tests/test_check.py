@@ -263,7 +263,7 @@ def recipe(tmp_path_factory, random_deit_fmnist):
     return load_recipe(str(tiny_recipe_file(tmp_path_factory.mktemp("recipe"), random_deit_fmnist)))
 
 
-@pytest.fixture(scope="module", params=["minmax", "fqvit", "tsptq"])
+@pytest.fixture(scope="module", params=["minmax", "fqvit", "tsptq", "repq"])
 def calibrated(request, recipe):
     return calibrated_model(recipe, request.param)[0]  # once per scheme; every plan below reuses it
 

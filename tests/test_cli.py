@@ -98,7 +98,7 @@ def test_plan_with_wrong_block_count(tiny_recipe, tmp_path, capsys):
     plan = tmp_path / "p.yaml"
     plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n" + "  - {w: 4, a: 8, attn: 4}\n" * 3)
     err = user_error(["eval", "--recipe", str(tiny_recipe), "--plan", str(plan)], capsys)
-    assert f"{plan}: 'blocks' has 3 rows but model tiny has 12 encoder blocks" in err
+    assert f"{plan}: 'blocks' has 3 rows but recipe tiny's model has 12 encoder blocks" in err
 
 
 def test_plan_with_bad_width(tiny_recipe, tmp_path, capsys):

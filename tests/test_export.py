@@ -27,7 +27,7 @@ def calibrated(request):
 
 
 def mixed(n: int, scheme: str, four: set[int]) -> Plan:
-    return Plan(model="t", scheme=scheme, blocks=tuple(BlockBits(w=4 if i in four else 8, a=4 if i in four else 8,
+    return Plan(recipe="t", scheme=scheme, blocks=tuple(BlockBits(w=4 if i in four else 8, a=4 if i in four else 8,
                                                                  attn=4 if i in four else 8) for i in range(n)))
 
 
@@ -162,7 +162,7 @@ def test_four_bit_weights_shrink_the_file(tmp_path, calibrated):
     n = qm.num_blocks
     base = export_quantized(qm, uniform_plan("8/8/8", n, "t", qm.scheme), "ort", tmp_path / "a.onnx")
     k = 3
-    plan = Plan(model="t", scheme=qm.scheme, blocks=tuple(BlockBits(w=4 if i < k else 8, a=8, attn=8) for i in range(n)))
+    plan = Plan(recipe="t", scheme=qm.scheme, blocks=tuple(BlockBits(w=4 if i < k else 8, a=8, attn=8) for i in range(n)))
     small = export_quantized(qm, plan, "ort", tmp_path / "b.onnx")
     block_weights = sum(qm.weighted[f"blocks.0.{name}"].layer.weight.numel() for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
     expected = k * block_weights // 2  # INT4 packs two codes a byte

@@ -7,7 +7,7 @@ PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's first/last-two-blocks
 
 
 def paper_plan():
-    return Plan(model="deit_fmnist", scheme="fqvit", blocks=tuple(BlockBits(w=b, a=8, attn=b) for b in PAPER))
+    return Plan(recipe="deit_fmnist", scheme="fqvit", blocks=tuple(BlockBits(w=b, a=8, attn=b) for b in PAPER))
 
 
 def test_yaml_roundtrip_and_format(tmp_path):
@@ -15,13 +15,13 @@ def test_yaml_roundtrip_and_format(tmp_path):
     path = tmp_path / "p.yaml"
     save_plan(plan, path)
     text = path.read_text()
-    assert "  - {w: 4, a: 8, attn: 4}\n" in text and text.startswith("model: deit_fmnist\nscheme: fqvit\nblocks:\n")
+    assert "  - {w: 4, a: 8, attn: 4}\n" in text and text.startswith("recipe: deit_fmnist\nscheme: fqvit\nblocks:\n")
     assert load_plan(path) == plan
     assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]  # no temporary file left behind
 
 
 def test_measured_roundtrips(tmp_path):
-    plan = Plan(model="m", scheme="tsptq", blocks=(BlockBits(w=8, a=8, attn=4),),
+    plan = Plan(recipe="m", scheme="tsptq", blocks=(BlockBits(w=8, a=8, attn=4),),
                 measured={"top1": 0.87, "latency_ms": {"median": 3.4, "backend": "ort-cpu"}})
     path = tmp_path / "p.yaml"
     path.write_text(dump_plan(plan))
@@ -50,12 +50,12 @@ def test_bad_scheme_and_unknown_top_key(tmp_path):
     with pytest.raises(PlanError, match=r"'scheme': unknown scheme 'awq'; allowed: fqvit, tsptq, repq, minmax \(got 'awq'\)$"):
         load_plan(path)
     path.write_text("model: m\nscheme: fqvit\nblocks: [{w: 4, a: 8, attn: 4}]\nbits: 3\n")
-    with pytest.raises(PlanError, match="unknown key 'bits'; allowed keys here: model, scheme, blocks, measured"):
+    with pytest.raises(PlanError, match="unknown key 'bits'; allowed keys here: recipe, scheme, blocks, measured"):
         load_plan(path)
 
 
 def test_block_count_must_fit_the_model():
-    with pytest.raises(PlanError, match="has 12 rows but model deit_fmnist has 4 encoder blocks"):
+    with pytest.raises(PlanError, match="has 12 rows but recipe deit_fmnist's model has 4 encoder blocks"):
         paper_plan().check_blocks(4, "p.yaml")
 
 
@@ -72,4 +72,4 @@ def test_plan_id_is_content_hash():
     a, b = paper_plan(), paper_plan()
     assert a.plan_id == b.plan_id and len(a.plan_id) == 12
     assert uniform_plan("8/8/8", 12, "deit_fmnist", "fqvit").plan_id != a.plan_id
-    assert Plan(model="deit_fmnist", scheme="tsptq", blocks=a.blocks).plan_id != a.plan_id
+    assert Plan(recipe="deit_fmnist", scheme="tsptq", blocks=a.blocks).plan_id != a.plan_id

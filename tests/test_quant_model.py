@@ -61,7 +61,7 @@ def test_plans_switch_without_recalibration(calibrated):
 def test_plan_sets_each_blocks_widths(calibrated):
     _, qm, _ = calibrated
     blocks = (BlockBits(w=4, a=8, attn=4),) + (BlockBits(w=8, a=4, attn=8),) * 5
-    qm.apply(Plan(model="t", scheme="fqvit", blocks=blocks))
+    qm.apply(Plan(recipe="t", scheme="fqvit", blocks=blocks))
     b0, b1 = qm.blocks[:2]
     assert b0.attn.qkv.weight_bits == 4 and b1.attn.qkv.weight_bits == 8 and b1.mlp.fc2.weight_bits == 8
     assert qm.model.head.weight_bits == 8 and qm.model.patch_embed.proj.weight_bits == 8  # outside blocks: 8-bit
@@ -107,7 +107,7 @@ def test_swin_quantizes_end_to_end():
     qm = QuantModel(copy.deepcopy(fp), "fqvit")
     assert qm.num_blocks == 4
     qm.calibrate(images(2, 4, size=64))
-    qm.apply(Plan(model="swin", scheme="fqvit", blocks=(BlockBits(w=4, a=8, attn=4),) + (BlockBits(w=8, a=8, attn=8),) * 3))
+    qm.apply(Plan(recipe="swin", scheme="fqvit", blocks=(BlockBits(w=4, a=8, attn=4),) + (BlockBits(w=8, a=8, attn=8),) * 3))
     x = images(1, 4, size=64, seed=5)[0]
     with torch.no_grad():
         y, ref = qm(x), fp(x)

@@ -60,7 +60,7 @@ def test_onnx_runtime_agrees_with_fake_quant(fmnist_root, tmp_path, plan_text):
     model, _ = calibrated_model(recipe, "fqvit")
     paper = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
     plan = uniform_plan("8/8/8", 12, recipe.name, "fqvit") if plan_text == "8/8/8" else \
-        Plan(model=recipe.name, scheme="fqvit", blocks=tuple(BlockBits(w=b, a=b, attn=b) for b in paper))
+        Plan(recipe=recipe.name, scheme="fqvit", blocks=tuple(BlockBits(w=b, a=b, attn=b) for b in paper))
     info = export_quantized(model, plan, "ort", tmp_path / "m.onnx")
     backend = OrtCpuBackend()
     art = backend.build(info.path, tmp_path)

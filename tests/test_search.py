@@ -119,7 +119,7 @@ def test_unknown_algorithm_or_select_rule(argv, capsys):
 
 
 def _row(n, top1, lat, size, feasible=True):
-    plan = Plan(model="m", scheme="fqvit", blocks=(BlockBits(w=4, a=8, attn=8),))
+    plan = Plan(recipe="m", scheme="fqvit", blocks=(BlockBits(w=4, a=8, attn=8),))
     return Row(n, plan, top1, lat, size, feasible, [0.0, 0.0, 0.0])
 
 

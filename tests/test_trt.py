@@ -26,7 +26,7 @@ from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trt_layers.json"
 # block 0: 4-bit weights; block 1: 4-bit activations; block 2: 4-bit attention; the rest 8/8/8
-MIXED = Plan(model="deit_fmnist", scheme="minmax",
+MIXED = Plan(recipe="deit_fmnist", scheme="minmax",
              blocks=(BlockBits(w=4, a=8, attn=8), BlockBits(w=8, a=4, attn=8), BlockBits(w=8, a=8, attn=4))
              + tuple(BlockBits(w=8, a=8, attn=8) for _ in range(9)))
 REFERENCE_INPUT = ("images", (1, 28, 28))
@@ -410,7 +410,7 @@ def test_a_failed_build_reports_the_first_logged_error(tmp_path, monkeypatch):
 
 AGREEMENT_IMAGES = 2000
 # 4-bit weights (INT4 blocks) in blocks 3-10, 4-bit activations in blocks 0-1
-GPU_MIXED = Plan(model="deit_fmnist", scheme="fqvit",
+GPU_MIXED = Plan(recipe="deit_fmnist", scheme="fqvit",
                  blocks=tuple(BlockBits(w=4 if 2 <= i < 10 else 8, a=4 if i < 2 else 8, attn=8) for i in range(12)))
 
 

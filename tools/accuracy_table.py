@@ -68,7 +68,7 @@ def _without_out(argv: list[str]) -> list[str]:
 
 def mixed_plans(recipe: str, scheme: str, n: int) -> dict[str, Plan]:
     def plan(rows):
-        return Plan(model=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
+        return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
 
     return {
         "paper: blocks 1-2, 11-12 all 4-bit": plan([(b, b, b) for b in PAPER]),

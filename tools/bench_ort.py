@@ -61,7 +61,7 @@ def ort_quantize_static(fp_onnx: Path, out: Path, batches: list[np.ndarray]) -> 
 
 def plans(name: str, scheme: str, n: int) -> dict[str, Plan]:
     def plan(rows):
-        return Plan(model=name, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
+        return Plan(recipe=name, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
 
     return {
         f"ours {scheme} 8/8/8": uniform_plan("8/8/8", n, name, scheme),

@@ -80,7 +80,7 @@ def load_plan_arg(args: argparse.Namespace):
         return None
     plan = load_plan(args.plan)
     if args.recipe is None:
-        args.recipe = plan.model
+        args.recipe = plan.recipe
     return plan
 
 
@@ -91,7 +91,7 @@ def resolve_plan(args: argparse.Namespace, plan, recipe: Recipe, n_blocks: int):
     scheme = scheme_of(args, plan)
     if plan is None:
         return uniform_plan(args.uniform, n_blocks, recipe.name, scheme)
-    plan = dataclasses.replace(plan, scheme=scheme, model=recipe.name)
+    plan = dataclasses.replace(plan, scheme=scheme, recipe=recipe.name)
     plan.check_blocks(n_blocks, str(args.plan))
     return plan
 

@@ -97,9 +97,9 @@ def log_sqrt2_quant(p: torch.Tensor, bits: int, delta: float) -> torch.Tensor:
     """``q = clamp(round(-2 log2(p / delta)), 0, 2^b - 1)``, ``p_hat = delta 2^-ceil(q/2) (sqrt 2 if q odd)``,
     and 0 where ``round(-2 log2(p / delta)) >= 2^b``."""
     q = torch.round(-2.0 * torch.log2(p * (1.0 / delta))).clamp(min=0)
-    half = torch.ceil(q * 0.5)
-    odd = torch.where(half * 2.0 != q, math.sqrt(2.0), 1.0)
-    return torch.where(q >= 2**bits, torch.zeros_like(p), torch.pow(2.0, -half) * (odd * delta))
+    odd = torch.fmod(q, 2.0)  # exported as Mod; ceil(q / 2) = (q + odd) / 2 keeps to the ops TensorRT's parser lists
+    factor = torch.where(odd > 0, math.sqrt(2.0), 1.0)
+    return torch.where(q >= 2**bits, torch.zeros_like(p), torch.pow(2.0, -(q + odd) * 0.5) * (factor * delta))
 
 
 @register_quantizer("log_sqrt2")

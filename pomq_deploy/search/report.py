@@ -116,7 +116,7 @@ def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, 
     write_text(out_dir / "pareto.json", json.dumps(doc, indent=1) + "\n")
     plot(rows, base, out_dir / "pareto.png")
     if best is not None:
-        save_plan(Plan(model=best.plan.model, scheme=best.plan.scheme, blocks=best.plan.blocks,
+        save_plan(Plan(recipe=best.plan.recipe, scheme=best.plan.scheme, blocks=best.plan.blocks,
                        measured={"top1_search_subset": best.top1, "top1_full": best.top1_full, "latency_ms": best.latency_ms,
                                  "size_bytes": best.size_bytes, "trial": best.number, "select": meta["select"]}),
                   out_dir / "best.yaml")

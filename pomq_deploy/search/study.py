@@ -50,7 +50,7 @@ class SearchConfig:
 
 
 def plan_from_params(params: dict, n_blocks: int, recipe: str, scheme: str) -> Plan:
-    return Plan(model=recipe, scheme=scheme,
+    return Plan(recipe=recipe, scheme=scheme,
                 blocks=tuple(BlockBits(**{g: int(params[f"b{i}_{g}"]) for g in GENES}) for i in range(n_blocks)))
 
 
