@@ -132,7 +132,7 @@ def graph_signature(path: Path) -> str:
 
     import onnx
 
-    from .export.graph import constant_value
+    from .onnx_graph import constant_value
 
     model = onnx.load(str(path))
     h = hashlib.sha256()

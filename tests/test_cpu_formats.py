@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from pomq_deploy.backends import Artifact, BackendError
 from pomq_deploy.backends.cpu import CpuFacts, detect, parse_proc_cpuinfo
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend, _weights_to_uint8, check_cpu, int8_weight_readers
-from pomq_deploy.export.graph import Graph
+from pomq_deploy.onnx_graph import Graph
 from pomq_deploy.quant.functional import integer_product
 
 

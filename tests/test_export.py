@@ -213,8 +213,8 @@ def test_int4_codes_are_really_int4(tmp_path, calibrated):
 def test_every_pass_reads_a_constant_in_any_of_its_forms(tmp_path, attr):
     """Graph.value, the TensorRT rule checker's index and the search's graph signature read a Constant node
     through one reader, whichever attribute holds its value (a Constant is not always a ``value`` tensor)."""
-    from pomq_deploy.export.graph import Graph, constant_value
     from pomq_deploy.measure import graph_signature
+    from pomq_deploy.onnx_graph import Graph, constant_value
 
     given = {"value": numpy_helper.from_array(np.float32([2.5]), "c"), "value_float": 2.5, "value_floats": [2.5],
              "value_int": 3, "value_ints": [3]}[attr]

@@ -92,7 +92,7 @@ class OrtCpuBackend:
         INT8 codes, GEMMs on two-grid (V-2SF) inputs as integer GEMMs (:mod:`.ort_split_codes`), and on a CPU
         without exact u8 x s8 kernels INT8 weights as uint8. Returns the session options with what was done,
         for the artifact."""
-        from ..export.graph import Graph
+        from ..onnx_graph import Graph
         from .ort_split_codes import split_code_matmuls
 
         int8_activations = _has_int8_activations(model)
@@ -207,7 +207,7 @@ def _weights_to_uint8(g, readers: list) -> int:
             shifted[key] = (u8.name, zero_u8.name)
         inputs = list(node.input) + [""] * (zero_at + 1 - len(node.input))
         inputs[codes_at], inputs[zero_at] = shifted[key]
-        node.input[:] = inputs
+        g.set_inputs(node, inputs)
     g.drop_unused()
     return len(shifted)
 
@@ -239,7 +239,7 @@ def _fuse_gemm_bias(model) -> int:
     more pass over every GEMM output (36 Adds per run of the reference model). The contrib op takes the
     bias as its optional seventh input and adds it in the GEMM's output stage: measured bit-identical
     logits and 7% less latency on the reference model at batch 8. Returns how many Adds were folded."""
-    from ..export.graph import Graph
+    from ..onnx_graph import Graph
 
     g = Graph(model)
     done = 0
@@ -252,9 +252,10 @@ def _fuse_gemm_bias(model) -> int:
         value, width = g.value(bias), _output_width(g, mm)
         if value is None or value.ndim != 1 or width is None or value.shape[0] != width:
             continue
-        mm.input.extend([""] * (6 - len(mm.input)) + [bias])
-        mm.output[0] = add.output[0]
-        g.graph.node.remove(add)
+        out = add.output[0]
+        g.remove(add)
+        g.set_inputs(mm, list(mm.input) + [""] * (6 - len(mm.input)) + [bias])
+        g.set_output(mm, 0, out)
         done += 1
     return done
 
@@ -286,7 +287,7 @@ def _has_int8_activations(model) -> bool:
     """Whether any QuantizeLinear writes int8 (as the tensorrt target's do); weights carry no Q node."""
     import onnx
 
-    from ..export.graph import constant_value
+    from ..onnx_graph import constant_value
 
     int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     int8 |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"

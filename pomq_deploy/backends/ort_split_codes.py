@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..export.graph import Graph, node_attr
+from ..onnx_graph import Graph, node_attr
 
 
 def split_code_matmuls(g: Graph) -> int:
@@ -43,16 +43,14 @@ def split_code_matmuls(g: Graph) -> int:
             names.append(out)
         nodes += [helper.make_node("Add", names, [f"{mm.output[0]}_acc"], name=f"{mm.output[0]}/AddParts"),
                   helper.make_node("Mul", [f"{mm.output[0]}_acc", scale.name], [mm.output[0]], name=f"{mm.output[0]}/Rescale")]
-        at = list(g.graph.node).index(mm)
-        for node in reversed(nodes):
-            g.graph.node.insert(at, node)
         for old in [mm, add, *[g.producer(i) for i in add.input]]:
-            g.graph.node.remove(old)
+            g.remove(old)
+        g.add(*nodes)
         if not g.consumers(b_dq.output[0]):
-            g.graph.node.remove(b_dq)
+            g.remove(b_dq)
         done += 1
     if done:
-        g.drop_unused()
+        g.finish()
     return done
 
 

@@ -16,62 +16,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..onnx_graph import Graph, node_attr
+
 QDQ = ("QuantizeLinear", "DequantizeLinear")
-
-
-def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """A Constant node's value as a tensor, whichever attribute holds it (``value``, ``value_float(s)``,
-    ``value_int(s)``); None for a sparse or string constant. Every pass reads Constants through this."""
-    for a in node.attribute:
-        if a.name == "value":
-            return a.t
-        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            return numpy_helper.from_array(np.array(onnx.helper.get_attribute_value(a)))
-    return None
-
-
-class Graph:
-    """Lookups over a ModelProto's main graph that the passes share (producers, consumers, constants)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self.graph = model, model.graph
-        self.inits = {t.name: t for t in self.graph.initializer}
-        self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
-        self.outputs = {o.name for o in self.graph.output}  # the passes rewrite nodes, never the graph's outputs
-
-    def consumers(self, name: str) -> list[onnx.NodeProto]:
-        return [n for n in self.graph.node if name in n.input]
-
-    def producer(self, name: str) -> onnx.NodeProto | None:
-        return next((n for n in self.graph.node if name in n.output), None)
-
-    def value(self, name: str) -> np.ndarray | None:
-        """The constant array behind ``name`` (an initializer or a Constant node), else None."""
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        tensor = constant_value(self.constants[name]) if name in self.constants else None
-        return None if tensor is None else numpy_helper.to_array(tensor)
-
-    def replace_initializer(self, old: str | None, tensor: onnx.TensorProto) -> None:
-        if old is not None and old in self.inits:
-            self.graph.initializer.remove(self.inits.pop(old))
-        self.graph.initializer.append(tensor)
-        self.inits[tensor.name] = tensor
-
-    def drop_unused(self) -> None:
-        """Remove initializers and Constant nodes nothing reads any more."""
-        used = {i for n in self.graph.node for i in n.input} | self.outputs
-        for name in [n for n in self.inits if n not in used]:
-            self.graph.initializer.remove(self.inits.pop(name))
-        for name, node in list(self.constants.items()):
-            if name not in used:
-                self.graph.node.remove(node)
-                del self.constants[name]
-
-
-def node_attr(node: onnx.NodeProto, name: str, default=None):
-    a = next((a for a in node.attribute if a.name == name), None)
-    return default if a is None else onnx.helper.get_attribute_value(a)
 
 
 def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int]) -> int:
@@ -99,8 +46,8 @@ def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int]) -
             if dq.op_type != "DequantizeLinear":
                 raise ValueError(f"{name}: QuantizeLinear feeds {dq.op_type}, expected DequantizeLinear")
             # symmetric weights: zero point 0, which is DequantizeLinear's default (and typed like the codes)
-            dq.input[:] = [tensor.name, dq.input[1]]
-        g.graph.node.remove(q)
+            g.set_inputs(dq, [tensor.name, dq.input[1]])
+        g.remove(q)
         done += 1
     g.drop_unused()
     return done
@@ -119,15 +66,14 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
             continue
         tensor = numpy_helper.from_array(np.ascontiguousarray(codes.T), dq.input[0] + "_t")
         g.replace_initializer(dq.input[0], tensor)
-        dq.input[0] = tensor.name
+        g.set_input(dq, 0, tensor.name)
         for a in dq.attribute:
             if a.name == "axis":
                 a.i = 1
         if not any(a.name == "axis" for a in dq.attribute):
             dq.attribute.append(onnx.helper.make_attribute("axis", 1))
-        for consumer in g.consumers(t.output[0]):
-            consumer.input[:] = [dq.output[0] if i == t.output[0] else i for i in consumer.input]
-        g.graph.node.remove(t)
+        g.replace_uses(t.output[0], dq.output[0])
+        g.remove(t)
         done += 1
     return done
 
@@ -149,7 +95,7 @@ def block_int4_scales(model: onnx.ModelProto, block_sizes: tuple[int, ...] = (12
             continue
         tensor = numpy_helper.from_array(np.ascontiguousarray(np.tile(scale, (k // block, 1))), f"{dq.input[0]}_block_scale")
         g.replace_initializer(None, tensor)
-        dq.input[1] = tensor.name
+        g.set_input(dq, 1, tensor.name)
         for a in [a for a in dq.attribute if a.name in ("axis", "block_size")]:
             dq.attribute.remove(a)
         dq.attribute.extend([onnx.helper.make_attribute("axis", 0), onnx.helper.make_attribute("block_size", block)])
@@ -220,22 +166,21 @@ def qdq_to_attention_matmuls(model: onnx.ModelProto, quantize_first: bool = Fals
         leaves = _shape_leaves(g, dq.output[0])
         if leaves is None:
             continue
-        for user in g.consumers(dq.output[0]):
-            user.input[0] = q.output[0] if quantize_first else q.input[0]
+        g.replace_uses(dq.output[0], q.output[0] if quantize_first else q.input[0])
         for leaf in leaves:
             _insert_qdq(g, leaf, scale, zero, _scalar_mul_into_matmul(g, leaf), with_q=not quantize_first)
         if not quantize_first:
-            g.graph.node.remove(q)
-        g.graph.node.remove(dq)
+            g.remove(q)
+        g.remove(dq)
         moved += 1
     if quantize_first and moved:  # the tensors between Q and DQ now hold codes, not floats: let ONNX re-infer them
         del g.graph.value_info[:]
-    g.drop_unused()
+    g.finish()
     return moved
 
 
 def _insert_qdq(g: Graph, leaf: str, scale: np.ndarray, zero: np.ndarray | None, mul, with_q: bool) -> None:
-    """[Q ->] DQ on ``leaf`` right after its producer; with ``mul`` = (Mul node, c), DQ's scale is s*c and the Mul goes."""
+    """[Q ->] DQ on ``leaf``; with ``mul`` = (Mul node, c), DQ's scale is s*c and the Mul goes."""
     names = [f"{leaf}_qscale", f"{leaf}_dqscale", f"{leaf}_zero"]
     factor = 1.0 if mul is None else mul[1]
     g.replace_initializer(None, numpy_helper.from_array(np.float32(scale.reshape(()) * factor), names[1]))
@@ -244,20 +189,16 @@ def _insert_qdq(g: Graph, leaf: str, scale: np.ndarray, zero: np.ndarray | None,
         g.replace_initializer(None, numpy_helper.from_array(zero.reshape(()).copy(), names[2]))
         zp = [names[2]]
     out = mul[0].output[0] if mul is not None else f"{leaf}_dq"
-    readers = g.consumers(leaf)
     new = [onnx.helper.make_node("DequantizeLinear", [f"{leaf}_q" if with_q else leaf, names[1], *zp], [out],
                                  name=f"{leaf}/DequantizeLinear")]
     if with_q:
         g.replace_initializer(None, numpy_helper.from_array(scale.reshape(()).astype(np.float32), names[0]))
         new.insert(0, onnx.helper.make_node("QuantizeLinear", [leaf, names[0], *zp], [f"{leaf}_q"], name=f"{leaf}/QuantizeLinear"))
     if mul is not None:
-        g.graph.node.remove(mul[0])
+        g.remove(mul[0])
     else:
-        for r in readers:
-            r.input[:] = [out if i == leaf else i for i in r.input]
-    at = list(g.graph.node).index(g.producer(leaf)) + 1
-    for node in reversed(new):
-        g.graph.node.insert(at, node)
+        g.replace_uses(leaf, out)
+    g.add(*new)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:

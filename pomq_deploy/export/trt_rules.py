@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from ..errors import PomqError
-from .graph import constant_value, node_attr
+from ..onnx_graph import Graph, node_attr
 
 ERROR, WARNING = "error", "warning"
 MODEL = "(model)"  # Finding.node for whole-model findings
@@ -65,32 +65,6 @@ class Finding:
     severity: str  # "error" (TensorRT will reject or mis-handle) or "warning" (builds, but slower / not fused)
 
 
-@dataclass(frozen=True)
-class _Graph:
-    """Producer, consumer and constant lookups over a graph, built once (the rules ask them per node)."""
-
-    producer: dict[str, onnx.NodeProto]
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]]  # tensor -> (node, input index)
-    constants: dict[str, TensorProto]  # initializers and Constant node values
-
-    @classmethod
-    def of(cls, graph: onnx.GraphProto) -> "_Graph":
-        producer, consumers = {}, {}
-        constants = {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            producer.update((o, node) for o in node.output)
-            for i, name in enumerate(node.input):
-                consumers.setdefault(name, []).append((node, i))
-            value = constant_value(node) if node.op_type == "Constant" else None
-            if value is not None:
-                constants[node.output[0]] = value
-        return cls(producer, consumers, constants)
-
-    def array(self, name: str) -> np.ndarray | None:
-        tensor = self.constants.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
-
-
 def load_model(source: "onnx.ModelProto | Path | str") -> onnx.ModelProto:
     """``source`` as a ModelProto; a missing, unreadable or non-ONNX file is the user's to fix (PomqError)."""
     if isinstance(source, onnx.ModelProto):
@@ -110,7 +84,7 @@ def load_model(source: "onnx.ModelProto | Path | str") -> onnx.ModelProto:
 def check_tensorrt(model: "onnx.ModelProto | Path | str") -> list[Finding]:
     """Every finding for ``model`` under TensorRT's explicit-quantization rules: model-wide first, then by node."""
     model = load_model(model)
-    g = _Graph.of(model.graph)
+    g = Graph(model)
     findings = list(_check_opset(model))
     for node in model.graph.node:
         findings += _check_node(node, g)
@@ -129,7 +103,7 @@ def _check_opset(model: onnx.ModelProto) -> Iterator[Finding]:
                           "the TensorRT 10.15 ONNX parser documents.", ERROR)
 
 
-def _check_node(node: onnx.NodeProto, g: _Graph) -> list[Finding]:
+def _check_node(node: onnx.NodeProto, g: Graph) -> list[Finding]:
     findings = list(_check_op_type(node))
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
         findings += _check_qdq(node, g)
@@ -153,17 +127,17 @@ def _check_op_type(node: onnx.NodeProto) -> Iterator[Finding]:
 # ---- Q/DQ nodes ---------------------------------------------------------------------------------------------
 
 
-def _qtype(node: onnx.NodeProto, g: _Graph) -> int | None:
+def _qtype(node: onnx.NodeProto, g: Graph) -> int | None:
     """The element type a Q/DQ quantizes to, as ONNX reads it (None where it depends on a non-constant)."""
     if len(node.input) > 2 and node.input[2]:
-        zp = g.constants.get(node.input[2])
+        zp = g.tensor(node.input[2])
         return None if zp is None else zp.data_type
     if node.op_type == "QuantizeLinear":
         return node_attr(node, "output_dtype", 0) or TensorProto.UINT8  # ONNX's default output type
-    data = g.constants.get(node.input[0])
+    data = g.tensor(node.input[0])
     if data is not None:
         return data.data_type
-    source = g.producer.get(node.input[0])
+    source = g.producer(node.input[0])
     return _qtype(source, g) if source is not None and source.op_type == "QuantizeLinear" else None
 
 
@@ -175,9 +149,9 @@ def _granularity(node: onnx.NodeProto, scale: np.ndarray) -> str:
     return "channel" if scale.ndim == 1 and not node_attr(node, "block_size", 0) else "block"
 
 
-def _check_qdq(node: onnx.NodeProto, g: _Graph) -> list[Finding]:
+def _check_qdq(node: onnx.NodeProto, g: Graph) -> list[Finding]:
     name = _name(node)
-    scale = g.array(node.input[1])
+    scale = g.value(node.input[1])
     if scale is None:  # [layers] "The scale tensor must be a build-time constant"
         return [Finding("scale-constant", name, f"{node.op_type} scale '{node.input[1]}' is not a constant; TensorRT "
                         "needs a build-time constant scale.", ERROR)]
@@ -186,7 +160,7 @@ def _check_qdq(node: onnx.NodeProto, g: _Graph) -> list[Finding]:
     if qtype is not None and qtype not in QUANT_TYPES:  # [schemes] [parser] uint8 is read as int8 (or rejected)
         findings.append(Finding("quant-type", name, f"{node.op_type} uses {TensorProto.DataType.Name(qtype)}; "
                                 "TensorRT's quantized types are int8, int4, fp8 and fp4 (uint8 only on DLA).", ERROR))
-    on_constant = node.input[0] in g.constants
+    on_constant = g.tensor(node.input[0]) is not None
     if node.op_type == "QuantizeLinear" and not on_constant:
         findings += _check_activation(node, scale, qtype)
     elif node.op_type == "DequantizeLinear" and on_constant:
@@ -194,7 +168,7 @@ def _check_qdq(node: onnx.NodeProto, g: _Graph) -> list[Finding]:
     return findings
 
 
-def _check_scale_and_zero_point(node: onnx.NodeProto, scale: np.ndarray, g: _Graph) -> Iterator[Finding]:
+def _check_scale_and_zero_point(node: onnx.NodeProto, scale: np.ndarray, g: Graph) -> Iterator[Finding]:
     """[layers] [ops] Positive scales; symmetric quantization only, so a zero point must be a constant of zeros."""
     name = _name(node)
     if not np.all(scale > 0):
@@ -202,7 +176,7 @@ def _check_scale_and_zero_point(node: onnx.NodeProto, scale: np.ndarray, g: _Gra
                       "requires strictly positive scales.", ERROR)
     if len(node.input) < 3 or not node.input[2]:
         return
-    zero_point = g.array(node.input[2])
+    zero_point = g.value(node.input[2])
     if zero_point is None:
         yield Finding("zero-point", name, f"{node.op_type} zero point '{node.input[2]}' is not a constant; TensorRT "
                       "needs a constant zero point of zeros.", ERROR)
@@ -221,8 +195,8 @@ def _check_activation(node: onnx.NodeProto, scale: np.ndarray, qtype: int | None
                       "TensorRT supports INT4 for weight-only quantization.", ERROR)
 
 
-def _check_weight(node: onnx.NodeProto, scale: np.ndarray, qtype: int | None, g: _Graph) -> list[Finding]:
-    weight = g.constants[node.input[0]]
+def _check_weight(node: onnx.NodeProto, scale: np.ndarray, qtype: int | None, g: Graph) -> list[Finding]:
+    weight = g.tensor(node.input[0])
     if qtype == TensorProto.INT4:
         return _check_int4_weight(node, scale, weight, g)
     kind = _granularity(node, scale)
@@ -234,13 +208,13 @@ def _check_weight(node: onnx.NodeProto, scale: np.ndarray, qtype: int | None, g:
     return []
 
 
-def _check_int4_weight(node: onnx.NodeProto, scale: np.ndarray, weight: TensorProto, g: _Graph) -> list[Finding]:
+def _check_int4_weight(node: onnx.NodeProto, scale: np.ndarray, weight: TensorProto, g: Graph) -> list[Finding]:
     """[schemes] INT4 is weight-only quantization of GEMMs, with per-block scales of 64 or 128 elements."""
     name = _name(node)
     gemm_weight = (("MatMul", 1), ("Gemm", 1))
     findings = [Finding("int4-not-weight-only", name, f"INT4 DequantizeLinear feeds {c.op_type} '{_name(c)}' "
                         f"input {i}; TensorRT supports INT4 only as MatMul/Gemm weights.", ERROR)
-                for c, i in g.consumers.get(node.output[0], []) if (c.op_type, i) not in gemm_weight]
+                for c, i in g.uses(node.output[0]) if (c.op_type, i) not in gemm_weight]
     kind = _granularity(node, scale)
     if kind != "block":
         findings.append(Finding("int4-block", name, f"INT4 weight has per-{kind} scales ({scale.size}); TensorRT "
@@ -267,10 +241,10 @@ def _output_axis(consumer: onnx.NodeProto, index: int, rank: int) -> int | None:
     return None
 
 
-def _check_channel_axis(node: onnx.NodeProto, rank: int, g: _Graph) -> Iterator[Finding]:
+def _check_channel_axis(node: onnx.NodeProto, rank: int, g: Graph) -> Iterator[Finding]:
     """[explicit] Per-channel weight scales run along the consumer's output channel, the DQ feeding it directly."""
     axis = node_attr(node, "axis", 1) % rank
-    for consumer, index in g.consumers.get(node.output[0], []):
+    for consumer, index in g.uses(node.output[0]):
         expected = _output_axis(consumer, index, rank)
         if expected is None:
             yield Finding("per-channel-axis", _name(node), f"per-channel weight DequantizeLinear feeds "
@@ -284,11 +258,11 @@ def _check_channel_axis(node: onnx.NodeProto, rank: int, g: _Graph) -> Iterator[
 # ---- Q/DQ placement around weighted ops ---------------------------------------------------------------------
 
 
-def _source(tensor: str, g: _Graph) -> onnx.NodeProto | None:
+def _source(tensor: str, g: Graph) -> onnx.NodeProto | None:
     """The first producer of ``tensor`` that is not a data-movement op (TensorRT moves a DQ through those)."""
-    node = g.producer.get(tensor)
+    node = g.producer(tensor)
     while node is not None and node.op_type in COMMUTING:
-        node = g.producer.get(node.input[0])
+        node = g.producer(node.input[0])
     return node
 
 
@@ -296,15 +270,15 @@ def _is_dq(node: onnx.NodeProto | None) -> bool:
     return node is not None and node.op_type == "DequantizeLinear"
 
 
-def _fed_by_dq(node: onnx.NodeProto | None, g: _Graph) -> bool:
+def _fed_by_dq(node: onnx.NodeProto | None, g: Graph) -> bool:
     return node is not None and any(_is_dq(_source(i, g)) for i in node.input if i)
 
 
-def _quantized(node: onnx.NodeProto, g: _Graph) -> bool:
+def _quantized(node: onnx.NodeProto, g: Graph) -> bool:
     return all(_is_dq(_source(i, g)) for i in node.input[:2])
 
 
-def _check_weighted_inputs(node: onnx.NodeProto, g: _Graph) -> Iterator[Finding]:
+def _check_weighted_inputs(node: onnx.NodeProto, g: Graph) -> Iterator[Finding]:
     """[explicit] TensorRT runs a Conv/MatMul/Gemm in INT8 only when a DQ (moved through data-movement ops) feeds
     each of its inputs; an op between the DQ and it, or an input without Q/DQ, leaves it in float."""
     sources = [_source(i, g) for i in node.input[:2]]
@@ -324,19 +298,19 @@ def _check_weighted_inputs(node: onnx.NodeProto, g: _Graph) -> Iterator[Finding]
                           WARNING)
 
 
-def _weighted_producer(tensor: str, g: _Graph) -> onnx.NodeProto | None:
+def _weighted_producer(tensor: str, g: Graph) -> onnx.NodeProto | None:
     """The Conv/MatMul/Gemm whose output ``tensor`` is, directly or after its bias Add."""
-    node = g.producer.get(tensor)
+    node = g.producer(tensor)
     if node is not None and node.op_type == "Add":
-        rest = [i for i in node.input if i not in g.constants]
-        node = g.producer.get(rest[0]) if len(rest) == 1 else None
+        rest = [i for i in node.input if g.tensor(i) is None]
+        node = g.producer(rest[0]) if len(rest) == 1 else None
     return node if node is not None and node.op_type in WEIGHTED else None
 
 
-def _check_residual(node: onnx.NodeProto, g: _Graph) -> Iterator[Finding]:
+def _check_residual(node: onnx.NodeProto, g: Graph) -> Iterator[Finding]:
     """[explicit] TensorRT fuses an Add after a quantized weighted op when the Add's other (residual) input is
     quantized too; the guide recommends Q/DQ on that skip-connection input."""
-    if len(node.input) != 2 or any(i in g.constants for i in node.input):
+    if len(node.input) != 2 or any(g.tensor(i) is not None for i in node.input):
         return
     for mine, other in ((0, 1), (1, 0)):
         weighted = _weighted_producer(node.input[mine], g)
