@@ -75,12 +75,12 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | 
     """Export ``plan`` (None: the FP32 model), build it with the backend, measure it, write the directory.
     ``model``: the recipe's model already wrapped for the plan's scheme (calibrated here if it is not), so
     that a caller who checked the plan against it does not load the checkpoint twice."""
-    from .models.loading import create_model
+    from .models.loading import load_model
     from .quant.calibration import calibrate_cached, quant_model
 
     final = opts.out_root / recipe.name / (plan.plan_id if plan is not None else "fp32")
     if plan is None:
-        reference = create_model(recipe.model.arch, recipe.model.checkpoint)
+        reference = load_model(recipe.model)
     else:
         reference = model if model is not None else quant_model(recipe, plan.scheme, opts.observer)
         plan.check_blocks(reference.num_blocks)

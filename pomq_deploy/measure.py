@@ -40,7 +40,7 @@ def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, trac
     from .data import eval_dataset, eval_loader
     from .models.loading import data_model
 
-    loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model.arch)), recipe.eval.batch_size,
+    loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model)), recipe.eval.batch_size,
                          recipe.eval.limit, recipe.data.workers)
     batches = track(loader, len(loader), f"eval {artifact.path.parent.name}") if track else loader
     return evaluate(lambda x: torch.from_numpy(backend.run(artifact, x.numpy())), batches)

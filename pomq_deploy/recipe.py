@@ -6,9 +6,9 @@ working directory. ``--recipe`` takes a path or the bare name of a recipe in the
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic.dataclasses import dataclass
 
 from ._schema import STRICT, parse, read_yaml
@@ -20,9 +20,23 @@ DEFAULT_RECIPE = "deit_fmnist"
 
 
 @dataclass(frozen=True, config=STRICT)
+class DataConfig:
+    """Overrides of timm's data config for the model: its input shape and eval transform."""
+
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None  # (C, H, W)
+    mean: tuple[float, ...] | None = None  # one value per input channel
+    std: tuple[PositiveFloat, ...] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    crop_pct: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+@dataclass(frozen=True, config=STRICT)
 class ModelSpec:
     arch: str  # a timm model name, e.g. deit_tiny_patch16_224 (deit_fmnist is registered by pomq_deploy)
     checkpoint: str | None = None  # .safetensors or .pth state dict in timm's key format
+    # keyword arguments of timm.create_model for a fine-tuned model: num_classes, img_size, in_chans, patch_size, ...
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    data: DataConfig = DataConfig()
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -99,6 +113,9 @@ def load_recipe(spec: str | None = None) -> Recipe:
     if not timm.is_model(recipe.model.arch):
         raise RecipeError(f"{path}: model.arch '{recipe.model.arch}' is not a timm model name "
                           f"(see timm.list_models(), e.g. deit_tiny_patch16_224)")
+    from .models.loading import data_model
+
+    data_model(recipe.model, str(path))  # model.kwargs and model.data checked now, without weights
     base = path.resolve().parent
     model = dataclasses.replace(recipe.model, checkpoint=_resolve(base, recipe.model.checkpoint))
     data = dataclasses.replace(recipe.data, root=_resolve(base, recipe.data.root),

@@ -426,7 +426,7 @@ def _predictions(backend, artifact, recipe) -> np.ndarray:
     from pomq_deploy.data import eval_dataset, eval_loader
     from pomq_deploy.models.loading import data_model
 
-    loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model.arch)), recipe.eval.batch_size, recipe.eval.limit)
+    loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model)), recipe.eval.batch_size, recipe.eval.limit)
     return np.concatenate([backend.run(artifact, x.numpy()).argmax(1) for x, _ in loader])
 
 

@@ -32,7 +32,7 @@ from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.data import eval_dataset, eval_loader
 from pomq_deploy.evaluate import topk_correct
 from pomq_deploy.measure import measure
-from pomq_deploy.models.loading import create_model
+from pomq_deploy.models.loading import load_model
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.schemes import SCHEMES
@@ -135,7 +135,7 @@ def main() -> None:
     def wanted(name: str) -> bool:
         return args.only is None or name.startswith(tuple(args.only))
 
-    fp = create_model(recipe.model.arch, recipe.model.checkpoint)
+    fp = load_model(recipe.model)
     cfg = resolve_data_config({}, model=fp)
     noise = noise_images(args.noise_images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1)
     n = run(fp, "FP32", "-", "-")

@@ -31,7 +31,7 @@ from pomq_deploy.backends.cpu import CpuFacts, detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.data import calibration_batches
 from pomq_deploy.measure import measure
-from pomq_deploy.models.loading import create_model
+from pomq_deploy.models.loading import load_model
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.model import QuantModel
@@ -122,7 +122,7 @@ def main() -> None:
         recipe = load_recipe("deit_fmnist")
         qmodel, _ = calibrated_model(recipe, args.scheme)
         calib = calibration_batches(recipe.data, qmodel)
-        r, c = bench_model("reference", create_model(recipe.model.arch, recipe.model.checkpoint), qmodel, calib, recipe, args, work)
+        r, c = bench_model("reference", load_model(recipe.model), qmodel, calib, recipe, args, work)
         rows, checks = rows + r, checks + c
     if "deit_small" in args.models:
         torch.manual_seed(0)

@@ -91,7 +91,7 @@ def main() -> int:
 
 
 def run(args) -> list[tuple]:
-    from pomq_deploy.models.loading import create_model
+    from pomq_deploy.models.loading import load_model
     from pomq_deploy.quant.calibration import calibrated_model
     from pomq_deploy.quant.model import QuantModel
     from pomq_deploy.recipe import load_recipe
@@ -101,7 +101,7 @@ def run(args) -> list[tuple]:
     if "reference" in args.models:
         recipe = load_recipe("deit_fmnist")
         qmodel, _ = calibrated_model(recipe, args.scheme)
-        rows += bench_model("reference", create_model(recipe.model.arch, recipe.model.checkpoint), qmodel, args, work)
+        rows += bench_model("reference", load_model(recipe.model), qmodel, args, work)
     if "deit_small" in args.models:
         torch.manual_seed(0)
         fp = timm.create_model("deit_small_patch16_224", pretrained=False).eval()

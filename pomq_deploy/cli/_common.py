@@ -16,6 +16,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", metavar="FILE", type=Path, help="model weights (.safetensors or .pth); sets model.checkpoint")
     g.add_argument("--data", metavar="DIR", type=Path,
                    help="evaluation data: the Fashion-MNIST IDX folder, or an ImageNet-style <class>/<image> folder; sets data.root")
+    g.add_argument("--num-classes", metavar="N", type=positive_int, help="classes of a fine-tuned model; sets model.kwargs.num_classes")
+    g.add_argument("--img-size", metavar="PX", type=positive_int,
+                   help="input size the model was trained at (e.g. 384); sets model.kwargs.img_size, and the data config follows")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +34,13 @@ def recipe_from_args(args: argparse.Namespace, recipe: Recipe | None = None) -> 
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, checkpoint=str(args.checkpoint)))
     if args.data is not None:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=str(args.data)))
+    kwargs = {k: v for k, v in (("num_classes", getattr(args, "num_classes", None)), ("img_size", getattr(args, "img_size", None)))
+              if v is not None}
+    if kwargs:
+        from ..models.loading import data_model
+
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, kwargs={**recipe.model.kwargs, **kwargs}))
+        data_model(recipe.model, "command line")  # checked now, as a recipe's are when it loads
     limit, batch = getattr(args, "limit", None), getattr(args, "batch_size", None)
     if limit is not None or batch is not None:
         ev = recipe.eval

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from .._schema import to_plain
     from ..data import eval_dataset, eval_loader
     from ..evaluate import evaluate
-    from ..models.loading import create_model
+    from ..models.loading import load_model
     from ..targets import get_target
     from ._console import emit, progress_iter
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         label = f"{plan.scheme} {args.uniform or plan.plan_id}"
     else:
         recipe = recipe_from_args(args)
-        model, label = create_model(recipe.model.arch, recipe.model.checkpoint), "FP32"
+        model, label = load_model(recipe.model), "FP32"
     dataset = eval_dataset(recipe.data, model)
     loader = eval_loader(dataset, recipe.eval.batch_size, recipe.eval.limit, recipe.data.workers)
     with torch.inference_mode():

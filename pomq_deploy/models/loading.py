@@ -1,13 +1,19 @@
-"""timm models by name, with weights from a local file only (never a hub at run time)."""
+"""timm models by name and keyword arguments, with weights from a local file only (never a hub at run time)."""
 
+import dataclasses
 import logging
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, RecipeError
 from . import reference  # noqa: F401  (registers deit_fmnist)
+
+if TYPE_CHECKING:
+    from ..recipe import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +58,85 @@ def fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     return out
 
 
-def create_model(arch: str, checkpoint: str | Path | None, **kwargs) -> nn.Module:
-    """A timm model in eval mode with the checkpoint's weights loaded strictly."""
+def _depth(keys) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+
+
+def fit_hints(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The ``model.kwargs`` that would make a ViT-style checkpoint fit, read from its tensors' shapes."""
+    own, hints = model.state_dict(), []
+    head, conv = state.get("head.weight"), state.get("patch_embed.proj.weight")
+    if head is not None and "head.weight" in own and head.shape[0] != own["head.weight"].shape[0]:
+        hints.append(f"num_classes: {head.shape[0]} (head.weight has {head.shape[0]} rows)")
+    if conv is not None and "patch_embed.proj.weight" in own and conv.shape != own["patch_embed.proj.weight"].shape:
+        embed, chans, ph, pw = conv.shape
+        mine = own["patch_embed.proj.weight"].shape
+        hints += [f"{k}: {v}" for k, v, m in (("embed_dim", embed, mine[0]), ("in_chans", chans, mine[1]),
+                                               ("patch_size", ph if ph == pw else [ph, pw], mine[2])) if v != m]
+    depth, mine = _depth(state), _depth(own)
+    if depth and mine and depth != mine:
+        hints.append(f"depth: {depth} (the checkpoint has blocks 0-{depth - 1})")
+    pos = state.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape[1] != own["pos_embed"].shape[1]:
+        hints.append(f"img_size (pos_embed has {pos.shape[1]} positions, the model {own['pos_embed'].shape[1]}: "
+                     "image size / patch size decide them)")
+    return hints
+
+
+def _create(arch: str, kwargs: dict[str, Any], source: str) -> nn.Module:
     import timm
 
     if not timm.is_model(arch):
-        raise RecipeError(f"model.arch '{arch}' is not a timm model name")
+        raise RecipeError(f"{source}: model.arch '{arch}' is not a timm model name")
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as e:  # an argument the model class does not take
+        raise RecipeError(f"{source}: model.kwargs: {e} (timm.create_model('{arch}', ...) takes the model class's own "
+                          "arguments, e.g. num_classes, img_size, in_chans, patch_size, embed_dim, depth, num_heads)") from None
+
+
+def _with_data_config(model: nn.Module, spec: "ModelSpec", source: str) -> nn.Module:
+    """``model`` with its timm data config following ``model.kwargs`` (img_size, in_chans) and ``model.data``, so
+    that every reader of it (the transforms, the export's input shape) sees the model as it was built."""
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    size = cfg.get("input_size", (3, 224, 224))
+    if "img_size" in spec.kwargs or "in_chans" in spec.kwargs:
+        img = spec.kwargs.get("img_size", size[1:])
+        size = (spec.kwargs.get("in_chans", size[0]), *((img, img) if isinstance(img, int) else img))
+    cfg["input_size"] = tuple(size)
+    cfg |= {k: v for k, v in dataclasses.asdict(spec.data).items() if v is not None}
+    for key in ("mean", "std"):
+        if key in cfg and len(cfg[key]) != cfg["input_size"][0]:
+            raise RecipeError(f"{source}: model.data.{key}: {len(cfg[key])} value(s) for {cfg['input_size'][0]} input "
+                              f"channel(s); set model.data.mean and model.data.std with one value per channel")
+    model.pretrained_cfg = cfg
+    return model
+
+
+def create_model(arch: str, checkpoint: str | Path | None, kwargs: dict[str, Any] | None = None,
+                 spec: "ModelSpec | None" = None, source: str = "recipe") -> nn.Module:
+    """A timm model in eval mode with the checkpoint's weights loaded strictly (``spec``: its data config too)."""
     if checkpoint is None:
         raise CheckpointError(f"model {arch} needs weights: pass --checkpoint FILE or set model.checkpoint in the recipe")
     state = read_state_dict(Path(checkpoint))
-    model = timm.create_model(arch, pretrained=False, **kwargs)
+    model = _create(arch, kwargs or {}, source)
     problems = fit_problems(model, state)
     if problems:
-        raise CheckpointError(f"{checkpoint}: tensors do not fit {arch}: {'; '.join(problems)}")
+        hints = fit_hints(model, state)
+        fix = f"; set model.kwargs {', '.join(hints)}" if hints else ""
+        raise CheckpointError(f"{checkpoint}: tensors do not fit {arch}: {'; '.join(problems)}{fix}")
     model.load_state_dict(state, strict=True)
     log.debug("loaded %d tensors from %s into %s", len(state), checkpoint, arch)
-    return model.eval()
+    return (_with_data_config(model, spec, source) if spec is not None else model).eval()
 
 
-def data_model(arch: str) -> nn.Module:
-    """An untrained ``arch`` whose only use is its timm data config (input size, mean, std, crop)."""
-    import timm
+def load_model(spec: "ModelSpec", source: str = "recipe") -> nn.Module:
+    """The recipe's model: ``model.arch`` built with ``model.kwargs``, weights from ``model.checkpoint``."""
+    return create_model(spec.arch, spec.checkpoint, spec.kwargs, spec, source)
 
-    if not timm.is_model(arch):
-        raise RecipeError(f"model.arch '{arch}' is not a timm model name")
+
+def data_model(spec: "ModelSpec", source: str = "recipe") -> nn.Module:
+    """An untrained model of the recipe's shape whose only use is its data config (input size, mean, std, crop);
+    building it also checks ``model.kwargs`` and ``model.data``."""
     with torch.device("meta"):  # no memory, no init: the config is all we read
-        return timm.create_model(arch, pretrained=False)
+        return _with_data_config(_create(spec.arch, spec.kwargs, source), spec, source)

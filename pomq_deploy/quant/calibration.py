@@ -51,6 +51,7 @@ class CalibInfo:
 
 def calibration_key(recipe: Recipe, scheme: str, observer: str) -> dict:
     return {"format": CALIB_FORMAT, "arch": recipe.model.arch, "checkpoint_sha256": file_sha256(recipe.model.checkpoint),
+            "model_kwargs": recipe.model.kwargs, "model_data": dataclasses.asdict(recipe.model.data),
             "scheme": scheme, "observer": observer, "data": dataclasses.asdict(recipe.data) | {"workers": None}}
 
 
@@ -64,9 +65,9 @@ Track = Callable[[Iterable, int, str], Iterable]
 
 def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax") -> QuantModel:
     """The recipe's model wrapped for ``scheme``, not yet calibrated (cheap: use it to check a plan first)."""
-    from ..models.loading import create_model
+    from ..models.loading import load_model
 
-    return QuantModel(create_model(recipe.model.arch, recipe.model.checkpoint), scheme, observer)
+    return QuantModel(load_model(recipe.model), scheme, observer)
 
 
 def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, track: Track | None = None) -> CalibInfo:

@@ -63,9 +63,9 @@ class PlanEvaluator:
             shutil.rmtree(out, ignore_errors=True)
 
     def fp_model(self):
-        from ..models.loading import create_model
+        from ..models.loading import load_model
 
-        return create_model(self.recipe.model.arch, self.recipe.model.checkpoint)
+        return load_model(self.recipe.model)
 
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""A fine-tuned model of a shape timm does not name: recipe model.kwargs and model.data, the checkpoint hints."""
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import make_fmnist, user_error
+from safetensors.torch import save_file
+
+from pomq_deploy.cli.main import main
+from pomq_deploy.errors import RecipeError
+from pomq_deploy.models.loading import data_model, load_model
+from pomq_deploy.recipe import load_recipe
+
+# a grey-scale ViT the repo does not ship: 28x28, patch 7, 64-d, 4 heads, 2 blocks, 10 classes
+SHAPE = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 2, "num_heads": 4}
+ARCH = "vit_tiny_patch16_224"
+
+
+def _checkpoint(path, **changes):
+    torch.manual_seed(0)
+    save_file(timm.create_model(ARCH, pretrained=False, **{**SHAPE, **changes}).state_dict(), str(path))
+    return path
+
+
+def _recipe(tmp_path, kwargs=SHAPE, data="{mean: [0.286], std: [0.353]}", checkpoint=None):
+    fm = make_fmnist(tmp_path / "fm", n_train=30, n_test=16)
+    ckpt = checkpoint or _checkpoint(tmp_path / "vit.safetensors")
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"name: mine\nmodel:\n  arch: {ARCH}\n  checkpoint: {ckpt}\n  kwargs: {json.dumps(kwargs)}\n"
+                    f"  data: {data}\ndata: {{kind: fashion_mnist, root: {fm}, calib_images: 20, calib_batch: 10}}\n")
+    return path
+
+
+def test_kwargs_and_data_config_shape_the_model(tmp_path):
+    recipe = load_recipe(str(_recipe(tmp_path)))
+    model = load_model(recipe.model)
+    assert model.patch_embed.proj.weight.shape == (64, 1, 7, 7) and model.head.weight.shape == (10, 64)
+    cfg = data_model(recipe.model).pretrained_cfg
+    assert cfg["input_size"] == (1, 28, 28) and cfg["mean"] == (0.286,) and cfg["std"] == (0.353,)
+
+
+def test_eval_and_export_run_on_it(tmp_path, capsys):
+    """The recipe through the quantizer and the exporter: 8/8/8 fake-quant top-1 on the 16 generated images."""
+    recipe = _recipe(tmp_path)
+    assert main(["eval", "--recipe", str(recipe), "--uniform", "8/8/8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 16 and len(out["plan"]) == 2
+    assert main(["export", "--recipe", str(recipe), "--uniform", "8/8/8", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_kwargs(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "c37.safetensors", num_classes=37, patch_size=4)
+    recipe = _recipe(tmp_path, checkpoint=ckpt)
+    err = user_error(["eval", "--recipe", str(recipe), "--limit", "4"], capsys)
+    assert "tensors do not fit vit_tiny_patch16_224" in err
+    assert "set model.kwargs num_classes: 37 (head.weight has 37 rows), patch_size: 4, img_size (pos_embed has 50" in err
+    # --num-classes fixes the one, the recipe's patch size still differs
+    err = user_error(["eval", "--recipe", str(recipe), "--limit", "4", "--num-classes", "37"], capsys)
+    assert "num_classes" not in err.split("set model.kwargs")[1] and "patch_size: 4" in err
+
+
+def test_bad_kwargs_and_data_config_are_one_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"mine.yaml: model.kwargs: .*unexpected keyword argument 'colour'"):
+        load_recipe(str(_recipe(tmp_path, kwargs={**SHAPE, "colour": 1})))
+    with pytest.raises(RecipeError, match=r"mine.yaml: model.data.mean: 3 value\(s\) for 1 input channel\(s\)"):
+        load_recipe(str(_recipe(tmp_path, data="{mean: [0.5, 0.5, 0.5], std: [0.5]}")))
+    with pytest.raises(RecipeError, match=r"'model.data.crop_pct': Input should be less than or equal to 1"):
+        load_recipe(str(_recipe(tmp_path, data="{crop_pct: 1.5}")))
