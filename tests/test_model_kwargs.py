@@ -69,3 +69,21 @@ def test_bad_kwargs_and_data_config_are_one_line(tmp_path):
         load_recipe(str(_recipe(tmp_path, data="{mean: [0.5, 0.5, 0.5], std: [0.5]}")))
     with pytest.raises(RecipeError, match=r"'model.data.crop_pct': Input should be less than or equal to 1"):
         load_recipe(str(_recipe(tmp_path, data="{crop_pct: 1.5}")))
+
+
+def test_build_and_search_carry_the_kwargs(tmp_path, capsys):
+    """build records the recipe (kwargs included) in the manifest, and eval --artifact rebuilds the model from
+    it; a 4-trial search runs on the same recipe."""
+    recipe = _recipe(tmp_path)
+    assert main(["build", "--recipe", str(recipe), "--uniform", "8/8/8", "--runs", "2", "--batch", "2",
+                 "--out", str(tmp_path / "eng"), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["recipe_spec"]["model"]["kwargs"] == SHAPE and manifest["accuracy"]["images"] == 16
+    directory = tmp_path / "eng" / "mine" / manifest["plan_id"]
+    assert main(["eval", "--artifact", str(directory), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == manifest["accuracy"]["top1"]
+    out = tmp_path / "s"
+    assert main(["search", "--recipe", str(recipe), "--trials", "4", "--algorithm", "random", "--eval-images", "8",
+                 "--out", str(out), "--allow-infeasible", "--json"]) == 0
+    capsys.readouterr()
+    assert len(json.loads((out / "pareto.json").read_text())["trials"]) == 4

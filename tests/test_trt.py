@@ -20,7 +20,20 @@ from onnx import TensorProto, helper
 
 from pomq_deploy.backends import Artifact, BackendError, get_backend
 from pomq_deploy.backends.tensorrt import LAYERS_NAME, artifact_label, manifest_section, read_onnx_graph, rules_gate
-from pomq_deploy.backends.trt_inspect import FP16, FP32, INT4, INT8, OTHER, judge, read_layer_info, summarise, tensor_type
+from pomq_deploy.backends.trt_inspect import (
+    FP16,
+    FP32,
+    INT4,
+    INT8,
+    OTHER,
+    EngineLayer,
+    block_order,
+    judge,
+    plan_layers,
+    read_layer_info,
+    summarise,
+    tensor_type,
+)
 from pomq_deploy.backends.trt_settings import TrtBuildSettings, build_settings, builder_flags, compatibility_problems, trtexec_command
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 
@@ -161,6 +174,16 @@ def test_layer_names_only_information_is_rejected(tmp_path):
         read_layer_info(path)
 
 
+def test_swin_blocks_are_numbered_across_stages():
+    """Swin restarts the block number in each stage: the plan's block i is the i-th (stage, block) of the ONNX."""
+    names = [f"/model/layers/layers.{s}/blocks/blocks.{b}/attn/qkv/MatMul" for s, depth in enumerate((2, 2, 6, 2))
+             for b in range(depth)]
+    order = block_order(names)
+    assert len(order) == 12 and order[2] == (1, 0) and order[4] == (2, 0) and order[11] == (3, 1)
+    layer = EngineLayer("fc1", "Gemm", INT8, ("/model/layers/layers.2/blocks/blocks.5/mlp/fc1/MatMul",))
+    assert plan_layers([layer], order) == {(9, "fc1"): layer}
+
+
 # --- the manifest entry -------------------------------------------------------------------------------------------
 
 def test_manifest_section_from_a_built_directory(tmp_path):
@@ -169,6 +192,12 @@ def test_manifest_section_from_a_built_directory(tmp_path):
     settings = build_settings(*REFERENCE_INPUT, batch=8)
     art = Artifact(tmp_path / "model.engine", "tensorrt", {"settings": settings.to_dict(), "builder_flags": [],
                                                            "parsed_onnx": "model.onnx", "built_with": HERE}, 6)
+    # the ONNX the engine was parsed from: its block names give the plan's block order
+    nodes = [helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"], name=f"/model/blocks/blocks.{i}/attn/qkv/MatMul")
+             for i in range(len(MIXED.blocks))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(f"t{len(nodes)}", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
     section = manifest_section(art, MIXED)["tensorrt"]
     assert section["trtexec"] == trtexec_command(settings, [])
     assert section["layers"]["by_precision"][INT4] == 1 and len(section["layers"]["not_honoured"]) == 4

@@ -111,7 +111,10 @@ def manifest_section(artifact: Artifact, plan: Plan | None) -> dict[str, Any]:
                                                           layers=LAYERS_NAME)}
     layers = artifact.path.parent / LAYERS_NAME
     if layers.is_file():
-        section["layers"] = summarise(read_layer_info(layers), plan).to_dict()
+        import onnx
+
+        parsed = onnx.load(str(artifact.path.parent / artifact.options["parsed_onnx"]), load_external_data=False)
+        section["layers"] = summarise(read_layer_info(layers), plan, [n.name for n in parsed.graph.node]).to_dict()
     return {"tensorrt": section}
 
 

@@ -30,8 +30,10 @@ _TYPE_WORDS = {"int8": INT8, "int4": INT4, "fp8": FP8, "fp16": FP16, "half": FP1
 _BOOKKEEPING = {"NoOp", "Reformat", "Shuffle", "Constant", "Identity", "signal", "wait"}
 _SEPARATORS = re.compile("[\x1e\x1f]| \\+ ")
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
-# our export's (and timm's) node names: /model/blocks/blocks.3/mlp/fc1/MatMul, .../attn/MatMul_1 (attention x V)
-_LINEAR = re.compile(r"blocks\.(\d+)/(attn/qkv|attn/proj|mlp/fc1|mlp/fc2|attn)/(MatMul(?:_1)?)$")
+# our export's (and timm's) node names: /model/blocks/blocks.3/mlp/fc1/MatMul, .../attn/MatMul_1 (attention x V);
+# Swin's restart the block number in each stage: /model/layers/layers.1/blocks/blocks.0/attn/qkv/MatMul
+_BLOCK = r"(?:layers\.(\d+)/blocks/)?blocks\.(\d+)/"
+_LINEAR = re.compile(_BLOCK + r"(attn/qkv|attn/proj|mlp/fc1|mlp/fc2|attn)/(MatMul(?:_1)?)$")
 LINEARS = ("qkv", "proj", "fc1", "fc2", "attn@v")
 
 
@@ -96,16 +98,25 @@ def parse_layers(info: dict[str, Any]) -> list[EngineLayer]:
             for layer in info["Layers"]]
 
 
-def plan_layers(layers: Iterable[EngineLayer]) -> dict[tuple[int, str], EngineLayer]:
-    """(block, linear) -> the engine layer that runs it; linear is one of LINEARS."""
+def block_order(node_names: Iterable[str]) -> list[tuple[int, int]]:
+    """The (stage, block) keys named in ``node_names``, in model order: the plan's block i is the i-th."""
+    keys = {(int(m.group(1) or 0), int(m.group(2))) for n in node_names if (m := re.search(_BLOCK, n))}
+    return sorted(keys)
+
+
+def plan_layers(layers: Iterable[EngineLayer], order: list[tuple[int, int]]) -> dict[tuple[int, str], EngineLayer]:
+    """(plan block, linear) -> the engine layer that runs it; linear is one of LINEARS; ``order``: ``block_order``."""
+    index = {key: i for i, key in enumerate(order)}
     found: dict[tuple[int, str], EngineLayer] = {}
     for layer in layers:
         for node in layer.onnx_nodes:
             m = _LINEAR.search(node)
-            if m is None or (m.group(2) == "attn") != (m.group(3) == "MatMul_1"):
+            if m is None or (m.group(3) == "attn") != (m.group(4) == "MatMul_1"):
                 continue  # attn/MatMul is q @ k^T: no plan setting of its own
-            linear = "attn@v" if m.group(2) == "attn" else m.group(2).split("/")[1]
-            found.setdefault((int(m.group(1)), linear), layer)
+            key = (int(m.group(1) or 0), int(m.group(2)))
+            if key in index:
+                linear = "attn@v" if m.group(3) == "attn" else m.group(3).split("/")[1]
+                found.setdefault((index[key], linear), layer)
     return found
 
 
@@ -124,15 +135,17 @@ def judge(bits: BlockBits, linear: str, precision: str) -> str | None:
     return "a=4 runs as INT8 (TensorRT has no 4-bit activation math)" if bits.a == 4 else None
 
 
-def summarise(info: dict[str, Any], plan: Plan | None = None) -> EngineSummary:
-    """Layers by precision and, given the plan the engine was built from, what the engine did not honour."""
+def summarise(info: dict[str, Any], plan: Plan | None = None, onnx_nodes: Iterable[str] | None = None) -> EngineSummary:
+    """Layers by precision and, given the plan the engine was built from, what the engine did not honour.
+    ``onnx_nodes``: the node names of the ONNX the engine was built from, whose blocks give the plan's order
+    (the engine's own names, where a block fused beyond recognition is missing, otherwise)."""
     layers = parse_layers(info)
     counts = {p: 0 for p in PRECISIONS}
     for layer in layers:
         counts[layer.precision] += 1
     if plan is None:
         return EngineSummary(len(layers), counts)
-    found = plan_layers(layers)
+    found = plan_layers(layers, block_order(onnx_nodes if onnx_nodes is not None else (n for la in layers for n in la.onnx_nodes)))
     notes, unchecked = [], []
     for i, bits in enumerate(plan.blocks):
         missing = [linear for linear in LINEARS if (i, linear) not in found]

@@ -1,9 +1,8 @@
 """A timm ViT / DeiT / Swin wrapped in place for calibration and fake-quantized inference under a plan.
 
-Encoder blocks are found by shape, not by class: any module with ``norm1``, ``attn`` (``qkv``, ``proj``,
-``attn_drop``), ``norm2`` and ``mlp`` (``fc1``, ``fc2``) is one, in module order, which covers timm's
-``VisionTransformer`` blocks and the ``SwinTransformerBlock`` s of every Swin stage. Layers outside the
-blocks (patch embedding, Swin's patch merging, the final norm and the head) stay 8-bit.
+Encoder blocks are the modules a block adapter (:mod:`.adapters`) handles, in module order: timm's
+``VisionTransformer`` blocks (ViT, DeiT, DeiT-3) and the ``SwinTransformerBlock`` s of every Swin stage. Layers
+outside the blocks (patch embedding, Swin's patch merging, the final norm and the head) stay 8-bit.
 """
 
 from collections.abc import Iterable, Iterator
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from ..plan import Plan
+from .adapters import ADAPTERS, ModelError, adapter_for, looks_like_block, unsupported
 from .attention import integer_attention
 from .functional import weight_scale
 from .modules import ActQuant, QuantInput, QuantWeighted
@@ -23,14 +23,18 @@ from .schemes import get_scheme
 OUTSIDE_BITS = 8
 
 
-def is_encoder_block(m: nn.Module) -> bool:
-    attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
-    return (hasattr(m, "norm1") and hasattr(m, "norm2") and attn is not None and mlp is not None
-            and all(hasattr(attn, k) for k in ("qkv", "proj", "attn_drop")) and all(hasattr(mlp, k) for k in ("fc1", "fc2")))
-
-
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if is_encoder_block(m)]
+    """The encoder blocks of ``model`` in module order; a block-like module no adapter handles is an error."""
+    blocks, names = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(f"{b}.") for b in names):  # inside a block already found
+            continue
+        if adapter_for(m) is not None:
+            blocks.append(m)
+            names.append(name)
+        elif looks_like_block(m):
+            raise unsupported(m, f"{type(model).__name__}.{name}")
+    return blocks
 
 
 class NormLink:
@@ -69,23 +73,27 @@ class NormLink:
 
 
 def _wrap_block(block: nn.Module, i: int) -> list[NormLink]:
-    attn, mlp = block.attn, block.mlp
+    """Quantizers around the layers the block's adapter names; returns its (LayerNorm, Linear) pairs."""
+    a = adapter_for(block)
+    attn = a.layer(block, "attention")
     attn.fused_attn = False  # timm's explicit q @ k -> softmax -> attn_drop -> @ v path, where we quantize
-    block.norm1 = QuantInput(block.norm1, ActQuant("ln_in", i))
-    attn.qkv = QuantWeighted(attn.qkv, i, ActQuant("ln_out", i), out_quant=ActQuant("act", i))  # q, k, v enter MatMuls
-    attn.attn_drop = ActQuant("attn", i)
-    attn.proj = QuantWeighted(attn.proj, i, ActQuant("act", i))
-    block.norm2 = QuantInput(block.norm2, ActQuant("ln_in", i))
-    mlp.fc1 = QuantWeighted(mlp.fc1, i, ActQuant("ln_out", i))
-    mlp.fc2 = QuantWeighted(mlp.fc2, i, ActQuant("gelu", i))
+    wrap = {"norm1": QuantInput(a.layer(block, "norm1"), ActQuant("ln_in", i)),
+            "qkv": QuantWeighted(a.layer(block, "qkv"), i, ActQuant("ln_out", i), out_quant=ActQuant("act", i)),  # q, k, v enter MatMuls
+            "attn_probs": ActQuant("attn", i),
+            "proj": QuantWeighted(a.layer(block, "proj"), i, ActQuant("act", i)),
+            "norm2": QuantInput(a.layer(block, "norm2"), ActQuant("ln_in", i)),
+            "fc1": QuantWeighted(a.layer(block, "fc1"), i, ActQuant("ln_out", i)),
+            "fc2": QuantWeighted(a.layer(block, "fc2"), i, ActQuant("gelu", i))}
+    for role, module in wrap.items():
+        a.replace(block, role, module)
     integer_attention(attn)
-    return [NormLink(block.norm1.module, attn.qkv), NormLink(block.norm2.module, mlp.fc1)]
+    return [NormLink(wrap["norm1"].module, wrap["qkv"]), NormLink(wrap["norm2"].module, wrap["fc1"])]
 
 
 def _wrap_rest(module: nn.Module) -> None:
     """Every Linear, Conv2d and LayerNorm not inside an encoder block, at 8 bits."""
     for name, child in list(module.named_children()):
-        if isinstance(child, (QuantWeighted, QuantInput, ActQuant)) or is_encoder_block(child):
+        if isinstance(child, (QuantWeighted, QuantInput, ActQuant)) or adapter_for(child) is not None:
             continue
         if isinstance(child, (nn.Linear, nn.Conv2d)):
             setattr(module, name, QuantWeighted(child, None, ActQuant("act", None)))
@@ -104,7 +112,8 @@ class QuantModel(nn.Module):
         self.model, self.scheme, self.observer = model.eval(), scheme, observer
         self.blocks = find_blocks(model)
         if not self.blocks:
-            raise ValueError(f"{type(model).__name__} has no ViT/Swin encoder blocks to quantize")
+            raise ModelError(f"{type(model).__name__} has no encoder blocks to quantize: no module of it is a block an "
+                             f"adapter handles ({', '.join(c for a in ADAPTERS.values() for c in a.classes)})")
         self.norm_links = [link for i, block in enumerate(self.blocks) for link in _wrap_block(block, i)]
         _wrap_rest(model)
         self.act_quants = {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
