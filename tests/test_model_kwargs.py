@@ -87,3 +87,25 @@ def test_build_and_search_carry_the_kwargs(tmp_path, capsys):
                  "--out", str(out), "--allow-infeasible", "--json"]) == 0
     capsys.readouterr()
     assert len(json.loads((out / "pareto.json").read_text())["trials"]) == 4
+
+
+def test_inspect_shows_blocks_roles_and_the_data_config(tmp_path, capsys):
+    assert main(["inspect", "--recipe", str(_recipe(tmp_path)), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [b["path"] for b in info["blocks"]] == ["blocks.0", "blocks.1"] and info["blocks"][0]["adapter"] == "vit"
+    roles = {la["role"]: la["layer"] for la in info["blocks"][0]["layers"]}
+    assert roles["qkv"] == "Linear 64 -> 192" and roles["fc2"] == "Linear 256 -> 64"
+    assert [o["path"] for o in info["outside_8bit"]] == ["patch_embed.proj", "norm", "head"]
+    assert info["data_config"]["input_size"] == [1, 28, 28] and info["kwargs"] == SHAPE
+    # Swin's blocks, numbered across its stages (the shipped recipe; no weights are read)
+    assert main(["inspect", "--recipe", "swin_tiny", "--json"]) == 0
+    swin = json.loads(capsys.readouterr().out)
+    assert len(swin["blocks"]) == 12 and swin["blocks"][4]["path"] == "layers.2.blocks.0"
+    assert swin["blocks"][0]["adapter"] == "swin" and "layers.1.downsample.reduction" in [o["path"] for o in swin["outside_8bit"]]
+
+
+def test_inspect_names_a_block_family_without_adapter(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace(ARCH, "beit_base_patch16_224").replace('"num_heads": 4', '"num_heads": 4, "use_abs_pos_emb": true'))
+    err = user_error(["inspect", "--recipe", str(recipe)], capsys)
+    assert "encoder block timm.models.beit.Block has no adapter" in err

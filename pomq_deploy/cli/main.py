@@ -12,6 +12,7 @@ from ..errors import PomqError
 # name -> module; each module has HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
 # Modules import their heavy dependencies (torch, timm, onnxruntime) inside run(), so --help stays fast.
 COMMANDS = {
+    "inspect": "pomq_deploy.cli.inspect_cmd",
     "calibrate": "pomq_deploy.cli.calibrate_cmd",
     "eval": "pomq_deploy.cli.eval_cmd",
     "export": "pomq_deploy.cli.export_cmd",
