@@ -59,3 +59,14 @@ def test_missing_file(tmp_path):
 def test_no_checkpoint_given():
     with pytest.raises(CheckpointError, match="pass --checkpoint FILE"):
         create_model("test_vit", None)
+
+
+def test_timm_converts_other_layouts(tmp_path, weights):
+    """A layout timm's own converter knows (here the patch embedding stored as a Linear, as big_vision exports it)
+    loads through the model's checkpoint_filter_fn, to the same tensors."""
+    conv = weights["patch_embed.proj.weight"]
+    linear = {**weights, "patch_embed.proj.weight": conv.reshape(conv.shape[0], -1)}
+    path = tmp_path / "linear_patch.safetensors"
+    save_file(linear, str(path))
+    model = create_model("test_vit", path)
+    assert torch.equal(model.state_dict()["patch_embed.proj.weight"], conv)

@@ -83,6 +83,26 @@ def fit_hints(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     return hints
 
 
+def _timm_converted(model: nn.Module, state: dict[str, torch.Tensor], checkpoint) -> dict[str, torch.Tensor] | None:
+    """``state`` through the ``checkpoint_filter_fn`` timm's module for this model defines (the converter timm applies
+    to other checkpoint layouts: OpenAI CLIP, DINOv2, original Swin or BEiT releases, a patch embedding stored as
+    a Linear ...), when that makes it fit; None otherwise."""
+    import sys
+
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        converted = convert(dict(state), model)
+    except Exception as e:  # a converter meeting a layout it does not know: the checkpoint just does not fit
+        log.debug("timm's %s.checkpoint_filter_fn cannot convert %s: %s", type(model).__module__, checkpoint, e)
+        return None
+    if fit_problems(model, converted):
+        return None
+    log.info("%s: converted to %s's keys by timm's checkpoint_filter_fn", checkpoint, type(model).__name__)
+    return converted
+
+
 def _create(arch: str, kwargs: dict[str, Any], source: str) -> nn.Module:
     import timm
 
@@ -121,6 +141,9 @@ def create_model(arch: str, checkpoint: str | Path | None, kwargs: dict[str, Any
     state = read_state_dict(Path(checkpoint))
     model = _create(arch, kwargs or {}, source)
     problems = fit_problems(model, state)
+    if problems:
+        state = _timm_converted(model, state, checkpoint) or state
+        problems = fit_problems(model, state)
     if problems:
         hints = fit_hints(model, state)
         fix = f"; set model.kwargs {', '.join(hints)}" if hints else ""
