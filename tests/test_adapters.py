@@ -25,10 +25,11 @@ def _small(arch: str, **extra):
     return model
 
 
-@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "deit3_small_patch16_224"])
-def test_vit_family_exports_and_agrees(arch, tmp_path):
-    """ViT and DeiT-3 (LayerScale between the layers) share timm's Block: 2 blocks found, both targets export,
-    the TensorRT rules find no error, ONNX Runtime agrees with the fake-quant model."""
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "deit3_small_patch16_224", "beit_base_patch16_224"])
+def test_families_export_and_agree(arch, tmp_path):
+    """ViT and DeiT-3 (LayerScale between the layers) share timm's Block; BEiT calls F.linear on its qkv weight
+    with q/v biases of its own, routed to the wrapped layer. Each: 2 blocks found, both targets export, the
+    TensorRT rules find no error, ONNX Runtime agrees with the fake-quant model."""
     qm = QuantModel(_small(arch), "fqvit")
     assert qm.num_blocks == 2
     qm.calibrate(images())
@@ -44,12 +45,26 @@ def test_vit_family_exports_and_agrees(arch, tmp_path):
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
 
 
-@pytest.mark.parametrize(("arch", "block"), [("beit_base_patch16_224", "timm.models.beit.Block"),
-                                             ("eva02_tiny_patch14_224", "timm.models.eva.EvaBlock")])
-def test_a_family_without_adapter_is_one_line(arch, block):
-    extra = {"patch_size": 8} if arch.startswith("beit") else {"patch_size": 8, "num_heads": 2}
+def test_a_family_without_adapter_is_one_line():
+    """EVA-02 (SwiGLU MLP, rotary position embedding between the qkv quantizer and the MatMuls) has no adapter yet."""
     with pytest.raises(ModelError) as e:
-        QuantModel(_small(arch, **extra), "fqvit")
+        QuantModel(_small("eva02_tiny_patch14_224"), "fqvit")
     msg = str(e.value)
-    assert "\n" not in msg and f"encoder block {block} has no adapter" in msg
-    assert "vit (Block), swin (SwinTransformerBlock)" in msg and ".blocks.0:" in msg
+    assert "\n" not in msg and "encoder block timm.models.eva.EvaBlock has no adapter" in msg
+    assert "vit (Block), swin (SwinTransformerBlock), beit (Block)" in msg and ".blocks.0:" in msg
+
+
+def test_beit_qkv_runs_through_the_wrapper():
+    """BEiT's attention reads qkv.weight itself: the wrapper shows the layer's weight, and at 4-bit weights the
+    block's output moves with the quantized weight (the call reached the wrapper, not the float layer)."""
+    qm = QuantModel(_small("beit_base_patch16_224"), "minmax")
+    qkv = qm.blocks[0].attn.qkv
+    assert qkv.weight is qkv.layer.weight and qkv.bias is None  # BEiT's q/v biases live in the attention
+    qm.calibrate(images())
+    x = images(1, seed=9)[0]
+    with torch.no_grad():
+        qm.apply(uniform_plan("8/8/8", 2, "t", "minmax"))
+        eight = qm(x)
+        qm.apply(uniform_plan("4/8/8", 2, "t", "minmax"))
+        four = qm(x)
+    assert not torch.equal(eight, four)

@@ -86,7 +86,7 @@ def fit_hints(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
 def _timm_converted(model: nn.Module, state: dict[str, torch.Tensor], checkpoint) -> dict[str, torch.Tensor] | None:
     """``state`` through the ``checkpoint_filter_fn`` timm's module for this model defines (the converter timm applies
     to other checkpoint layouts: OpenAI CLIP, DINOv2, original Swin or BEiT releases, a patch embedding stored as
-    a Linear ...), when that makes it fit; None otherwise."""
+    a Linear ...), when that makes it fit by renaming and reshaping alone; None otherwise."""
     import sys
 
     convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
@@ -97,8 +97,9 @@ def _timm_converted(model: nn.Module, state: dict[str, torch.Tensor], checkpoint
     except Exception as e:  # a converter meeting a layout it does not know: the checkpoint just does not fit
         log.debug("timm's %s.checkpoint_filter_fn cannot convert %s: %s", type(model).__module__, checkpoint, e)
         return None
-    if fit_problems(model, converted):
-        return None
+    resampled = [k for k, v in converted.items() if k in state and state[k].numel() != v.numel()]
+    if resampled or fit_problems(model, converted):  # timm also resamples position and patch embeddings to the
+        return None  # model's size; that is another model's numbers, which a deployment must not get silently
     log.info("%s: converted to %s's keys by timm's checkpoint_filter_fn", checkpoint, type(model).__name__)
     return converted
 

@@ -29,6 +29,9 @@ class BlockAdapter:
     family: str
     classes: tuple[str, ...]  # "timm.models.<module>.<Class>" of the blocks it handles
     layers: dict[str, str] = field(default_factory=lambda: dict(VIT_LAYERS))  # role -> attribute path in the block
+    # the attention calls F.linear(x, self.qkv.weight, bias) itself (BEiT, with its own q/k/v biases): the quantizer
+    # routes that call to the wrapped layer
+    functional_linear: bool = False
 
     def layer(self, block: nn.Module, role: str) -> nn.Module:
         return operator.attrgetter(self.layers[role])(block)
@@ -69,3 +72,4 @@ def unsupported(m: nn.Module, where: str) -> ModelError:
 # timm's ViT Block serves ViT, DeiT and DeiT-3 (LayerScale sits between the block's layers, untouched).
 register_adapter(BlockAdapter("vit", ("timm.models.vision_transformer.Block",)))
 register_adapter(BlockAdapter("swin", ("timm.models.swin_transformer.SwinTransformerBlock",)))
+register_adapter(BlockAdapter("beit", ("timm.models.beit.Block",), functional_linear=True))

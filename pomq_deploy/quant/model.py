@@ -63,8 +63,9 @@ class NormLink:
                 p.copy_(orig)
         if q is not None:
             if self.linear.layer.bias is None:
-                raise ValueError(f"{type(self.linear.layer).__name__} without a bias after a LayerNorm: a reparameterized "
-                                 "quantizer needs one to fold its zero-point offsets into")
+                raise ModelError(f"{type(self.linear.layer).__name__} without a bias after a LayerNorm (e.g. BEiT's qkv, "
+                                 "whose q/v biases live in its attention): a reparameterized quantizer (repq) needs one "
+                                 "to fold its zero-point offsets into; use another scheme for this model")
             if self.originals is None:
                 self.originals = [p.detach().clone() for p in self.params]
             q.fold(self.norm, self.linear.layer.weight, self.linear.layer.bias)
@@ -86,7 +87,7 @@ def _wrap_block(block: nn.Module, i: int) -> list[NormLink]:
             "fc2": QuantWeighted(a.layer(block, "fc2"), i, ActQuant("gelu", i))}
     for role, module in wrap.items():
         a.replace(block, role, module)
-    integer_attention(attn)
+    integer_attention(attn, a.functional_linear)
     return [NormLink(wrap["norm1"].module, wrap["qkv"]), NormLink(wrap["norm2"].module, wrap["fc1"])]
 
 

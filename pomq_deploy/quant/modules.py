@@ -96,21 +96,33 @@ class QuantWeighted(nn.Module):
         codes, scale = self.weight_codes(bits)
         return codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._integer(x) if isinstance(self.layer, nn.Linear) else None
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's float weight, visible as on the layer itself: code that calls ``F.linear(x, m.weight)``
+        (BEiT's attention) keeps working, and the block adapter routes that call here (``quant.attention``)."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: one the caller computed (BEiT's q/k/v biases), instead of the layer's own."""
+        bias = self.layer.bias if bias is None else bias
+        y = self._integer(x, bias) if isinstance(self.layer, nn.Linear) else None
         if y is None:
-            y = self._float(self.in_quant(x))
+            y = self._float(self.in_quant(x), bias)
         return self.out_quant(y) if self.out_quant is not None else y
 
-    def _integer(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _integer(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The Linear as an integer GEMM, when its input is written as codes and its weight is quantized."""
         parts = self.in_quant.parts(x) if self.weight_bits is not None else None
         if parts is None:
             return None
         w_codes, w_scale = self.weight_codes(self.weight_bits)
-        return integer_linear(parts[1], w_codes, parts[0], w_scale, self.layer.bias)
+        return integer_linear(parts[1], w_codes, parts[0], w_scale, bias)
 
-    def _float(self, x: torch.Tensor) -> torch.Tensor:
+    def _float(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer in float on the (already quantized) input ``x``."""
         if self.weight_bits is None:
             w = self.layer.weight
@@ -120,8 +132,8 @@ class QuantWeighted(nn.Module):
         else:
             w = self.quantized_weight(self.weight_bits)
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return F.linear(x, w, self.layer.bias)
+            return self.layer._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
 
 
 class QuantInput(nn.Module):
