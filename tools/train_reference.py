@@ -1,4 +1,5 @@
-"""Train the embedded reference model (``deit_fmnist``) on Fashion-MNIST.
+"""Train the embedded reference model (``deit_fmnist``), or any timm model shaped for 28x28 grey images
+(``--arch`` with ``--kwargs``), on Fashion-MNIST.
 
 Seeded and resumable: the full training state is saved after every epoch under --work-dir, and a second
 run with the same arguments continues from the last finished epoch. At the end the FP32 weights are
@@ -9,6 +10,11 @@ written as safetensors with a JSON beside them (config, seed, epochs, measured t
 The committed checkpoint was trained on an H100 (~7 s/epoch, batch 256, crop+flip throughout):
     python tools/train_reference.py --epochs 31 --batch-size 256 --lr 1e-3 --warmup-epochs 5
     python tools/train_reference.py --epochs 64 --batch-size 256 --lr 4e-4 --warmup-epochs 5   # resumed
+
+A model of your own shape, as a recipe's model.arch and model.kwargs describe it:
+    python tools/train_reference.py --arch vit_tiny_patch16_224 --epochs 3 --out /tmp/vit7.safetensors \
+        --work-dir /tmp/vit7 --kwargs '{"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10,
+        "embed_dim": 128, "depth": 6, "num_heads": 4}'
 
 Resuming with a larger --epochs than the saved run had extends the schedule: the cosine is recomputed over
 the new total, so the learning rate rises once (a warm restart) and anneals again. Each history entry
@@ -42,6 +48,9 @@ from pomq_deploy.models.reference import FMNIST_MEAN, FMNIST_STD, REFERENCE_CONF
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEBIAN_ROOT, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--arch", default="deit_fmnist", help="timm model name (default: the reference, deit_fmnist)")
+    p.add_argument("--kwargs", type=json.loads, default={}, help="timm.create_model keyword arguments, as JSON "
+                   "(a recipe's model.kwargs): the model must take 1x28x28 images and give 10 classes")
     p.add_argument("--out", type=Path, default=Path("checkpoints/deit_fmnist.safetensors"))
     p.add_argument("--work-dir", type=Path, default=Path(".train/deit_fmnist"), help="resume state lives here")
     p.add_argument("--epochs", type=int, default=10)
@@ -104,7 +113,7 @@ def main() -> None:
     dev = torch.device(args.device)
     train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
 
-    model = timm.create_model("deit_fmnist").to(dev)
+    model = timm.create_model(args.arch, **args.kwargs).to(dev)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
@@ -176,10 +185,10 @@ def main() -> None:
     final = evaluate(model, zip(test_x.cpu().split(500), test_y.cpu().split(500), strict=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"arch": "deit_fmnist"})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"arch": args.arch})
     os.replace(tmp, args.out)
     meta = {
-        "arch": "deit_fmnist", "config": REFERENCE_CONFIG, "mean": FMNIST_MEAN, "std": FMNIST_STD,
+        "arch": args.arch, "config": REFERENCE_CONFIG if args.arch == "deit_fmnist" else args.kwargs, "mean": FMNIST_MEAN, "std": FMNIST_STD,
         "seed": args.seed, "epochs": args.epochs, "init_from": str(args.init) if args.init else None, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing, "bf16_autocast": not args.no_bf16,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
