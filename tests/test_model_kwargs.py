@@ -65,6 +65,8 @@ def test_a_checkpoint_that_does_not_fit_names_the_kwargs(tmp_path, capsys):
 def test_bad_kwargs_and_data_config_are_one_line(tmp_path):
     with pytest.raises(RecipeError, match=r"mine.yaml: model.kwargs: .*unexpected keyword argument 'colour'"):
         load_recipe(str(_recipe(tmp_path, kwargs={**SHAPE, "colour": 1})))
+    with pytest.raises(RecipeError, match=r"mine.yaml: model.kwargs .*: timm cannot build 'vit_tiny_patch16_224' with them"):
+        load_recipe(str(_recipe(tmp_path, kwargs={**SHAPE, "num_heads": 3})))  # 64-d does not split into 3 heads
     with pytest.raises(RecipeError, match=r"mine.yaml: model.data.mean: 3 value\(s\) for 1 input channel\(s\)"):
         load_recipe(str(_recipe(tmp_path, data="{mean: [0.5, 0.5, 0.5], std: [0.5]}")))
     with pytest.raises(RecipeError, match=r"'model.data.crop_pct': Input should be less than or equal to 1"):

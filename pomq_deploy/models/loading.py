@@ -114,6 +114,10 @@ def _create(arch: str, kwargs: dict[str, Any], source: str) -> nn.Module:
     except TypeError as e:  # an argument the model class does not take
         raise RecipeError(f"{source}: model.kwargs: {e} (timm.create_model('{arch}', ...) takes the model class's own "
                           "arguments, e.g. num_classes, img_size, in_chans, patch_size, embed_dim, depth, num_heads)") from None
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:  # arguments that do not go together
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RecipeError(f"{source}: model.kwargs {kwargs}: timm cannot build '{arch}' with them ({type(e).__name__}: "
+                          f"{first[:200]}); e.g. embed_dim must divide by num_heads, img_size by patch_size") from None
 
 
 def _with_data_config(model: nn.Module, spec: "ModelSpec", source: str) -> nn.Module:
