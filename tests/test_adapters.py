@@ -25,12 +25,14 @@ def _small(arch: str, **extra):
     return model
 
 
-@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "deit3_small_patch16_224", "beit_base_patch16_224"])
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "deit3_small_patch16_224", "beit_base_patch16_224",
+                                  "eva02_tiny_patch14_224"])
 def test_families_export_and_agree(arch, tmp_path):
-    """ViT and DeiT-3 (LayerScale between the layers) share timm's Block; BEiT calls F.linear on its qkv weight
-    with q/v biases of its own, routed to the wrapped layer. Each: 2 blocks found, both targets export, the
-    TensorRT rules find no error, ONNX Runtime agrees with the fake-quant model."""
-    qm = QuantModel(_small(arch), "fqvit")
+    """ViT and DeiT-3 (LayerScale between the layers) share timm's Block; BEiT and EVA-02 call F.linear on their
+    qkv weight with q/v biases of their own, routed to the wrapped layer; EVA-02's rotary embeddings keep q @ k^T
+    in float. Each: 2 blocks found, both targets export, the TensorRT rules find no error, ONNX Runtime agrees
+    with the fake-quant model."""
+    qm = QuantModel(_small(arch, **({"embed_dim": 96} if arch.startswith("eva") else {})), "fqvit")
     assert qm.num_blocks == 2
     qm.calibrate(images())
     plan = uniform_plan("8/8/8", 2, "t", "fqvit")
@@ -46,12 +48,19 @@ def test_families_export_and_agree(arch, tmp_path):
 
 
 def test_a_family_without_adapter_is_one_line():
-    """EVA-02 (SwiGLU MLP, rotary position embedding between the qkv quantizer and the MatMuls) has no adapter yet."""
+    """CaiT's blocks (talking-heads attention) have no adapter."""
     with pytest.raises(ModelError) as e:
-        QuantModel(_small("eva02_tiny_patch14_224"), "fqvit")
+        QuantModel(_small("cait_xxs24_224"), "fqvit")
     msg = str(e.value)
-    assert "\n" not in msg and "encoder block timm.models.eva.EvaBlock has no adapter" in msg
-    assert "vit (Block), swin (SwinTransformerBlock), beit (Block)" in msg and ".blocks.0:" in msg
+    assert "\n" not in msg and "encoder block timm.models.cait.LayerScaleBlock has no adapter" in msg
+    assert "vit (Block), swin (SwinTransformerBlock), beit (Block), eva (EvaBlock)" in msg and ".blocks.0:" in msg
+
+
+def test_a_variant_the_adapter_does_not_cover_is_one_line():
+    """EVA-02 base's SwiGLU MLP (fc1_g / fc1_x) and separate q/k/v projections: the eva adapter names what differs."""
+    with pytest.raises(ModelError, match=r"Eva.blocks.0: timm.models.eva.EvaBlock \(eva adapter\): its qkv 'attn.qkv' is "
+                                         r"missing, not a Linear; this variant of the family has no adapter yet"):
+        QuantModel(_small("eva02_base_patch14_224", embed_dim=96), "fqvit")
 
 
 def test_beit_qkv_runs_through_the_wrapper():

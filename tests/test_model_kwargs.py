@@ -108,6 +108,6 @@ def test_inspect_shows_blocks_roles_and_the_data_config(tmp_path, capsys):
 
 def test_inspect_names_a_block_family_without_adapter(tmp_path, capsys):
     recipe = _recipe(tmp_path)
-    recipe.write_text(recipe.read_text().replace(ARCH, "eva02_tiny_patch14_224"))
+    recipe.write_text(recipe.read_text().replace(ARCH, "cait_xxs24_224"))
     err = user_error(["inspect", "--recipe", str(recipe)], capsys)
-    assert "encoder block timm.models.eva.EvaBlock has no adapter" in err
+    assert "encoder block timm.models.cait.LayerScaleBlock has no adapter" in err

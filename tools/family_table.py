@@ -29,7 +29,9 @@ FAMILIES = {  # label -> (timm name, its own keyword arguments at 32 px)
     "DeiT-3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8)),
     "Swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4, depths=(2, 2), num_heads=(2, 4))),
     "BEiT": ("beit_base_patch16_224", dict(img_size=32, patch_size=8)),
-    "EVA-02": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8)),
+    "EVA-02": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8, embed_dim=192, num_heads=3)),  # its own width: K = 192, 512
+    "EVA-02 base (SwiGLU)": ("eva02_base_patch14_224", dict(img_size=32, patch_size=8, embed_dim=96)),
+    "CaiT": ("cait_xxs24_224", dict(img_size=32, patch_size=8)),
 }
 
 

@@ -29,9 +29,27 @@ class BlockAdapter:
     family: str
     classes: tuple[str, ...]  # "timm.models.<module>.<Class>" of the blocks it handles
     layers: dict[str, str] = field(default_factory=lambda: dict(VIT_LAYERS))  # role -> attribute path in the block
-    # the attention calls F.linear(x, self.qkv.weight, bias) itself (BEiT, with its own q/k/v biases): the quantizer
-    # routes that call to the wrapped layer
+    # the attention calls F.linear(x, self.qkv.weight, bias) itself (BEiT, EVA, with their own q/k/v biases): the
+    # quantizer routes that call to the wrapped layer
     functional_linear: bool = False
+    # position ops (rotary embeddings) sit between the qkv quantizer and q @ k^T: q and k are off its grid there, so
+    # that MatMul runs in float (probs @ v still on codes)
+    rotary_qk: bool = False
+
+    def check(self, block: nn.Module, where: str) -> None:
+        """Every role resolves to a layer of the kind the quantizer wraps, else one line naming what differs."""
+        kinds = {"norm1": nn.LayerNorm, "norm2": nn.LayerNorm, "qkv": nn.Linear, "proj": nn.Linear, "fc1": nn.Linear,
+                 "fc2": nn.Linear, "attention": nn.Module, "attn_probs": nn.Module}
+        for role, kind in kinds.items():
+            try:
+                found = self.layer(block, role)
+            except AttributeError:
+                found = None
+            if not isinstance(found, kind):
+                what = "missing" if found is None else type(found).__name__
+                raise ModelError(f"{where}: {class_path(block)} ({self.family} adapter): its {role} '{self.layers[role]}' is "
+                                 f"{what}, not a {kind.__name__}; this variant of the family has no adapter yet (e.g. "
+                                 "separate q/k/v projections, or a SwiGLU MLP with fc1_g/fc1_x)")
 
     def layer(self, block: nn.Module, role: str) -> nn.Module:
         return operator.attrgetter(self.layers[role])(block)
@@ -73,3 +91,5 @@ def unsupported(m: nn.Module, where: str) -> ModelError:
 register_adapter(BlockAdapter("vit", ("timm.models.vision_transformer.Block",)))
 register_adapter(BlockAdapter("swin", ("timm.models.swin_transformer.SwinTransformerBlock",)))
 register_adapter(BlockAdapter("beit", ("timm.models.beit.Block",), functional_linear=True))
+# EVA / EVA-02 with a fused qkv and a single-fc1 MLP (GluMlp's fused gate, or Mlp); rotary q/k in EVA-02
+register_adapter(BlockAdapter("eva", ("timm.models.eva.EvaBlock",), functional_linear=True, rotary_qk=True))

@@ -36,10 +36,10 @@ class IntegerAttention(TorchFunctionMode):
     grid or V-2SF's two)."""
 
     def __init__(self, qkv_out: ActQuant, probs: ActQuant, q_factor: float, integer: bool = True,
-                 linears: dict[int, QuantWeighted] | None = None):
+                 linears: dict[int, QuantWeighted] | None = None, qk_on_grid: bool = True):
         super().__init__()
         self.qkv_out, self.probs, self.q_factor, self.integer = qkv_out, probs, q_factor, integer
-        self.linears = linears or {}
+        self.linears, self.qk_on_grid = linears or {}, qk_on_grid
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -67,18 +67,21 @@ class IntegerAttention(TorchFunctionMode):
             if parts is None:
                 return None
             return integer_product(parts[1], torch.round(b / v_scale)) * (torch.tensor(parts[0], dtype=a.dtype) * v_scale)
+        if not self.qk_on_grid:  # rotary embeddings moved q and k off the grid: q @ k^T in float, as deployed
+            return None
         # before the Softmax: q @ k^T, q scaled by the attention's factor (exported: q's DequantizeLinear scale s * factor)
         q_scale = v_scale * self.q_factor
         return integer_matmul(torch.round(a / q_scale), torch.round(b / v_scale)) * (q_scale * v_scale)
 
 
-def integer_attention(attn: nn.Module, functional_linear: bool = False) -> None:
+def integer_attention(attn: nn.Module, functional_linear: bool = False, rotary_qk: bool = False) -> None:
     """Run ``attn``'s MatMuls on codes whenever its quantizers are applied (forward hooks on ``attn``, whose
     ``qkv`` and ``attn_drop`` the quantizer has wrapped); with ``functional_linear``, also route its
     ``F.linear(x, self.qkv.weight, ...)`` calls to the wrapped layers, always. The hooks read those from the
-    module they are called on, so a deep copy of the model (e.g. ``.double()`` for a float64 run) hooks its own."""
+    module they are called on, so a deep copy of the model (e.g. ``.double()`` for a float64 run) hooks its own.
+    ``rotary_qk``: q and k reach their MatMul through rotary embeddings, off the qkv quantizer's grid."""
     assert isinstance(attn.qkv, QuantWeighted) and attn.qkv.out_quant is not None and isinstance(attn.attn_drop, ActQuant)
-    attn._functional_linear = functional_linear
+    attn._functional_linear, attn._rotary_qk = functional_linear, rotary_qk
     attn.register_forward_pre_hook(_enter)
     attn.register_forward_hook(_leave, always_call=True)
 
@@ -88,7 +91,7 @@ def _enter(attn: nn.Module, args) -> None:
     integer = out.state == "quant" and not out.exporting
     linears = {id(m.layer.weight): m for m in (attn.qkv, attn.proj)} if attn._functional_linear else {}
     if integer or linears:
-        mode = IntegerAttention(out, probs, float(attn.scale), integer, linears)
+        mode = IntegerAttention(out, probs, float(attn.scale), integer, linears, qk_on_grid=not attn._rotary_qk)
         probs.keep_last, probs.last = integer, None
         mode.__enter__()
         attn._integer_mode = mode

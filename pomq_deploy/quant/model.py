@@ -29,7 +29,9 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     for name, m in model.named_modules():
         if any(name.startswith(f"{b}.") for b in names):  # inside a block already found
             continue
-        if adapter_for(m) is not None:
+        adapter = adapter_for(m)
+        if adapter is not None:
+            adapter.check(m, f"{type(model).__name__}.{name}")
             blocks.append(m)
             names.append(name)
         elif looks_like_block(m):
@@ -87,7 +89,7 @@ def _wrap_block(block: nn.Module, i: int) -> list[NormLink]:
             "fc2": QuantWeighted(a.layer(block, "fc2"), i, ActQuant("gelu", i))}
     for role, module in wrap.items():
         a.replace(block, role, module)
-    integer_attention(attn, a.functional_linear)
+    integer_attention(attn, a.functional_linear, a.rotary_qk)
     return [NormLink(wrap["norm1"].module, wrap["qkv"]), NormLink(wrap["norm2"].module, wrap["fc1"])]
 
 
