@@ -2,9 +2,10 @@
 calibrated on random images, exported for both targets, checked against TensorRT's rules and run by ONNX
 Runtime against the fake-quant model (8/8/8 and 4/4/4, fqvit).
 
-    python tools/family_table.py            # prints a Markdown table (a few seconds per family)
+    python tools/family_table.py            # writes docs/models.md (a few seconds per family)
 """
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pomq_deploy.atomic import write_generated
 from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_quantized
@@ -69,13 +71,35 @@ def row(label: str, arch: str, kwargs: dict, work: Path) -> str:
     return f"| {label} | `{arch}` | {family} | {qm.num_blocks} | {cells[0]} | {cells[1]} | |"
 
 
+HEAD = """# Model families
+
+Which timm encoder-block families the quantizer handles (block adapters, `pomq_deploy/quant/adapters.py`),
+measured on small random-weight models (2 blocks, 32 px, calibrated on random images): both export targets,
+TensorRT's rules (`pomq-deploy check`) and ONNX Runtime against the PyTorch fake-quant model on 64 random
+images. A family or variant without an adapter stops with the one line shown. EVA-02's rotary embeddings sit
+between the qkv quantizer and `q @ k^T`, so that MatMul runs in float (on ONNX Runtime and in the reference
+alike); `probs @ v` runs on codes. A real checkpoint's accuracy depends on its weights: `pomq-deploy inspect
+--recipe R` shows what the quantizer found in it. Regenerate with:
+
+```bash
+.venv/bin/python tools/family_table.py
+```
+"""
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "models.md")
+    args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pomq-families-"))
-    print(f"CPU: {detect().describe()}; numpy {np.__version__}, timm {timm.__version__}\n")
-    print("| family | timm model (small, random weights) | adapter | blocks | 8/8/8 ORT agree / cosine | 4/4/4 ORT agree / cosine | note |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    lines = [HEAD, f"CPU: {detect().describe()}; numpy {np.__version__}, timm {timm.__version__}", "",
+             "| family | timm model (small, random weights) | adapter | blocks | 8/8/8 ORT agree / cosine | 4/4/4 ORT agree / cosine | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, (arch, kwargs) in FAMILIES.items():
-        print(row(label, arch, kwargs, work), flush=True)
+        lines.append(row(label, arch, kwargs, work))
+        print(lines[-1], file=sys.stderr, flush=True)
+    write_generated(args.out, "\n".join(lines) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
