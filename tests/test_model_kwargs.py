@@ -41,14 +41,33 @@ def test_kwargs_and_data_config_shape_the_model(tmp_path):
     assert cfg["input_size"] == (1, 28, 28) and cfg["mean"] == (0.286,) and cfg["std"] == (0.353,)
 
 
-def test_eval_and_export_run_on_it(tmp_path, capsys):
-    """The recipe through the quantizer and the exporter: 8/8/8 fake-quant top-1 on the 16 generated images."""
-    recipe = _recipe(tmp_path)
+FAMILIES = {  # arch -> kwargs of a small grey 28x28 model of that family, as a recipe gives them
+    ARCH: SHAPE,
+    "deit3_small_patch16_224": SHAPE,
+    "beit_base_patch16_224": SHAPE,
+    "eva02_tiny_patch14_224": {**SHAPE, "embed_dim": 192, "num_heads": 3},
+    "swin_tiny_patch4_window7_224": {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 64,
+                                     "depths": [2], "num_heads": [4], "window_size": 4},
+}
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_each_family_from_a_recipe(arch, tmp_path, capsys):
+    """A recipe with model.kwargs per family: eval --uniform 8/8/8 (calibrating), export for both targets, and
+    check --target tensorrt without errors."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.safetensors"
+    save_file(timm.create_model(arch, pretrained=False, **FAMILIES[arch]).state_dict(), str(ckpt))
+    recipe = _recipe(tmp_path, kwargs=FAMILIES[arch], checkpoint=ckpt)
+    recipe.write_text(recipe.read_text().replace(ARCH, arch))
     assert main(["eval", "--recipe", str(recipe), "--uniform", "8/8/8", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["images"] == 16 and len(out["plan"]) == 2
-    assert main(["export", "--recipe", str(recipe), "--uniform", "8/8/8", "--out", str(tmp_path / "m.onnx")]) == 0
-    assert (tmp_path / "m.onnx").is_file()
+    assert json.loads(capsys.readouterr().out)["images"] == 16
+    for target in ("ort", "tensorrt"):
+        out = tmp_path / f"{target}.onnx"
+        assert main(["export", "--recipe", str(recipe), "--uniform", "8/8/8", "--target", target, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "tensorrt.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["errors"] == 0
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_kwargs(tmp_path, capsys):
