@@ -39,6 +39,7 @@ from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
 
 PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
+ROUNDS = 5  # interleaved timing rounds (see bench_model)
 # what the backend builds for a CPU with VNNI: INT8 weights left as ORT's default u8 x s8 GEMM operands
 DEFAULT_KERNELS = CpuFacts("-", "ONNX Runtime's default u8 x s8 kernels", "x86_64", ("avx512_vnni",))
 
@@ -79,15 +80,15 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list
     noise = noise_images(500, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1).numpy()
     rows, checks = [], []
 
+    built = []  # (what, runner, Measured, top-1)
+
     def run(what: str, runner=backend, versus=None, **source):
-        """One row: ``source`` is ``model=..., plan=...`` (exported here) or ``onnx_path=...``."""
-        out = work / f"{label}_{len(rows)}"
+        """Build and evaluate one variant: ``source`` is ``model=..., plan=...`` (exported here) or ``onnx_path=...``;
+        it is timed later, interleaved with the others."""
+        out = work / f"{label}_{len(built)}"
         out.mkdir()
-        m = measure(runner, out, target="ort", eval_recipe=recipe, batches=(1, 8), runs=args.runs, **source)
-        lat, top1 = m.latency, m.accuracy.top1 if m.accuracy is not None else None
-        rows.append((label, what, lat[1].median_ms, lat[8].median_ms, lat[8].p90_ms, top1, m.onnx_path.stat().st_size))
-        print(f"{label:12s} {what:52s} b1 {lat[1].median_ms:7.2f} ms  b8 {lat[8].median_ms:7.2f} ms  top-1 {'-' if top1 is None else f'{top1:.4f}'}",
-              file=sys.stderr, flush=True)
+        m = measure(runner, out, target="ort", eval_recipe=recipe, **source)
+        built.append((what, runner, m, m.accuracy.top1 if m.accuracy is not None else None))
         if versus is not None:  # the same model run exactly (u8 weights): does the default run agree with it?
             a = agreement(backend.run(versus.artifact, noise), runner.run(m.artifact, noise))
             checks.append((label, what, a))
@@ -103,6 +104,20 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list
         ours = run(what, model=qmodel, plan=plan)
         if not exact_here and plan.blocks == uniform_plan("8/8/8", qmodel.num_blocks, label, qmodel.scheme).blocks:
             run(f"{what}, u8 x s8 weights (saturates here)", default, ours, onnx_path=ours.onnx_path)
+    # Interleaved timing: every variant in turn, ROUNDS times, so that a slow spell of a shared host falls on all of
+    # them alike; each latency is the median over the rounds of that round's median (p90: of the rounds' p90s).
+    per_round = max(1, args.runs // ROUNDS)
+    stats = {(i, b): [] for i in range(len(built)) for b in (1, 8)}
+    for _ in range(ROUNDS):
+        for i, (_, runner, m, _) in enumerate(built):
+            for b in (1, 8):
+                stats[i, b].append(runner.latency(m.artifact, b, per_round))
+    for i, (what, _, m, top1) in enumerate(built):
+        med = {b: float(np.median([s.median_ms for s in stats[i, b]])) for b in (1, 8)}
+        p90 = float(np.median([s.p90_ms for s in stats[i, 8]]))
+        rows.append((label, what, med[1], med[8], p90, top1, m.onnx_path.stat().st_size))
+        print(f"{label:12s} {what:52s} b1 {med[1]:7.2f} ms  b8 {med[8]:7.2f} ms  top-1 {'-' if top1 is None else f'{top1:.4f}'}",
+              file=sys.stderr, flush=True)
     return rows, checks
 
 
@@ -137,8 +152,9 @@ def main() -> None:
 
     base = {label: (b1, b8) for label, what, b1, b8, *_ in rows if what == "FP32"}
     lines = ["# ONNX Runtime CPU benchmarks", "",
-             f"ort-cpu backend, {args.threads} threads, all graph optimisations; latency = median of {args.runs} timed runs "
-             "after 10 warm-ups; speed-up = FP32 median / this median, measured in the same run. `reference` is the "
+             f"ort-cpu backend, {args.threads} threads, all graph optimisations; every variant timed in turn, {ROUNDS} rounds of "
+             f"{max(1, args.runs // ROUNDS)} timed runs after 10 warm-ups each (a slow spell of the shared host falls on all of them "
+             "alike); latency = the median of the rounds' medians; speed-up = FP32 median / this median, measured in the same run. `reference` is the "
              "embedded Fashion-MNIST model (top-1 on the full test set through ORT); `deit_small` is timm's "
              "deit_small_patch16_224 with random weights at 224x224 (latency only), calibrated on random images. "
              "Integer kernels differ by CPU (see 'Integer formats by CPU' below), so every table names its CPU.", "",
