@@ -55,7 +55,7 @@ def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recip
     from .data import calibration_batches
     from .errors import VerifyError
     from .export.onnx_export import input_size
-    from .quant.model import find_blocks
+    from .quant.model import QuantModel, find_blocks
     from .verify import CALIB_IMAGES, NOISE_IMAGES, noise_images, verify, worst_block
 
     calib = torch.cat(calibration_batches(recipe.data, reference))[:CALIB_IMAGES]
@@ -71,7 +71,8 @@ def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recip
 
         images = calib if not result.calibration.ok() else noise
         try:
-            worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, find_blocks(reference), images)
+            blocks = reference.blocks if isinstance(reference, QuantModel) else find_blocks(reference)  # found once, when wrapped
+            worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, blocks, images)
             result = dataclasses.replace(result, worst_block=worst)
         except ValueError as e:  # blocks the graph does not delimit as expected: report without them
             unlocated = f" (no per-block comparison: {e})"

@@ -37,8 +37,7 @@ class BlockAdapter:
     rotary_qk: bool = False
 
     def check(self, block: nn.Module, where: str) -> None:
-        """Every role resolves to a layer of the kind the quantizer wraps (or has wrapped), else one line naming what
-        differs."""
+        """Every role resolves to a layer of the kind the quantizer wraps, else one line naming what differs."""
         kinds = {"norm1": nn.LayerNorm, "norm2": nn.LayerNorm, "qkv": nn.Linear, "proj": nn.Linear, "fc1": nn.Linear,
                  "fc2": nn.Linear, "attention": nn.Module, "attn_probs": nn.Module}
         for role, kind in kinds.items():
@@ -46,7 +45,6 @@ class BlockAdapter:
                 found = self.layer(block, role)
             except AttributeError:
                 found = None
-            found = getattr(found, "layer", getattr(found, "module", found))  # a block the quantizer already wrapped
             if not isinstance(found, kind):
                 what = "missing" if found is None else type(found).__name__
                 raise ModelError(f"{where}: {class_path(block)} ({self.family} adapter): its {role} '{self.layers[role]}' is "
