@@ -31,6 +31,7 @@ class BuildOptions:
     runs: int = 50
     observer: str = "minmax"
     verify: bool = True  # the self-check against the PyTorch reference (pomq_deploy.verify)
+    vs_fp32: bool = False  # also time the latency ratio to the FP32 model, interleaved (pomq_deploy.timing)
 
 
 def versions() -> dict[str, str]:
@@ -68,6 +69,26 @@ def emulated_settings(plan: Plan | None, backend: str) -> list[str]:
         elif blocks and bits == 4:
             notes.append(f"{backend}: 4-bit attention (attn=4, blocks {blocks}) runs as 8-bit Q/DQ clipped to 16 levels")
     return notes
+
+
+def ratio_to_fp32(opts: BuildOptions, recipe: Recipe, artifact, work: Path):
+    """``artifact``'s latency over the FP32 model's on the same backend, timed in interleaved rounds until the
+    ratio's 90% interval is within +-3% (what the search measures, so the two can be compared)."""
+    import shutil
+    import tempfile
+
+    from .models.loading import load_model
+    from .timing import interleaved_ratios
+
+    fp_dir = Path(tempfile.mkdtemp(dir=work))
+    try:
+        fp32 = measure(opts.backend, fp_dir, model=load_model(recipe.model), plan=None, target=opts.target).artifact
+        arts = {"fp32": fp32, "plan": artifact}
+        runs = max(3, opts.runs // 10)
+        return interleaved_ratios(lambda k: opts.backend.latency(arts[k], opts.batch, runs, warmup=2).median_ms,
+                                  ["plan"], "fp32", max_rounds=20)["plan"]
+    finally:
+        shutil.rmtree(fp_dir, ignore_errors=True)  # inside the staging directory: never part of the artifact
 
 
 def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | None = None,
@@ -108,6 +129,9 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | 
             "verify": m.verify if m.verify is not None else {"skipped": "--no-verify"},
             "versions": versions(),
         }
+        if opts.vs_fp32 and plan is not None:
+            status("timing against the FP32 model, interleaved")
+            manifest["latency_vs_fp32"] = ratio_to_fp32(opts, recipe, artifact, tmp).as_dict()
         extra = getattr(opts.backend, "manifest_extra", None)  # optional Backend hook, see pomq_deploy.backends
         if extra is not None:
             manifest |= extra(artifact, plan)

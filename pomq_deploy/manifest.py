@@ -85,3 +85,4 @@ class Manifest:
     files: dict[str, FileRecord]
     manifest_sha256: str
     tensorrt: dict[str, Any] | None = None  # the tensorrt backend's trtexec line and engine layer summary
+    latency_vs_fp32: dict[str, Any] | None = None  # build --vs-fp32: pomq_deploy.timing.Ratio, timed interleaved

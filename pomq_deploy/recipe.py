@@ -62,6 +62,9 @@ class EvalSpec:
 class SearchSpec:
     """Defaults of ``pomq-deploy search`` (PoMQ-ViT's NSGA-II), each overridable on the command line."""
 
+    mode: Literal["model", "measured"] = "model"  # model-guided (design set + models + predicted front) or all measured
+    builds: PositiveInt = 20  # model mode: real builds at most, the two baselines included
+    sensitivity_images: PositiveInt = 32  # model mode: images of the per-gene KL sensitivity runs (PyTorch, no build)
     algorithm: Literal["nsga2", "random"] = "nsga2"
     population: PositiveInt = 12
     generations: PositiveInt = 6

@@ -104,7 +104,7 @@ def test_build_and_search_carry_the_kwargs(tmp_path, capsys):
     assert main(["eval", "--artifact", str(directory), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == manifest["accuracy"]["top1"]
     out = tmp_path / "s"
-    assert main(["search", "--recipe", str(recipe), "--trials", "4", "--algorithm", "random", "--eval-images", "8",
+    assert main(["search", "--recipe", str(recipe), "--mode", "measured", "--trials", "4", "--algorithm", "random", "--eval-images", "8",
                  "--out", str(out), "--allow-infeasible", "--json"]) == 0
     capsys.readouterr()
     assert len(json.loads((out / "pareto.json").read_text())["trials"]) == 4

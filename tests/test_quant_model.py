@@ -151,26 +151,32 @@ def test_attention_matmuls_run_on_codes(scheme, monkeypatch):
     qm.apply(uniform_plan("8/8/8", 6, "t", scheme))
     x = images(1, seed=7)[0]
     taken = []
-    integer = IntegerAttention._integer
+    originals = {name: getattr(IntegerAttention, name) for name in ("_qk", "_pv")}
 
-    def counting(self, a, b):
-        y = integer(self, a, b)
-        taken.append((tuple(a.shape), tuple(b.shape), y is not None))
-        return y
+    def counting(name):
+        def take(self, a, b):
+            y = originals[name](self, a, b)
+            taken.append((name, tuple(a.shape), tuple(b.shape), y is not None))
+            return y
+        return take
+
+    def patch(make):
+        for name in originals:
+            monkeypatch.setattr(IntegerAttention, name, make(name))
 
     with torch.no_grad():
-        monkeypatch.setattr(IntegerAttention, "_integer", counting)
+        patch(counting)
         on_codes = qm(x)
-        monkeypatch.setattr(IntegerAttention, "_integer", lambda self, a, b: None)
+        patch(lambda name: lambda self, a, b: None)
         in_float = qm(x)
     tokens, heads, dim = 17, 2, 32  # test_vit at 32 px, patch 8: 16 patches + cls; 64-d, 2 heads
-    assert taken == [((8, heads, tokens, dim), (8, heads, dim, tokens), True),
-                     ((8, heads, tokens, tokens), (8, heads, tokens, dim), True)] * 6
+    assert taken == [("_qk", (8, heads, tokens, dim), (8, heads, dim, tokens), True),
+                     ("_pv", (8, heads, tokens, tokens), (8, heads, tokens, dim), True)] * 6
     assert cos(on_codes, in_float) > 0.9999
     monkeypatch.undo()
     taken.clear()
     copied = copy.deepcopy(qm)  # its hooks take its own modules' codes, not the original's
-    monkeypatch.setattr(IntegerAttention, "_integer", counting)
+    patch(counting)
     with torch.no_grad():
-        assert torch.equal(copied(x), on_codes) and [t[2] for t in taken] == [True] * 12
+        assert torch.equal(copied(x), on_codes) and [t[3] for t in taken] == [True] * 12
 

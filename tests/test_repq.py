@@ -33,7 +33,7 @@ def test_fold_keeps_codes_and_sums():
         y = norm(x)
         per_channel = Fq.quant_codes(y, q.scale * q.ratio, q.zero_point + q.offset, q.qmin, q.qmax) + q.offset
         expected = lin(q(y))
-        q.fold(norm, lin.weight, lin.bias)
+        q.fold(norm, [(lin.weight, lin.bias)])
         d = q.deployed
         y2 = norm(x)
         per_tensor = Fq.quant_codes(y2, d.scale, d.zero_point, d.qmin, d.qmax)
@@ -107,7 +107,7 @@ def test_reparameterized_model_equals_per_channel_fake_quant(repq_model):
         per_channel = {}
         qm.apply(uniform_plan("8/4/8", 6, "t", "repq"))
         for link in qm.norm_links:  # undo the fold: original parameters, per-channel quantizer
-            aq = link.linear.in_quant
+            aq = link.in_quant
             per_channel[aq] = link.folded
             link.apply(None)
             aq.active = per_channel[aq]

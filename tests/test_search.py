@@ -26,7 +26,8 @@ def recipe(random_deit_fmnist, tmp_path_factory):
     from conftest import tiny_recipe_file
 
     path = tiny_recipe_file(tmp_path_factory.mktemp("search"), random_deit_fmnist)
-    path.write_text(path.read_text() + "search: {eval_images: 16, batch: 1, latency_runs: 5, population: 4}\n")
+    path.write_text(path.read_text() + "search: {mode: measured, eval_images: 16, batch: 1, latency_runs: 5, population: 4, "
+                    "sensitivity_images: 4}\n")
     return path
 
 
@@ -63,6 +64,36 @@ def test_search_writes_report_front_and_best_plan(recipe, tmp_path, capsys):
     if feasible:
         plan = load_plan(out / "best.yaml")
         assert plan.plan_id == best["plan_id"] and plan.is_mixed
+
+
+def test_model_guided_search_measures_the_design_set_and_the_predicted_front(recipe, tmp_path, capsys):
+    """--mode model within 15 real builds: the 2 baselines, the 11 design plans, then at most 2 plans of the
+    predicted front; pareto.json marks predicted and measured points, the models and their errors are written,
+    and best.yaml (if any) is a measured plan."""
+    out = tmp_path / "m"
+    assert main(["search", "--recipe", str(recipe), "--mode", "model", "--builds", "15", "--out", str(out),
+                 "--allow-infeasible", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "pareto.json").read_text())
+    assert doc["meta"]["mode"] == "model" and doc["meta"]["builds"] <= 15
+    sources = [t["source"] for t in doc["trials"]]
+    assert sources.count("design") == 11 and 1 <= sources.count("front") <= 2
+    assert all(t["latency_ratio_fp32"]["rounds"] >= 3 for t in doc["trials"])
+    measured = {t["plan_id"] for t in doc["trials"]}
+    predicted = doc["predicted_front"]
+    assert predicted and all(p["measured"] == (p["plan_id"] in measured) for p in predicted)
+    assert sum(p["measured"] for p in predicted) >= sources.count("front")  # a design probe may be on it too
+    models = json.loads((out / "models.json").read_text())
+    assert models["measured_on"]["backend"] == "ort-cpu" and len(models["accuracy"]["kl"]) == 12
+    assert models["errors_on_measured_front"]["latency"]["n"] == sources.count("front")
+    assert "## Models (`--mode model`)" in (out / "report.md").read_text()
+    if best is not None:
+        assert best["plan_id"] in measured and best["source"] in ("design", "front")
+
+
+def test_model_mode_refuses_measured_mode_options(recipe, tmp_path, capsys):
+    err = user_error(["search", "--recipe", str(recipe), "--mode", "model", "--trials", "4", "--out", str(tmp_path)], capsys)
+    assert "--algorithm, --trials and --generations apply to --mode measured; --mode model takes --builds" in err
 
 
 def test_killed_search_resumes_without_losing_or_repeating_trials(recipe, tmp_path):

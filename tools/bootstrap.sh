@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs: Fashion-MNIST from Debian (when missing), a Python 3.11 venv in .venv,
-# and this package with its pinned dependencies (torch 2.14.1 + torchvision 0.29.1, timm, onnxruntime, ...).
+# and this package with its pinned dependencies (torch 2.14.1 + torchvision 0.29.1, timm, onnxruntime, ...),
+# with the dev and postgres extras (pytest, ruff; psycopg for tests/test_postgres.py's PostgreSQL server).
 # Safe to run again: every step is skipped or quick when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+# PostgreSQL for tests/test_postgres.py (a real server, started by the test); best effort: without it that test
+# skips and says why
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  echo "bootstrap: installing Debian's postgresql (for the multi-worker search test)" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null; } \
+    || echo "bootstrap: postgresql could not be installed; tests/test_postgres.py will skip" >&2
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -24,7 +34,7 @@ stamp=.venv/.pomq-deploy-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import pomq_deploy' 2>/dev/null; then
   echo "bootstrap: installing pomq-deploy and its pinned dependencies into .venv (first time: a few minutes, ~6 GB with torch)" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,postgres]" 2>&1 \
     | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e "^ " -e "^$" || true; } >&2
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bootstrap: pip install failed" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import timm
 import torch
 
@@ -19,6 +20,7 @@ from pomq_deploy.atomic import write_generated
 from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_quantized
+from pomq_deploy.export.graph import matmuls_on_codes
 from pomq_deploy.export.trt_rules import check_tensorrt
 from pomq_deploy.plan import uniform_plan
 from pomq_deploy.quant.adapters import ModelError, adapter_for
@@ -31,8 +33,8 @@ FAMILIES = {  # label -> (timm name, its own keyword arguments at 32 px)
     "DeiT-3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8)),
     "Swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4, depths=(2, 2), num_heads=(2, 4))),
     "BEiT": ("beit_base_patch16_224", dict(img_size=32, patch_size=8)),
-    "EVA-02": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8, embed_dim=192, num_heads=3)),  # its own width: K = 192, 512
-    "EVA-02 base (SwiGLU)": ("eva02_base_patch14_224", dict(img_size=32, patch_size=8, embed_dim=96)),
+    "EVA-02": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8, embed_dim=128, mlp_ratio=2.0)),  # fused qkv, GluMlp
+    "EVA-02 base": ("eva02_base_patch14_224", dict(img_size=32, patch_size=8, embed_dim=128, mlp_ratio=2.0)),  # q/k/v, SwiGLU
     "CaiT": ("cait_xxs24_224", dict(img_size=32, patch_size=8)),
 }
 
@@ -52,7 +54,7 @@ def row(label: str, arch: str, kwargs: dict, work: Path) -> str:
     try:
         qm = QuantModel(model, "fqvit")
     except ModelError as e:
-        return f"| {label} | `{arch}` | no adapter | - | - | - | {e} |"
+        return f"| {label} | `{arch}` | no adapter | - | - | - | - | {e} |"
     g = torch.Generator().manual_seed(1)
     size = tuple(kwargs.get("img_size", 32) for _ in range(2))
     qm.calibrate([torch.randn(8, 3, *size, generator=g) for _ in range(3)])
@@ -61,14 +63,18 @@ def row(label: str, arch: str, kwargs: dict, work: Path) -> str:
     cells = []
     for text in ("8/8/8", "4/4/4"):
         plan = uniform_plan(text, qm.num_blocks, "t", "fqvit")
-        errors = sum(f.severity == "error" for f in check_tensorrt(export_quantized(qm, plan, "tensorrt", work / f"{label}_t.onnx").path))
+        trt = export_quantized(qm, plan, "tensorrt", work / f"{label}_t.onnx").path
+        errors = sum(f.severity == "error" for f in check_tensorrt(trt))
+        if text == "8/8/8":
+            on_codes = matmuls_on_codes(onnx.load(trt))
         info = export_quantized(qm, plan, "ort", work / f"{label}.onnx")
         with torch.no_grad():
             ref = qm(x).numpy()
         a = agreement(ref, backend.run(backend.build(info.path, work), x.numpy()))
         cells.append(f"{a.top1:.3f} / {a.cosine:.5f} (TensorRT rule errors: {errors})")
     family = adapter_for(qm.blocks[0]).family
-    return f"| {label} | `{arch}` | {family} | {qm.num_blocks} | {cells[0]} | {cells[1]} | |"
+    return f"| {label} | `{arch}` | {family} | {qm.num_blocks} | {on_codes[0]} of {on_codes[1]} | {cells[0]} | {cells[1]} | |"
+
 
 
 HEAD = """# Model families
@@ -76,10 +82,14 @@ HEAD = """# Model families
 Which timm encoder-block families the quantizer handles (block adapters, `pomq_deploy/quant/adapters.py`),
 measured on small random-weight models (2 blocks, 32 px, calibrated on random images): both export targets,
 TensorRT's rules (`pomq-deploy check`) and ONNX Runtime against the PyTorch fake-quant model on 64 random
-images. A family or variant without an adapter stops with the one line shown. EVA-02's rotary embeddings sit
-between the qkv quantizer and `q @ k^T`, so that MatMul runs in float (on ONNX Runtime and in the reference
-alike); `probs @ v` runs on codes. A real checkpoint's accuracy depends on its weights: `pomq-deploy inspect
---recipe R` shows what the quantizer found in it. Regenerate with:
+images. A family or variant without an adapter stops with the one line shown. "MatMuls on Q/DQ inputs" counts
+the exported (TensorRT-target) MatMuls both of whose inputs are dequantized codes: every Linear layer and both
+attention MatMuls. EVA-02's rotary embeddings sit between its q/k projections and `q @ k^T`, so its q, k and v are
+quantized where they enter the attention's MatMuls rather than at the projections' outputs. EVA-02 base / large
+have separate q/k/v projections and a SwiGLU MLP (`fc1_g`, `fc1_x`, a LayerNorm, `fc2`): the Linears of one role
+share one input quantizer. At 4/4/4 the attention probabilities are log2-quantized (FQ-ViT's LIS), so `probs @ v`
+runs in float there. A real checkpoint's accuracy depends on its weights: `pomq-deploy inspect --recipe R` shows
+what the quantizer found in it. Regenerate with:
 
 ```bash
 .venv/bin/python tools/family_table.py
@@ -93,8 +103,9 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pomq-families-"))
     lines = [HEAD, f"CPU: {detect().describe()}; numpy {np.__version__}, timm {timm.__version__}", "",
-             "| family | timm model (small, random weights) | adapter | blocks | 8/8/8 ORT agree / cosine | 4/4/4 ORT agree / cosine | note |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| family | timm model (small, random weights) | adapter | blocks | MatMuls on Q/DQ inputs (8/8/8) | "
+             "8/8/8 ORT agree / cosine | 4/4/4 ORT agree / cosine | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, (arch, kwargs) in FAMILIES.items():
         lines.append(row(label, arch, kwargs, work))
         print(lines[-1], file=sys.stderr, flush=True)

@@ -1,19 +1,18 @@
-"""Reproduce PoMQ-ViT's two search experiments on the reference model; writes docs/search.md.
+"""Model-guided vs fully measured search on the reference model, at equal wall-clock time; writes docs/search.md
+and docs/search.png.
 
-(a) NSGA-II after 2, 5, 10, 20 generations: top-1 of the plan the default rule picks, and the hypervolume
-    of the feasible front (trials of the first g generations).
-(b) NSGA-II vs random sampling at equal numbers of evaluated plans, over 3 seeds (mean hypervolume), and
-    random with 2x and 4x the evaluations, to see what NSGA-II's budget is worth in random samples.
+For each seed: (1) ``--mode model`` within --builds real builds; then (2) ``--mode measured`` NSGA-II and (3)
+random sampling, each given the model-guided run's wall-clock time. Every run has its own evaluator (no latency
+cache or build shared) and its own baselines. The hypervolume of the measured feasible front is tracked after
+each measured plan, against wall-clock time and against real builds. The first seed's models are then checked
+against --holdout random mixed plans measured for real (latency MAPE and Spearman, top-1 MAE and Spearman).
 
-All studies share one evaluator (calibration, latency cache by graph structure) and one baseline
-measurement, so they are measured under the same conditions. Objectives as in ``pomq-deploy search``.
-
-    python tools/search_study.py                       # population 6, 200 images: ~20 min on 2 cores
-    python tools/search_study.py --population 4 --generations 2 5 --eval-images 100 --out /tmp/s.md
+    python tools/search_study.py                  # 3 seeds: ~25 min on 2 quiet cores
+    python tools/search_study.py --seeds 0 --holdout 8 --eval-images 200 --out /tmp/s.md
 """
 
 import argparse
-import os
+import random
 import sys
 import tempfile
 import time
@@ -21,95 +20,137 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pomq_deploy.atomic import write_text
+from pomq_deploy.atomic import replace_atomically, write_generated
+from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.recipe import load_recipe
-from pomq_deploy.search.evaluator import PlanEvaluator
-from pomq_deploy.search.report import hypervolume, mark_front, rows_of, select
+from pomq_deploy.search.guided import run_guided
+from pomq_deploy.search.models import errors, plan_of
+from pomq_deploy.search.report import hypervolume, rows_of
 from pomq_deploy.search.study import SearchConfig, baselines, open_study, run_trials
+
+METHODS = {"model": "model-guided (NSGA-II on models, front measured)", "nsga2": "measured, NSGA-II",
+           "random": "measured, random"}
+
+
+def run(args, recipe, storage: str, method: str, seed: int, seconds: float | None, holdout: int) -> dict:
+    from pomq_deploy.search.evaluator import PlanEvaluator
+
+    evaluator = PlanEvaluator(recipe, args.scheme, OrtCpuBackend(threads=2), "ort", args.eval_images, args.batch,
+                              args.latency_runs)
+    cfg = SearchConfig(recipe.name, args.scheme, method, args.population, 10**6, seed, storage, f"{method}-s{seed}")
+    study = open_study(cfg)
+    start = time.time()
+    base = baselines(study, evaluator, cfg, lambda s: None)
+    out = {"method": method, "seed": seed}
+    if method == "model":
+        guided = run_guided(study, evaluator, cfg, base, args.builds, recipe.search.sensitivity_images, lambda s: None)
+        out["errors_front"] = guided.errors
+    else:
+        run_trials(study, evaluator, cfg, base, seconds=max(1.0, seconds - (time.time() - start)))
+    out["seconds"] = time.time() - start
+    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
+    rows = {r.number: r for r in rows_of(study, evaluator.num_blocks, recipe.name, args.scheme)}
+    curve = [(t.datetime_complete.timestamp() - start, 2 + k, hypervolume([rows[x.number] for x in trials[:k]], base))
+             for k, t in enumerate(trials, 1)]
+    out |= {"curve": curve, "builds": evaluator.builds, "hypervolume": curve[-1][2] if curve else 0.0, "plans": len(trials)}
+    if holdout and method == "model":  # the models against random mixed plans measured for real
+        rng = random.Random(seed)
+        plans = [plan_of([tuple(rng.choice((4, 8)) for _ in range(3)) for _ in range(evaluator.num_blocks)], recipe.name,
+                         args.scheme) for _ in range(holdout)]
+        measured = [evaluator.measure(p) for p in plans]
+        preds = [guided.models.predict(p, base) for p in plans]
+        out["errors_holdout"] = {
+            "latency": errors([p["latency_ms"] / base["fp32"]["latency_ms"] for p in preds], [m.ratio.ratio for m in measured], True),
+            "top1": errors([p["top1"] for p in preds], [m.top1 for m in measured], False)}
+    evaluator.close()
+    print(f"{method} seed {seed}: {out['plans']} plans, {out['builds']} builds, {out['seconds']:.0f} s, "
+          f"hypervolume {out['hypervolume']:.4f}", file=sys.stderr, flush=True)
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"model": "tab:red", "nsga2": "tab:blue", "random": "tab:gray"}
+    for r in runs:
+        label = METHODS[r["method"]] if r["seed"] == runs[0]["seed"] else None
+        if r["curve"]:
+            s, b, hv = zip(*r["curve"], strict=True)
+            axes[0].step(s, hv, where="post", color=colors[r["method"]], alpha=0.8, label=label)
+            axes[1].step(b, hv, where="post", color=colors[r["method"]], alpha=0.8, label=label)
+    axes[0].set_xlabel("wall-clock seconds (baselines included)")
+    axes[1].set_xlabel("real builds (the two baselines included)")
+    for ax in axes:
+        ax.set_ylabel("hypervolume of the measured feasible front")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    replace_atomically(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="deit_fmnist")
     p.add_argument("--scheme", default="fqvit")
-    p.add_argument("--population", type=int, default=6)
-    p.add_argument("--generations", type=int, nargs="+", default=[2, 5, 10, 20])
-    p.add_argument("--compare-generations", type=int, default=3, help="NSGA-II budget in (b): population x this")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-images", type=int, default=200)
-    p.add_argument("--latency-runs", type=int, default=10)
+    p.add_argument("--builds", type=int, default=20, help="the model-guided search's real builds")
+    p.add_argument("--population", type=int, default=12, help="measured NSGA-II's population")
+    p.add_argument("--eval-images", type=int, default=1000)
+    p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--holdout", type=int, default=20, help="random mixed plans the first seed's models are checked on")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "search.md")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recipe = load_recipe(args.recipe)
     storage = f"sqlite:///{tempfile.mkdtemp(prefix='pomq-study-')}/study.db"
-    evaluator = PlanEvaluator(recipe, args.scheme, OrtCpuBackend(threads=2), "ort", args.eval_images, args.batch, args.latency_runs)
-    start = time.time()
-    base = None
-
-    def study(algorithm: str, seed: int, trials: int):
-        nonlocal base
-        cfg = SearchConfig(recipe.name, args.scheme, algorithm, args.population, trials, seed, storage, f"{algorithm}-s{seed}")
-        s = open_study(cfg)
-        if base is None:
-            base = baselines(s, evaluator, cfg, print)
-        s.set_user_attr("baselines", base)
-        run_trials(s, evaluator, cfg, base)
-        rows = sorted(rows_of(s, evaluator.num_blocks, recipe.name, args.scheme), key=lambda r: r.number)
-        print(f"{cfg.study_name}: {len(rows)} trials ({time.time() - start:.0f} s so far)", file=sys.stderr, flush=True)
-        return rows
-
-    def hv_at(rows, n):
-        prefix = rows[:n]
-        for r in prefix:
-            r.on_front = False
-        return hypervolume(prefix, base), prefix
-
-    lines = ["# Search experiments on the reference model", "",
-             f"Recipe `{recipe.name}`, scheme `{args.scheme}`, ort-cpu backend (2 threads), latency batch {args.batch} "
-             f"({args.latency_runs} timed runs), top-1 on the first {args.eval_images} test images; objectives and "
-             "constraints as `pomq-deploy search`. Hypervolume: feasible front in (1 - top-1, latency / FP32 latency, "
-             "size / uniform-8 size) against the reference point (1, 1, 1); larger is better.", "",
-             "Regenerate with:", "", "```bash", ".venv/bin/python tools/search_study.py", "```", ""]
-    # (a) NSGA-II over generations
-    gens = sorted(args.generations)
-    rows = study("nsga2", args.seeds[0], args.population * gens[-1])
-    lines += [f"## (a) NSGA-II, population {args.population}, seed {args.seeds[0]}", "",
-              "| generations | plans evaluated | feasible | front size | hypervolume | chosen plan top-1 (subset) | its latency (ms) | its size (MB) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for g in gens:
-        hv, prefix = hv_at(rows, args.population * g)
-        front = mark_front(prefix)
-        best = select(front, base, "top1-within-1pt")
-        pick = f"{best.top1:.4f} | {best.latency_ms:.2f} | {best.size_bytes / 1e6:.2f}" if best else "- | - | -"
-        lines.append(f"| {g} | {len(prefix)} | {sum(r.feasible for r in prefix)} | {len(front)} | {hv:.4f} | {pick} |")
-    b = base
-    lines += ["", f"Baselines: FP32 top-1 {b['fp32']['top1']:.4f}, {b['fp32']['latency_ms']:.2f} ms, {b['fp32']['size_bytes'] / 1e6:.2f} MB; "
-              f"uniform 8/8/8 top-1 {b['uniform8']['top1']:.4f}, {b['uniform8']['latency_ms']:.2f} ms, "
-              f"{b['uniform8']['size_bytes'] / 1e6:.2f} MB.", ""]
-    # (b) NSGA-II vs random at equal evaluations, over seeds; random also at 2x and 4x
-    n = args.population * args.compare_generations
-    table = {"nsga2": [], "random": [], "random2": [], "random4": []}
+    start, runs = time.time(), []
     for seed in args.seeds:
-        nsga = rows if seed == args.seeds[0] else study("nsga2", seed, n)
-        table["nsga2"].append(hv_at(nsga, n)[0])
-        rnd = study("random", seed, 4 * n)
-        for key, k in (("random", 1), ("random2", 2), ("random4", 4)):
-            table[key].append(hv_at(rnd, k * n)[0])
-    lines += [f"## (b) NSGA-II vs random, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))})", "",
-              "| method | plans evaluated | hypervolume per seed | mean |", "| --- | --- | --- | --- |"]
-    for key, label, k in (("nsga2", "NSGA-II", 1), ("random", "random", 1), ("random2", "random", 2), ("random4", "random", 4)):
-        lines.append(f"| {label} | {k * n} | {', '.join(f'{v:.4f}' for v in table[key])} | {np.mean(table[key]):.4f} |")
-    goal = np.mean(table["nsga2"]) >= np.mean(table["random4"])
-    lines += ["", f"Goal (NSGA-II reaches with {n} plans the hypervolume random reaches with {4 * n}): "
-              f"{'met' if goal else 'not met'} on the mean over seeds.", "",
-              f"Wall time {time.time() - start:.0f} s on {os.cpu_count()} CPUs.", ""]
-    evaluator.close()
-    write_text(args.out, "\n".join(lines))
+        guided = run(args, recipe, storage, "model", seed, None, args.holdout if seed == args.seeds[0] else 0)
+        runs.append(guided)
+        for method in ("nsga2", "random"):
+            runs.append(run(args, recipe, storage, method, seed, guided["seconds"], 0))
+    plot(runs, args.out.with_suffix(".png"))
+    cpu = detect().describe()
+    lines = ["# Model-guided vs fully measured search", "",
+             f"Reference model (`{recipe.name}`, scheme `{args.scheme}`), ort-cpu, 2 threads, batch {args.batch}, top-1 on "
+             f"the first {args.eval_images} test images. CPU: {cpu}. For each seed, `--mode model` ran within "
+             f"{args.builds} real builds; the fully measured NSGA-II (population {args.population}) and random searches "
+             "then got the same wall-clock time. Hypervolume: measured feasible front in (1 - top-1, latency / FP32's, "
+             "size / uniform 8-bit's) against (1, 1, 1); larger is better. Latencies are ratios to FP32 timed "
+             "interleaved with it.", "", f"![hypervolume vs time and builds]({args.out.with_suffix('.png').name})", "",
+             "Regenerate with:", "", "```bash", ".venv/bin/python tools/search_study.py", "```", "",
+             "| method | seed | plans measured | real builds | seconds | hypervolume |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        lines.append(f"| {METHODS[r['method']]} | {r['seed']} | {r['plans']} | {r['builds']} | {r['seconds']:.0f} | "
+                     f"{r['hypervolume']:.4f} |")
+    mean = {m: np.mean([r["hypervolume"] for r in runs if r["method"] == m]) for m in METHODS}
+    lines += ["", "Mean hypervolume over seeds: " + ", ".join(f"{METHODS[m]} {v:.4f}" for m, v in mean.items()) + ".",
+              f"Goal (model-guided >= fully measured NSGA-II at equal wall-clock time): "
+              f"{'met' if mean['model'] >= mean['nsga2'] else 'not met'}; vs random: "
+              f"{'met' if mean['model'] >= mean['random'] else 'not met'}.", ""]
+    first = runs[0]
+    if "errors_holdout" in first:
+        h, f = first["errors_holdout"], first["errors_front"]
+        lines += [f"## The models against plans they were not fitted on (seed {first['seed']})", "",
+                  "| plans | n | latency MAPE | latency Spearman | top-1 MAE (points) | top-1 Spearman |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| random mixed plans | {h['latency']['n']} | {h['latency']['mape_pct']:.1f}% | {h['latency']['spearman']:.3f} | "
+                  f"{100 * h['top1']['mae']:.2f} | {h['top1']['spearman']:.3f} |",
+                  f"| the measured predicted front | {f['latency']['n']} | {f['latency']['mape_pct']:.1f}% | "
+                  f"{f['latency']['spearman']:.3f} | {100 * f['top1']['mae']:.2f} | {f['top1']['spearman']:.3f} |", "",
+                  "Goals: latency MAPE <= 5% and Spearman >= 0.9 for both.", ""]
+    lines.append(f"Total wall time {time.time() - start:.0f} s.")
+    write_generated(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -91,7 +91,8 @@ class Backend(Protocol):
 
     def run(self, artifact: Artifact, images: np.ndarray) -> np.ndarray: ...
 
-    def latency(self, artifact: Artifact, batch: int, runs: int = 50) -> LatencyStats: ...
+    def latency(self, artifact: Artifact, batch: int, runs: int = 50, warmup: int = ...) -> LatencyStats:
+        """``warmup`` untimed runs, then ``runs`` timed ones (each backend has its own default warm-up)."""
 
     def options(self) -> dict[str, Any]: ...
 

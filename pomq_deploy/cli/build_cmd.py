@@ -19,7 +19,7 @@ whose u8 x s8 GEMM saturates (no VNNI/AMX): the same values, exact. With --fp32,
 instead (the baseline a plan must beat). --json prints the manifest.
 
 examples:
-  pomq-deploy build --plan best.yaml
+  pomq-deploy build --plan best.yaml --vs-fp32    # and its latency ratio to FP32, as the search measured it
   pomq-deploy build --uniform 8/8/8 --scheme fqvit --batch 8 --json
   pomq-deploy build --fp32
 """
@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quant_arguments(p)
     p.add_argument("--fp32", action="store_true", help="build the unquantized model (no --plan/--uniform)")
     add_eval_arguments(p)
+    p.add_argument("--vs-fp32", action="store_true",
+                   help="also time the latency ratio to the FP32 model on the same backend, interleaved in rounds until its "
+                   "90%% interval is within +-3%% (what search measures; a plan from search is compared with its search ratio)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the self-check against the PyTorch reference (the manifest records that it was skipped)")
     g = add_backend_arguments(p)
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         model = quant_model(recipe, scheme_of(args, plan), args.observer)  # loaded once: build() calibrates this one
         plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a plan that does not fit fails here
     target = BACKENDS[args.backend].default_target if args.target is None else args.target
-    opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer, args.verify)
+    opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer, args.verify, args.vs_fp32)
     built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None,
                   model=model)
     m = built.manifest
@@ -74,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
                  f"  top-1 {acc.top1:.4f} on {acc.images} images; latency batch {lat.batch}: median "
                  f"{lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms\n  ONNX weights {m.onnx.weight_bytes / 1e6:.2f} MB, "
                  f"deployable size {m.artifact.size_bytes / 1e6:.2f} MB")
+    if m.latency_vs_fp32 is not None:
+        r = m.latency_vs_fp32
+        line = f"  latency / FP32: {r['ratio']:.3f} (90% interval {r['low']:.3f}-{r['high']:.3f}, {r['rounds']} interleaved rounds)"
+        searched = (plan.measured or {}).get("latency_ratio_fp32") if plan is not None else None
+        if searched:
+            line += f"; the search measured {searched:.3f} ({100 * (r['ratio'] / searched - 1):+.1f}%)"
+        stdout.print(line)
     options = m.backend.options
     if "cpu" in options:
         stdout.print(f"  built for {options['cpu']['model']}: integer weights as {options['weight_format']} "

@@ -1,6 +1,7 @@
 """pomq-deploy inspect: the recipe's model as the quantizer sees it."""
 
 import argparse
+import operator
 
 from ._common import add_recipe_arguments
 
@@ -53,9 +54,12 @@ def describe(model) -> dict:
     names = {id(m): n for n, m in model.named_modules()}
     blocks = []
     for i, block in enumerate(qm.blocks):
-        adapter = adapter_for(block)
-        layers = [{"role": role, "path": adapter.layers[role], "layer": _shape(adapter.layer(block, role)), "widths": w}
-                  for role, w in WIDTHS.items()]
+        adapter, paths = adapter_for(block), qm.block_layers[i]
+        layers = [{"role": role, "path": path, "layer": _shape(operator.attrgetter(path)(block)), "widths": w}
+                  for role, w in WIDTHS.items() for path in paths[role]]
+        if adapter.rotary_qk:  # q, k, v quantized where they enter the attention's MatMuls (past the rotary embeddings)
+            layers += [{"role": "attention input", "path": f"{paths['attention'][0]}.{n}_in",
+                        "layer": f"{n} where it enters its MatMul", "widths": "a"} for n in "qkv"]
         blocks.append({"index": i, "path": names[id(block)], "class": class_path(block), "adapter": adapter.family,
                        "parameters": sum(p.numel() for p in block.parameters()), "layers": layers})
     inside = tuple(f"{b['path']}." for b in blocks)

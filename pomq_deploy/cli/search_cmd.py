@@ -8,21 +8,31 @@ from ._common import add_recipe_arguments, add_scheme_argument, positive_int
 
 HELP = "search per-block 4/8-bit plans for the Pareto front of top-1, latency and size"
 DESCRIPTION = """\
-Every candidate plan is exported, built on the backend and measured: top-1 on the first eval_images of
-the evaluation split (through the backend), latency median at the search batch, artifact bytes. A plan
-is feasible when it mixes widths, beats the FP32 model's latency and is smaller than uniform 8-bit;
-infeasible plans stay in the study, marked. Each evaluated plan is an optuna trial in --storage (default:
-SQLite in the output directory): stop the search at any moment and start it again with the same --study
-to continue, or start several processes on one storage to share the work (PostgreSQL for many machines).
-At the end the Pareto front is re-measured on the full evaluation split and DIR gets pareto.json,
-pareto.png, report.md and best.yaml (for pomq-deploy build --plan). Defaults come from the recipe's
-'search' section. Exits 1 when no plan is feasible, unless --allow-infeasible.
+A measured plan is exported, built on the backend and measured: top-1 on the first eval_images of the
+evaluation split (through the backend), artifact bytes, and latency as a ratio to the FP32 model's, timed
+interleaved with FP32 and uniform 8-bit until the ratio's 90% interval is within +-3% (shown in the study's
+FP32 milliseconds). A plan is feasible when it mixes widths, beats FP32's latency and is smaller than
+uniform 8-bit; infeasible plans stay in the study, marked.
+
+--mode model (default): a design set of plans (each setting on every block, a few one-block changes) is
+measured for real; additive latency and size models and a per-block accuracy model (KL sensitivities of
+the PyTorch model, no build) are fitted on it; NSGA-II runs on the models for thousands of plans; then the
+predicted front is built and measured, within --builds real builds. --mode measured: NSGA-II (or random)
+where every trial is built and measured (PoMQ-ViT's own loop; for small budgets and comparison).
+
+Each measured plan is an optuna trial in --storage (default: SQLite in the output directory): stop the
+search at any moment and start it again with the same --study to continue, or start several processes on
+one storage to share the work (PostgreSQL for many machines). At the end the measured Pareto front is
+re-measured on the full evaluation split and DIR gets pareto.json (measured and predicted points, marked),
+pareto.png, report.md, models.json (model mode) and best.yaml (for pomq-deploy build --plan; only ever a
+measured plan). Defaults come from the recipe's 'search' section. Exits 1 when no plan is feasible,
+unless --allow-infeasible.
 
 examples:
-  pomq-deploy search                                   # the embedded model, recipe defaults (72 plans: about 12 min here)
-  pomq-deploy search --algorithm random --trials 128 --study fmnist-random
-  pomq-deploy search --population 8 --generations 4 --out /tmp/quick
-  pomq-deploy search --storage postgresql://user@db/pomq --study shared   # one of several workers
+  pomq-deploy search                                   # the embedded model: model-guided, at most 20 builds
+  pomq-deploy search --mode measured --algorithm random --trials 128 --study fmnist-random
+  pomq-deploy search --mode measured --population 8 --generations 4 --out /tmp/quick
+  pomq-deploy search --storage postgresql+psycopg://user@db/pomq --study shared   # one of several workers
 """
 
 
@@ -32,7 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_recipe_arguments(p)
     g = p.add_argument_group("search (defaults: the recipe's 'search' section)")
-    g.add_argument("--algorithm", choices=("nsga2", "random"), help="NSGA-II, or random sampling ('stochastic' in the paper)")
+    g.add_argument("--mode", choices=("model", "measured"), help="model: NSGA-II on latency/accuracy models fitted to a "
+                   "measured design set, then the predicted front measured; measured: every trial built and measured "
+                   "(default: the recipe's search.mode)")
+    g.add_argument("--builds", type=positive_int, help="--mode model: real builds at most, the two baselines included "
+                   "(default: the recipe's search.builds)")
+    g.add_argument("--algorithm", choices=("nsga2", "random"), help="--mode measured: NSGA-II, or random sampling "
+                   "('stochastic' in the paper)")
     g.add_argument("--population", type=positive_int, help="NSGA-II population size")
     g.add_argument("--generations", type=positive_int, help="NSGA-II generations (trials = population x generations)")
     g.add_argument("--trials", type=positive_int, help="plans to evaluate (overrides population x generations)")
@@ -54,15 +70,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..backends import BACKENDS, backend_from_args
+    from ..errors import PomqError
     from ..search.runner import SearchOptions, run_search
     from ._common import recipe_from_args
     from ._console import stderr, stdout
 
     recipe = recipe_from_args(args)
     spec = recipe.search
-    algorithm = args.algorithm or spec.algorithm
+    mode = args.mode or spec.mode
+    if mode == "model" and (args.algorithm or args.trials or args.generations):
+        raise PomqError("--algorithm, --trials and --generations apply to --mode measured; --mode model takes --builds")
+    algorithm = "model" if mode == "model" else args.algorithm or spec.algorithm
     population = args.population or spec.population
-    trials = args.trials or spec.trials if algorithm == "random" else args.trials
+    trials = args.trials or spec.trials if algorithm == "random" else args.trials  # model mode: unused
     trials = trials or population * (args.generations or spec.generations)
     seed = spec.seed if args.seed is None else args.seed
     scheme = args.scheme or spec.scheme
@@ -76,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     opts = SearchOptions(recipe=recipe, scheme=scheme, algorithm=algorithm, population=population, trials=trials, seed=seed,
                          storage=storage, study=study, out=out, backend=backend, target=BACKENDS[args.backend].default_target,
                          eval_images=args.eval_images or spec.eval_images, batch=batch,
-                         runs=spec.latency_runs, select=args.select)
+                         runs=spec.latency_runs, select=args.select, mode=mode,
+                         builds=args.builds or spec.builds, sensitivity_images=spec.sensitivity_images)
     result = run_search(opts, stderr)
     say = stderr if args.json else stdout  # with --json, stdout holds the JSON object alone
     say.print(result.first_line)

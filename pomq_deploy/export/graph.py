@@ -210,5 +210,12 @@ def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
     return dict(out)
 
 
+def matmuls_on_codes(model: onnx.ModelProto) -> tuple[int, int]:
+    """MatMuls both of whose inputs come out of a DequantizeLinear (integer kernels can take them), and all MatMuls."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    return sum(all(producer.get(i) == "DequantizeLinear" for i in n.input) for n in matmuls), len(matmuls)
+
+
 def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))

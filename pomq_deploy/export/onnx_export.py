@@ -69,8 +69,17 @@ def _save(model: onnx.ModelProto, path: Path, target: str, int8: int, int4: int)
 
 
 def export_fp32(model: nn.Module, path: Path) -> ExportInfo:
-    """The float model as ONNX (the baseline the quantized engines are compared with)."""
-    return _save(_trace(model, input_size(model)), path, "fp32", 0, 0)
+    """The float model as ONNX (the baseline the quantized engines are compared with). Attention runs timm's
+    explicit path, as in the quantized exports: some families' fused path (EVA's scaled_dot_product_attention
+    with a traced ``is_causal``) does not trace."""
+    fused = {m: m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
+    try:
+        for m in fused:
+            m.fused_attn = False
+        return _save(_trace(model, input_size(model)), path, "fp32", 0, 0)
+    finally:
+        for m, value in fused.items():
+            m.fused_attn = value
 
 
 def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) -> ExportInfo:

@@ -6,13 +6,18 @@ Runtime runs both MatMuls on the codes). At 4-bit activations such a last-bit di
 downstream. While the quantized model runs, a ``TorchFunctionMode`` around each attention's forward catches
 those two MatMuls and computes them as the deployed kernels do: exact sums of code products, one scale.
 Nothing of timm's forward is copied; a MatMul whose operands are not on integer grids (LIS probabilities)
-stays float.
+stays float. Where rotary embeddings (EVA-02) sit between the q/k projections and ``q @ k^T``, the mode also
+quantizes q, k and v where they enter the MatMuls (the exported graph has its Q/DQ pairs there), so that both
+MatMuls still run on codes.
 
 The same mode routes an attention's ``F.linear(x, self.qkv.weight, bias)`` (BEiT computes its qkv so, with
 q/k/v biases of its own) to the wrapped qkv layer, in every state (calibration, export, fake-quant), so that
 its input, weight and output are quantized as any other block's.
 """
 
+
+import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +31,32 @@ MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 LINEAR = (F.linear, torch._C._nn.linear)
 
 
+@dataclass(frozen=True)
+class AttentionLayers:
+    """Where an attention's wrapped layers are (attribute paths in the attention module), and how it computes."""
+    qkv: tuple[str, ...]  # one fused qkv, or q, k and v projections
+    proj: str
+    probs: str  # the quantizer after Softmax
+    functional_linear: bool  # it calls F.linear on its qkv's weight itself
+    rotary_qk: bool  # q, k and v get quantizers of their own where they enter the MatMuls
+
+
 class IntegerAttention(TorchFunctionMode):
-    """``q @ k^T`` and ``probs @ v`` of one attention forward on codes (when ``integer``), and functional calls of
-    the attention's wrapped Linear layers routed to them (``linears``: id of a layer's weight -> its wrapper).
+    """One attention forward: its two batched MatMuls, ``q @ k^T`` then ``probs @ v``, on codes (when ``integer``),
+    with q, k and v quantized on the way in (when ``apply``: rotary blocks); and functional calls of its wrapped
+    Linear layers routed to them (``linears``: id of a layer's weight -> its wrapper).
 
-    q, k and v come from the qkv output's uniform quantizer through shape ops only, q times the attention's
-    ``scale`` (the exported graph folds that factor into q's DequantizeLinear scale), so their codes are their
-    values over the scale, exactly; the probabilities' codes come from their quantizer (``ActQuant.parts``: one
-    grid or V-2SF's two)."""
+    ``q``, ``k``, ``v`` are the quantizers whose grids the operands are on: without ``apply``, the qkv output's (or each
+    projection's) through shape ops only, q times the attention's ``scale`` (``q_factor``: the exported graph folds it
+    into q's DequantizeLinear scale), so their codes are their values over the scale, exactly; the probabilities'
+    codes come from their quantizer (``ActQuant.parts``: one grid or V-2SF's two)."""
 
-    def __init__(self, qkv_out: ActQuant, probs: ActQuant, q_factor: float, integer: bool = True,
-                 linears: dict[int, QuantWeighted] | None = None, qk_on_grid: bool = True):
+    def __init__(self, q: ActQuant, k: ActQuant, v: ActQuant, probs: ActQuant, q_factor: float, apply: bool,
+                 integer: bool, linears: dict[int, QuantWeighted]):
         super().__init__()
-        self.qkv_out, self.probs, self.q_factor, self.integer = qkv_out, probs, q_factor, integer
-        self.linears, self.qk_on_grid = linears or {}, qk_on_grid
+        self.q, self.k, self.v, self.probs, self.q_factor = q, k, v, probs, q_factor
+        self.apply, self.integer, self.linears = apply, integer, linears
+        self.matmuls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -50,48 +67,60 @@ class IntegerAttention(TorchFunctionMode):
                 return layer(x, bias)
         # the attention's own MatMuls are batched over heads (4-D x 4-D); the Linear layers' GEMMs running
         # inside the same forward (qkv, proj: ``integer_linear``, 2-D weight) are not theirs to take
-        if self.integer and func in MATMULS and len(args) == 2 and not kwargs and args[0].ndim == 4 and args[1].ndim == 4:
-            y = self._integer(*args)
-            if y is not None:
-                return y
+        if func in MATMULS and len(args) == 2 and not kwargs and args[0].ndim == 4 and args[1].ndim == 4:
+            a, b = args
+            first = self.matmuls == 0
+            self.matmuls += 1
+            if self.apply:
+                a, b = (self.q(a), self.k(b)) if first else (a, self.v(b))
+            y = (self._qk(a, b) if first else self._pv(a, b)) if self.integer else None
+            return func(a, b) if y is None else y
         return func(*args, **kwargs)
 
-    def _integer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        grid = self.qkv_out.uniform()
-        if grid is None:
+    def _qk(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        qg, kg = self.q.uniform(), self.k.uniform()
+        if qg is None or kg is None:
             return None
-        v_scale = torch.tensor(grid.scale, dtype=a.dtype)
-        last = self.probs.last
-        if last is not None:  # the probabilities' quantizer has run: probs @ v, or nothing of ours
-            parts = self.probs.parts(last[0]) if a is last[1] else None
-            if parts is None:
-                return None
-            return integer_product(parts[1], torch.round(b / v_scale)) * (torch.tensor(parts[0], dtype=a.dtype) * v_scale)
-        if not self.qk_on_grid:  # rotary embeddings moved q and k off the grid: q @ k^T in float, as deployed
+        q_scale, k_scale = torch.tensor(qg.scale * self.q_factor, dtype=a.dtype), torch.tensor(kg.scale, dtype=a.dtype)
+        return integer_matmul(torch.round(a / q_scale), torch.round(b / k_scale)) * (q_scale * k_scale)
+
+    def _pv(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        vg, last = self.v.uniform(), self.probs.last
+        parts = self.probs.parts(last[0]) if vg is not None and last is not None and a is last[1] else None
+        if parts is None:
             return None
-        # before the Softmax: q @ k^T, q scaled by the attention's factor (exported: q's DequantizeLinear scale s * factor)
-        q_scale = v_scale * self.q_factor
-        return integer_matmul(torch.round(a / q_scale), torch.round(b / v_scale)) * (q_scale * v_scale)
+        v_scale = torch.tensor(vg.scale, dtype=a.dtype)
+        return integer_product(parts[1], torch.round(b / v_scale)) * (torch.tensor(parts[0], dtype=a.dtype) * v_scale)
 
 
-def integer_attention(attn: nn.Module, functional_linear: bool = False, rotary_qk: bool = False) -> None:
-    """Run ``attn``'s MatMuls on codes whenever its quantizers are applied (forward hooks on ``attn``, whose
-    ``qkv`` and ``attn_drop`` the quantizer has wrapped); with ``functional_linear``, also route its
-    ``F.linear(x, self.qkv.weight, ...)`` calls to the wrapped layers, always. The hooks read those from the
-    module they are called on, so a deep copy of the model (e.g. ``.double()`` for a float64 run) hooks its own.
-    ``rotary_qk``: q and k reach their MatMul through rotary embeddings, off the qkv quantizer's grid."""
-    assert isinstance(attn.qkv, QuantWeighted) and attn.qkv.out_quant is not None and isinstance(attn.attn_drop, ActQuant)
-    attn._functional_linear, attn._rotary_qk = functional_linear, rotary_qk
+def integer_attention(attn: nn.Module, block: int, paths: dict[str, tuple[str, ...]], functional_linear: bool = False,
+                      rotary_qk: bool = False) -> None:
+    """Hook ``attn`` (whose qkv, proj and probabilities the quantizer has wrapped, at ``paths`` in it) so that its
+    MatMuls run on codes whenever its quantizers are applied; with ``functional_linear``, route its
+    ``F.linear(x, self.qkv.weight, ...)`` calls to the wrapped layers, always. With ``rotary_qk``, q and k reach
+    their MatMul through rotary embeddings, off any projection's grid: ``attn`` gets quantizers ``q_in``, ``k_in``
+    and ``v_in`` for the MatMuls' inputs, applied in every state (calibration, export, fake-quant). The hooks read
+    all of these from the module they are called on, so a deep copy of the model (e.g. ``.double()``) hooks its own."""
+    attn._pomq_layers = AttentionLayers(paths["qkv"], paths["proj"][0], paths["attn_probs"][0], functional_linear, rotary_qk)
+    if rotary_qk:
+        attn.q_in, attn.k_in, attn.v_in = (ActQuant("act", block) for _ in range(3))
     attn.register_forward_pre_hook(_enter)
     attn.register_forward_hook(_leave, always_call=True)
 
 
 def _enter(attn: nn.Module, args) -> None:
-    out, probs = attn.qkv.out_quant, attn.attn_drop
-    integer = out.state == "quant" and not out.exporting
-    linears = {id(m.layer.weight): m for m in (attn.qkv, attn.proj)} if attn._functional_linear else {}
-    if integer or linears:
-        mode = IntegerAttention(out, probs, float(attn.scale), integer, linears, qk_on_grid=not attn._rotary_qk)
+    at = attn._pomq_layers
+    qkv, proj, probs = ([operator.attrgetter(p)(attn) for p in paths] for paths in (at.qkv, (at.proj,), (at.probs,)))
+    probs = probs[0]
+    if at.rotary_qk:
+        q, k, v, factor = attn.q_in, attn.k_in, attn.v_in, 1.0  # q arrives scaled: its quantizer saw it so
+    else:  # a fused qkv's one output grid serves all three
+        q, k, v = (m.out_quant for m in (qkv * 3 if len(qkv) == 1 else qkv))
+        factor = float(attn.scale)
+    integer = q.state == "quant" and not q.exporting
+    linears = {id(m.layer.weight): m for m in qkv + proj} if at.functional_linear else {}
+    if integer or linears or at.rotary_qk:
+        mode = IntegerAttention(q, k, v, probs, factor, at.rotary_qk, integer, linears)
         probs.keep_last, probs.last = integer, None
         mode.__enter__()
         attn._integer_mode = mode
@@ -101,4 +130,4 @@ def _leave(attn: nn.Module, args, output) -> None:
     mode = attn.__dict__.pop("_integer_mode", None)
     if mode is not None:
         mode.__exit__(None, None, None)
-        attn.attn_drop.keep_last, attn.attn_drop.last = False, None
+        mode.probs.keep_last, mode.probs.last = False, None

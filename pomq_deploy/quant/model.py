@@ -5,6 +5,7 @@ Encoder blocks are the modules a block adapter (:mod:`.adapters`) handles, in mo
 outside the blocks (patch embedding, Swin's patch merging, the final norm and the head) stay 8-bit.
 """
 
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..plan import Plan
-from .adapters import ADAPTERS, ModelError, adapter_for, looks_like_block, unsupported
+from .adapters import ADAPTERS, Form, ModelError, adapter_for, looks_like_block, replace, unsupported
 from .attention import integer_attention
 from .functional import weight_scale
 from .modules import ActQuant, QuantInput, QuantWeighted
@@ -31,7 +32,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
             continue
         adapter = adapter_for(m)
         if adapter is not None:
-            adapter.check(m, f"{type(model).__name__}.{name}")
+            adapter.resolve(m, f"{type(model).__name__}.{name}")
             blocks.append(m)
             names.append(name)
         elif looks_like_block(m):
@@ -40,20 +41,21 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 class NormLink:
-    """A LayerNorm, the quantizer of its output and the Linear reading it: where a quantizer with a ``fold``
-    method (RepQ-ViT's) moves per-channel factors into the LayerNorm's affine and the Linear's weight and bias.
-    Keeps the original parameters to restore them before another plan folds its own."""
+    """A LayerNorm, the quantizer of its output and the Linear(s) reading it (qkv, or q/k/v; fc1, or fc1_g/fc1_x):
+    where a quantizer with a ``fold`` method (RepQ-ViT's) moves per-channel factors into the LayerNorm's affine and
+    the Linears' weights and biases. Keeps the original parameters to restore them before another plan folds its own."""
 
-    def __init__(self, norm: nn.LayerNorm, linear: QuantWeighted):
-        self.norm, self.linear = norm, linear
-        self.params = [norm.weight, norm.bias, linear.layer.weight, linear.layer.bias]
+    def __init__(self, norm: nn.LayerNorm, linears: list[QuantWeighted]):
+        self.norm, self.linears = norm, linears
+        self.in_quant = linears[0].in_quant  # one quantizer, shared by the Linears
+        self.params = [norm.weight, norm.bias] + [p for lin in linears for p in (lin.layer.weight, lin.layer.bias)]
         self.originals: list[torch.Tensor] | None = None
         self.folded = None  # the quantizer now folded in
 
     @torch.no_grad()
     def apply(self, q):
         """Fold ``q`` if it has ``fold`` (else nothing), restoring what an earlier fold changed; returns the
-        quantizer the Linear's input then takes (``q``, or the per-tensor form ``q`` deploys as)."""
+        quantizer the Linears' input then takes (``q``, or the per-tensor form ``q`` deploys as)."""
         new = q if hasattr(q, "fold") else None
         if new is not self.folded:
             self._refold(new)
@@ -64,33 +66,43 @@ class NormLink:
             for p, orig in zip(self.params, self.originals, strict=True):
                 p.copy_(orig)
         if q is not None:
-            if self.linear.layer.bias is None:
-                raise ModelError(f"{type(self.linear.layer).__name__} without a bias after a LayerNorm (e.g. BEiT's qkv, "
-                                 "whose q/v biases live in its attention): a reparameterized quantizer (repq) needs one "
-                                 "to fold its zero-point offsets into; use another scheme for this model")
+            if any(lin.layer.bias is None for lin in self.linears):
+                raise ModelError(f"{type(self.linears[0].layer).__name__} without a bias after a LayerNorm (e.g. BEiT's qkv, "
+                                 "whose q/v biases live in its attention, or EVA-02's k_proj): a reparameterized quantizer "
+                                 "(repq) needs one to fold its zero-point offsets into; use another scheme for this model")
             if self.originals is None:
                 self.originals = [p.detach().clone() for p in self.params]
-            q.fold(self.norm, self.linear.layer.weight, self.linear.layer.bias)
+            q.fold(self.norm, [(lin.layer.weight, lin.layer.bias) for lin in self.linears])
         self.folded = q
-        self.linear.weight_changed()
+        for lin in self.linears:
+            lin.weight_changed()
 
 
-def _wrap_block(block: nn.Module, i: int) -> list[NormLink]:
-    """Quantizers around the layers the block's adapter names; returns its (LayerNorm, Linear) pairs."""
+def _wrap_block(block: nn.Module, i: int, where: str) -> tuple[dict[str, Form], list[NormLink]]:
+    """Quantizers around the layers the block's adapter names; returns the layers' paths by role and the block's
+    (LayerNorm, Linears) pairs. The Linears of one role (q/k/v, fc1_g/fc1_x) share their input's quantizer."""
     a = adapter_for(block)
-    attn = a.layer(block, "attention")
+    paths = a.resolve(block, where)
+    layer = {role: [operator.attrgetter(p)(block) for p in form] for role, form in paths.items()}
+    attn = layer["attention"][0]
     attn.fused_attn = False  # timm's explicit q @ k -> softmax -> attn_drop -> @ v path, where we quantize
-    wrap = {"norm1": QuantInput(a.layer(block, "norm1"), ActQuant("ln_in", i)),
-            "qkv": QuantWeighted(a.layer(block, "qkv"), i, ActQuant("ln_out", i), out_quant=ActQuant("act", i)),  # q, k, v enter MatMuls
-            "attn_probs": ActQuant("attn", i),
-            "proj": QuantWeighted(a.layer(block, "proj"), i, ActQuant("act", i)),
-            "norm2": QuantInput(a.layer(block, "norm2"), ActQuant("ln_in", i)),
-            "fc1": QuantWeighted(a.layer(block, "fc1"), i, ActQuant("ln_out", i)),
-            "fc2": QuantWeighted(a.layer(block, "fc2"), i, ActQuant("gelu", i))}
-    for role, module in wrap.items():
-        a.replace(block, role, module)
-    integer_attention(attn, a.functional_linear, a.rotary_qk)
-    return [NormLink(wrap["norm1"].module, wrap["qkv"]), NormLink(wrap["norm2"].module, wrap["fc1"])]
+    ln_out = {role: ActQuant("ln_out", i) for role in ("qkv", "fc1")}
+    wrap = {"norm1": [QuantInput(layer["norm1"][0], ActQuant("ln_in", i))],
+            # q, k and v enter the attention's MatMuls: quantized there, past the rotary embeddings, when it has them
+            "qkv": [QuantWeighted(m, i, ln_out["qkv"], out_quant=None if a.rotary_qk else ActQuant("act", i))
+                    for m in layer["qkv"]],
+            "attn_probs": [ActQuant("attn", i)],
+            "proj": [QuantWeighted(layer["proj"][0], i, ActQuant("act", i))],
+            "norm2": [QuantInput(layer["norm2"][0], ActQuant("ln_in", i))],
+            "fc1": [QuantWeighted(m, i, ln_out["fc1"]) for m in layer["fc1"]],
+            "fc2": [QuantWeighted(layer["fc2"][0], i, ActQuant("gelu", i))]}
+    for role, modules in wrap.items():
+        for path, module in zip(paths[role], modules, strict=True):
+            replace(block, path, module)
+    attention_paths = {role: tuple(p.removeprefix(f"{paths['attention'][0]}.") for p in paths[role])
+                       for role in ("qkv", "proj", "attn_probs")}
+    integer_attention(attn, i, attention_paths, a.functional_linear, a.rotary_qk)
+    return paths, [NormLink(wrap["norm1"][0].module, wrap["qkv"]), NormLink(wrap["norm2"][0].module, wrap["fc1"])]
 
 
 def _wrap_rest(module: nn.Module) -> None:
@@ -117,7 +129,10 @@ class QuantModel(nn.Module):
         if not self.blocks:
             raise ModelError(f"{type(model).__name__} has no encoder blocks to quantize: no module of it is a block an "
                              f"adapter handles ({', '.join(c for a in ADAPTERS.values() for c in a.classes)})")
-        self.norm_links = [link for i, block in enumerate(self.blocks) for link in _wrap_block(block, i)]
+        names = {id(m): n for n, m in model.named_modules()}
+        wrapped = [_wrap_block(block, i, f"{type(model).__name__}.{names[id(block)]}") for i, block in enumerate(self.blocks)]
+        self.block_layers = [paths for paths, _ in wrapped]  # per block: role -> the paths of its layers
+        self.norm_links = [link for _, links in wrapped for link in links]
         _wrap_rest(model)
         self.act_quants = {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
         self.weighted = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeighted)}
@@ -184,6 +199,16 @@ class QuantModel(nn.Module):
             for w in self.weighted.values():
                 w.export_scale = None
 
+    def isolate(self, block: int, gene: str) -> None:
+        """After ``apply``: keep only ``gene`` ('w', 'a' or 'attn') of ``block`` quantized, everything else in FP32
+        (a per-gene sensitivity, as HAWQ measures one layer's perturbation at a time)."""
+        for aq in self.act_quants.values():
+            if not (aq.block == block and gene == ("attn" if aq.role == "attn" else "a")):
+                aq.active = None
+        for w in self.weighted.values():
+            if not (w.block == block and gene == "w"):
+                w.weight_bits = None
+
     def weight_bits(self) -> dict[str, int]:
         """Width of each quantized weight, by its parameter name in this module's state dict."""
         return {f"model.{name}.layer.weight": w.weight_bits for name, w in self.weighted.items() if w.weight_bits}
@@ -204,7 +229,7 @@ class QuantModel(nn.Module):
             bits = OUTSIDE_BITS if aq.block is None else getattr(plan.blocks[aq.block], "attn" if aq.role == "attn" else "a")
             aq.active = aq.fitted[f"{fmt}{bits}"]
         for link in self.norm_links:  # before the weights are quantized: RepQ-ViT quantizes the folded weights
-            link.linear.in_quant.active = link.apply(link.linear.in_quant.active)
+            link.in_quant.active = link.apply(link.in_quant.active)
         for w in self.weighted.values():
             w.weight_bits = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
         self._set_state("quant")

@@ -77,11 +77,13 @@ class ReparamQ:
         return UniformQ(self.scale, self.zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
-    def fold(self, norm: torch.nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Move ``r``, ``b`` into ``norm``'s affine and the next Linear's ``weight``/``bias``, in place."""
-        r, shift = self.ratio.to(weight.dtype), (self.scale * self.ratio * self.offset).to(weight.dtype)
-        bias += weight @ -shift
-        weight *= r
+    def fold(self, norm: torch.nn.LayerNorm, linears: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Move ``r``, ``b`` into ``norm``'s affine and the ``(weight, bias)`` of each Linear reading it, in place."""
+        dtype = norm.weight.dtype
+        r, shift = self.ratio.to(dtype), (self.scale * self.ratio * self.offset).to(dtype)
+        for weight, bias in linears:
+            bias += weight @ -shift
+            weight *= r
         norm.bias.data = (norm.bias + shift) / r
         norm.weight.data = norm.weight / r
 

@@ -27,11 +27,15 @@ class Row:
     constraints: list[float]
     on_front: bool = False
     top1_full: float | None = None  # re-measured on the full evaluation split (front only)
+    source: str = "search"  # search (sampled and measured), design (fits the models) or front (predicted, then measured)
+    ratio: dict | None = None  # latency / FP32's, interleaved: ratio, low, high, rounds (timing.Ratio)
+    predicted: dict | None = None  # what the models predicted for it (front plans)
 
     def as_dict(self) -> dict:
-        return {"trial": self.number, "plan_id": self.plan.plan_id,
+        return {"trial": self.number, "plan_id": self.plan.plan_id, "source": self.source, "measured": True,
                 "plan": [{g: getattr(b, g) for g in GENES} for b in self.plan.blocks],
-                "top1": self.top1, "latency_ms": self.latency_ms, "size_bytes": self.size_bytes,
+                "top1": self.top1, "latency_ms": self.latency_ms, "latency_ratio_fp32": self.ratio,
+                "predicted": self.predicted, "size_bytes": self.size_bytes,
                 "feasible": self.feasible, "constraints": {"mixed": self.constraints[0], "latency_vs_fp32_ms": self.constraints[1],
                                                            "size_vs_uniform8_bytes": self.constraints[2]},
                 "on_front": self.on_front, "top1_full": self.top1_full}
@@ -40,9 +44,10 @@ class Row:
 def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str) -> list[Row]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme), t.user_attrs["top1"],
-                       t.user_attrs["latency_ms"], t.user_attrs["size_bytes"], t.user_attrs["feasible"],
-                       t.user_attrs["constraints"]))
+        a = t.user_attrs
+        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme), a["top1"], a["latency_ms"],
+                       a["size_bytes"], a["feasible"], a["constraints"], source=a.get("source", "search"),
+                       ratio=a.get("ratio"), predicted=a.get("predicted")))
     return out
 
 
@@ -86,14 +91,18 @@ def select(front: list[Row], base: dict, rule: str) -> Row | None:
     return min(close, key=lambda r: (r.latency_ms, -top1(r))) if close else max(front, key=top1)
 
 
-def plot(rows: list[Row], base: dict, path: Path) -> None:
+def plot(rows: list[Row], base: dict, path: Path, predicted: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label, scale in ((axes[0], "latency_ms", "latency median (ms)", 1.0), (axes[1], "size_bytes", "deployable size (MB)", 1e-6)):
+    for ax, key, label, scale in ((axes[0], "latency_ms", "latency (ms: ratio to FP32 x FP32's)", 1.0),
+                                  (axes[1], "size_bytes", "deployable size (MB)", 1e-6)):
+        if predicted:
+            ax.scatter([p["predicted"][key] * scale for p in predicted], [100 * p["predicted"]["top1"] for p in predicted],
+                       s=10, marker=".", color="0.75", label="predicted front (models)")
         for group, style in (([r for r in rows if not r.feasible], dict(marker="x", color="0.6", label="infeasible")),
                              ([r for r in rows if r.feasible and not r.on_front], dict(marker="o", color="tab:blue", alpha=0.5, label="feasible")),
                              ([r for r in rows if r.on_front], dict(marker="o", color="tab:red", label="Pareto front"))):
@@ -110,20 +119,32 @@ def plot(rows: list[Row], base: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict]) -> None:
+def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict],
+                  guided=None) -> None:
+    """``guided``: the model-guided search's result (its models and predicted front), when it ran."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "baselines": base, "best": best.as_dict() if best else None, "trials": [r.as_dict() for r in rows]}
+    predicted = None
+    if guided is not None:
+        predicted = [{"plan_id": p["plan"].plan_id, "plan": [{g: getattr(b, g) for g in GENES} for b in p["plan"].blocks],
+                      "measured": p["trial"] is not None, "trial": p["trial"], "predicted": p["predicted"]}
+                     for p in guided.predicted]
+        models = guided.models.as_dict() | {"errors_on_measured_front": guided.errors}
+        doc |= {"predicted_front": predicted, "models": models}
+        write_text(out_dir / "models.json", json.dumps(models, indent=1) + "\n")
     write_text(out_dir / "pareto.json", json.dumps(doc, indent=1) + "\n")
-    plot(rows, base, out_dir / "pareto.png")
+    plot(rows, base, out_dir / "pareto.png", predicted)
     if best is not None:
         save_plan(Plan(recipe=best.plan.recipe, scheme=best.plan.scheme, blocks=best.plan.blocks,
                        measured={"top1_search_subset": best.top1, "top1_full": best.top1_full, "latency_ms": best.latency_ms,
+                                 "latency_ratio_fp32": None if best.ratio is None else best.ratio["ratio"],
+                                 "batch": meta["batch"], "backend": meta["backend"],
                                  "size_bytes": best.size_bytes, "trial": best.number, "select": meta["select"]}),
                   out_dir / "best.yaml")
-    write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows))
+    write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows, guided))
 
 
-def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict]) -> str:
+def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict], guided=None) -> str:
     front = [r for r in rows if r.on_front]
     feasible = sum(r.feasible for r in rows)
     if feasible == 0:
@@ -144,12 +165,32 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
              f"| uniform 8-bit | {u8.get('top1_full', u8['top1']):.4f} | {u8['latency_ms']:.2f} | {u8['size_bytes'] / 1e6:.2f} |"]
     for p in paper_rows:
         lines.append(f"| {p['method']} | {p['top1']:.4f} | {p['latency_ms']:.2f} | {p['size_bytes'] / 1e6:.2f} |")
-    lines += ["", "## Pareto front", "", "| trial | plan-id | w | a | attn | top-1 (subset) | top-1 full | latency (ms) | size (MB) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Pareto front (measured)", "",
+              "| trial | source | plan-id | w | a | attn | top-1 (subset) | top-1 full | latency (ms) | / FP32 (90% interval) | size (MB) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(front, key=lambda r: -r.top1):
         w, a, t = ("".join(str(getattr(b, g))[0] for b in r.plan.blocks) for g in GENES)
         full = "" if r.top1_full is None else f"{r.top1_full:.4f}"
-        lines.append(f"| {r.number}{' (best)' if best is r else ''} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | {full} | "
-                     f"{r.latency_ms:.2f} | {r.size_bytes / 1e6:.2f} |")
-    lines += ["", "Widths are per block, first to last (4 or 8). Every trial, feasible or not, is in pareto.json.", ""]
+        ratio = "" if r.ratio is None else f"{r.ratio['ratio']:.3f} ({r.ratio['low']:.3f}-{r.ratio['high']:.3f}, {r.ratio['rounds']} rounds)"
+        lines.append(f"| {r.number}{' (best)' if best is r else ''} | {r.source} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | "
+                     f"{full} | {r.latency_ms:.2f} | {ratio} | {r.size_bytes / 1e6:.2f} |")
+    lines += ["", "Widths are per block, first to last (4 or 8). Every trial, feasible or not, is in pareto.json. Latency is "
+              "the ratio to FP32 measured interleaved with it (and with uniform 8-bit) until its 90% interval is within "
+              "+-3%, shown in the study's FP32 milliseconds.", ""]
+    if guided is not None:
+        e = guided.errors
+        sources = {s: sum(r.source == s for r in rows) for s in ("design", "front", "search")}
+        lines += ["## Models (`--mode model`)", "",
+                  f"{sources['design']} design plans fitted the latency, size and accuracy models (measured on "
+                  f"{guided.models.measured_on['backend']}, {guided.models.measured_on['machine']}, batch "
+                  f"{guided.models.measured_on['batch']}); NSGA-II on the models predicted a front of {len(guided.predicted)} "
+                  f"plans, {sources['front']} of which were built and measured. {meta['builds']} real builds in "
+                  f"{meta['seconds']:.0f} s. The models against the measured plans they were not fitted on (n = "
+                  f"{e['latency']['n']}):", "",
+                  "| objective | mean abs. error | Spearman |", "| --- | --- | --- |",
+                  f"| latency | {e['latency']['mape_pct']:.1f}% | {e['latency']['spearman']:.3f} |",
+                  f"| top-1 | {e['top1']['mae'] * 100:.2f} points | {e['top1']['spearman']:.3f} |",
+                  f"| size | {e['size']['mape_pct']:.2f}% | {e['size']['spearman']:.3f} |", "",
+                  "The predicted front and the models' coefficients are in pareto.json and models.json; best.yaml comes "
+                  "only from measured plans.", ""]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """PoMQ-ViT's search as an optuna study: every evaluated plan is a trial in storage.
 
 Genes: per encoder block, ``w``, ``a`` and ``attn`` each in {4, 8} (constraint 1 holds by construction).
-Objectives: top-1 (max), latency median (min), artifact bytes (min). Constraints, recorded per trial for
+Objectives: top-1 (max), latency (min: the ratio to FP32 measured interleaved with it, in the study's FP32
+milliseconds), artifact bytes (min). Constraints, recorded per trial for
 NSGA-II's constrained domination (<= 0 is satisfied): mixed plan (2), latency below the FP32 model's on
 the same backend (3), size below uniform 8-bit's (4). Infeasible plans stay in the study, marked.
 
@@ -10,7 +11,7 @@ pruned at once, so the study ends with N completed trials holding N distinct pla
 or several share the storage; stopping a search and starting it again with the same --study continues it.
 """
 
-import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -21,15 +22,17 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..errors import PomqError
-from ..plan import BlockBits, Plan, uniform_plan
-from .evaluator import Measurement, PlanEvaluator
+from ..plan import BlockBits, Plan
+from .evaluator import PlanEvaluator
 
 GENES = ("w", "a", "attn")
 DIRECTIONS = ("maximize", "minimize", "minimize")  # top-1, latency, size
 OBJECTIVES = ("top1", "latency_ms", "size_bytes")
 CONSTRAINTS = ("mixed", "latency_vs_fp32", "size_vs_uniform8")
-HEARTBEAT_S = 10  # a trial whose process stops beating for GRACE_S is marked failed (e.g. after SIGKILL)
-GRACE_S = 30
+# a trial whose process stops beating for GRACE_S is marked failed (e.g. after SIGKILL) when any worker next starts
+# a trial; whole seconds (optuna's). POMQ_HEARTBEAT_S / POMQ_GRACE_S override them: tests/test_postgres.py shortens both
+HEARTBEAT_S = int(os.environ.get("POMQ_HEARTBEAT_S", "10"))
+GRACE_S = int(os.environ.get("POMQ_GRACE_S", "30"))
 STORAGE_ATTEMPTS = 3
 
 
@@ -41,7 +44,7 @@ class SearchError(PomqError):
 class SearchConfig:
     recipe: str
     scheme: str
-    algorithm: str  # nsga2 | random
+    algorithm: str  # nsga2 | random (--mode measured) | model (--mode model: only queued plans are measured)
     population: int
     trials: int  # total completed trials the study ends with
     seed: int
@@ -62,7 +65,7 @@ def _suggest(trial: Trial, n_blocks: int, recipe: str, scheme: str) -> Plan:
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if cfg.algorithm == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
-    if cfg.algorithm == "random":
+    if cfg.algorithm in ("random", "model"):
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     raise SearchError(f"--algorithm {cfg.algorithm!r}; allowed: nsga2, random")
 
@@ -97,18 +100,12 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     return study
 
 
-def measurement_attrs(m: Measurement) -> dict:
-    return dataclasses.asdict(m)
-
-
 def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, log: Callable[[str], None]) -> dict:
-    """FP32 latency and uniform 8-bit top-1/latency/size, measured once per study and kept in it."""
+    """FP32 and uniform 8-bit top-1, size and latency, measured once per study and kept in it."""
     if "baselines" in study.user_attrs:
         return study.user_attrs["baselines"]
-    log("measuring the baselines: FP32 and uniform 8/8/8")
-    fp32 = evaluator.measure(None)
-    u8 = evaluator.measure(uniform_plan("8/8/8", evaluator.num_blocks, cfg.recipe, cfg.scheme))
-    out = {"fp32": measurement_attrs(fp32), "uniform8": measurement_attrs(u8)}
+    log("measuring the baselines: FP32 and uniform 8/8/8, timed interleaved")
+    out = evaluator.baselines()
     stored = study.user_attrs.get("baselines")  # read from the storage again
     if stored is not None:  # a worker started beside this one measured them first: all share one reference
         return stored
@@ -116,36 +113,48 @@ def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, 
     return out
 
 
+def record(trial: Trial, plan: Plan, evaluator: PlanEvaluator, study: optuna.Study, base: dict) -> tuple[float, float, float]:
+    """Measure ``plan`` for ``trial``: its objectives, with what was measured and the constraints in its user
+    attributes (NSGA-II's constrained domination reads the constraints)."""
+    start = time.perf_counter()
+    m = evaluator.measure(plan)
+    ref = study.user_attrs.get("baselines", base)  # the study's, should another worker have stored its own
+    latency = m.ratio.ratio * ref["fp32"]["latency_ms"]  # the ratio, measured interleaved, in the study's FP32 ms
+    constraints = [0.0 if plan.is_mixed else 1.0, latency - ref["fp32"]["latency_ms"],
+                   float(m.size_bytes - ref["uniform8"]["size_bytes"])]
+    for k, v in (m.attrs() | {"latency_ms": latency, "constraints": constraints}).items():
+        trial.set_user_attr(k, v)
+    for name, value in zip(CONSTRAINTS, constraints, strict=True):
+        trial.set_constraint(name, value)
+    trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
+    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+    return m.top1, latency, float(m.size_bytes)
+
+
+def _twin(study: optuna.Study, trial: Trial, plan: Plan) -> FrozenTrial | None:
+    """Another trial, finished or running, that holds ``plan``."""
+    others = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    return next((t for t in others if t.number != trial.number and t.user_attrs.get("plan_id") == plan.plan_id), None)
+
+
 def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict,
-               on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
-    """Optimise until the study holds ``cfg.trials`` completed trials (with any number of workers)."""
+               on_trial: Callable[[FrozenTrial], None] | None = None, seconds: float | None = None) -> None:
+    """Optimise until the study holds ``cfg.trials`` completed trials (with any number of workers), or for
+    ``seconds`` (a time budget: tools/search_study.py compares searches at equal wall-clock time)."""
     n = evaluator.num_blocks
 
     def objective(trial: Trial):
         plan = _suggest(trial, n, cfg.recipe, cfg.scheme)
         trial.set_user_attr("plan_id", plan.plan_id)
-        others = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        if sum(t.state == TrialState.COMPLETE for t in others) >= cfg.trials:
+        trial.set_user_attr("source", "search")
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= cfg.trials:
             study.stop()
             raise optuna.TrialPruned("the study already holds enough trials")
-        twin = next((t for t in others if t.number != trial.number and t.user_attrs.get("plan_id") == plan.plan_id), None)
+        twin = _twin(study, trial, plan)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin.number)
             raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
-        start = time.perf_counter()
-        m = evaluator.measure(plan)
-        ref = study.user_attrs.get("baselines", base)  # the study's, should another worker have stored its own
-        constraints = [0.0 if plan.is_mixed else 1.0,
-                       m.latency_ms - ref["fp32"]["latency_ms"],
-                       float(m.size_bytes - ref["uniform8"]["size_bytes"])]
-        for k, v in measurement_attrs(m).items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("constraints", constraints)
-        for name, value in zip(CONSTRAINTS, constraints, strict=True):
-            trial.set_constraint(name, value)  # NSGA-II's constrained domination reads these
-        trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
-        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
-        return m.top1, m.latency_ms, float(m.size_bytes)
+        return record(trial, plan, evaluator, study, base)
 
     def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
         if on_trial is not None and trial.state == TrialState.COMPLETE:
@@ -153,19 +162,58 @@ def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= cfg.trials:
             study.stop()
 
+    # a worker killed mid-trial left it RUNNING: optuna fails it only when a trial starts after the grace period,
+    # which a study already full never does
+    optuna.storages.fail_stale_trials(study)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= cfg.trials:
         return
     # pruned duplicates do not count, so allow generously many attempts; stop_when_done ends the loop
-    study.optimize(objective, n_trials=20 * cfg.trials, callbacks=[stop_when_done], catch=())
+    study.optimize(objective, n_trials=20 * cfg.trials, callbacks=[stop_when_done], catch=(), timeout=seconds)
 
 
-def warm_latency_cache(study: optuna.Study) -> dict:
-    """Latencies already measured in this study (by graph signature), for a resumed or second worker."""
+def measure_plans(study: optuna.Study, evaluator: PlanEvaluator, base: dict, plans: list[Plan], source: str,
+                  predicted: list[dict] | None = None, on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+    """Measure the given plans as trials of the study (the model-guided search's design set and front): each is
+    queued (once, whichever worker queues it), then this process takes queued trials until none is left, so that
+    workers sharing the study split the list and none measures a plan another has."""
+    n = evaluator.num_blocks
+    optuna.storages.fail_stale_trials(study)  # see run_trials
+    # queued once: not again while a trial holds the plan (finished, running or queued); a failed one (its worker
+    # was killed) is queued again, which optuna's own skip_if_exists would not do
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    have = {tuple(sorted(t.system_attrs.get("fixed_params", t.params).items())) for t in live}
+    for i, plan in enumerate(plans):
+        params = {f"b{j}_{g}": getattr(b, g) for j, b in enumerate(plan.blocks) for g in GENES}
+        if tuple(sorted(params.items())) not in have:
+            study.enqueue_trial(params, user_attrs={"source": source} | ({"predicted": predicted[i]} if predicted else {}))
+            have.add(tuple(sorted(params.items())))
+
+    def objective(trial: Trial):
+        if "source" not in trial.user_attrs:  # not a queued plan: the queue is empty, other workers took the rest
+            study.stop()
+            raise optuna.TrialPruned("no queued plan left")
+        plan = _suggest(trial, n, study.user_attrs["recipe"], study.user_attrs["scheme"])
+        trial.set_user_attr("plan_id", plan.plan_id)
+        twin = _twin(study, trial, plan)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin.number)
+            raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
+        return record(trial, plan, evaluator, study, base)
+
+    def report(study: optuna.Study, trial: FrozenTrial) -> None:
+        if on_trial is not None and trial.state == TrialState.COMPLETE:
+            on_trial(trial)
+
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if waiting:  # through optimize, so that a killed worker's trial is failed by the heartbeat like any other
+        study.optimize(objective, n_trials=waiting, callbacks=[report], catch=())
+
+
+def warm_ratio_cache(study: optuna.Study) -> dict:
+    """Latency ratios already measured in this study (by graph signature), for a resumed or second worker."""
     cache = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "latency_key" in t.user_attrs:
-            cache[t.user_attrs["latency_key"]] = (t.user_attrs["latency_ms"], t.user_attrs["p90_ms"])
-    for b in study.user_attrs.get("baselines", {}).values():
-        cache[b["latency_key"]] = (b["latency_ms"], b["p90_ms"])
+        if t.user_attrs.get("ratio") is not None and not t.user_attrs.get("latency_cached"):
+            cache[t.user_attrs["latency_key"]] = {"ratio": t.user_attrs["ratio"], "uniform8": t.user_attrs["ratio_uniform8"]}
     return cache

@@ -1,0 +1,156 @@
+"""The model-guided search (``--mode model``): measure a small design set for real, fit the latency, size and
+accuracy models on it (:mod:`.models`), run NSGA-II on the models for thousands of plans (seconds), then build
+and measure the predicted front for real. Real measurements are trials of the study, so a resumed or shared
+study reuses them; best.yaml comes only from measured plans."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from ..plan import Plan
+from .evaluator import PlanEvaluator
+from .models import AccuracyModel, AdditiveModel, block_groups, design_plans, errors, kl_sensitivities
+from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, measure_plans, plan_from_params
+
+MODEL_TRIALS, MODEL_POPULATION = 3000, 60  # NSGA-II on the models: thousands of plans in seconds
+
+
+@dataclass
+class Models:
+    latency: AdditiveModel  # ratio to FP32
+    size: AdditiveModel  # bytes
+    accuracy: AccuracyModel
+    measured_on: dict  # backend, machine, batch: the models hold only there
+
+    def predict(self, plan: Plan, base: dict) -> dict:
+        return {"top1": self.accuracy.predict(plan), "latency_ms": self.latency.predict(plan) * base["fp32"]["latency_ms"],
+                "size_bytes": self.size.predict(plan)}
+
+    def as_dict(self) -> dict:
+        return {"measured_on": self.measured_on, "groups": self.latency.groups, "latency_ratio_coef": self.latency.coef,
+                "size_coef": self.size.coef, "accuracy": {"top1_uniform8": self.accuracy.top1_uniform8,
+                                                          "kl": self.accuracy.kl, "kl_to_top1_drop": self.accuracy.coef}}
+
+
+@dataclass
+class GuidedResult:
+    models: Models
+    predicted: list[dict]  # the predicted front: plan, predicted objectives, the trial that measured it (or None)
+    errors: dict  # the models against the measured front plans (not used to fit them)
+
+
+def measured_on(evaluator: PlanEvaluator) -> dict:
+    """What the latency model depends on: the backend, its machine and the batch."""
+    if evaluator.backend.name == "ort-cpu":
+        from ..backends.cpu import detect
+
+        machine = detect().describe()
+    else:
+        machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown GPU"
+    return {"backend": evaluator.backend.name, "machine": machine, "batch": evaluator.batch}
+
+
+def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, log) -> list[dict]:
+    """Per-gene KL sensitivities, measured once per study (kept in it)."""
+    key = f"kl_sensitivity_{images}"
+    if key not in study.user_attrs:
+        from ..data import eval_dataset
+        from ..models.loading import data_model
+
+        data = eval_dataset(evaluator.recipe.data, data_model(evaluator.recipe.model))
+        x = torch.stack([data[i][0] for i in range(min(images, len(data)))])
+        log(f"per-block sensitivities: {3 * evaluator.num_blocks} one-gene-4-bit runs of the PyTorch model on {len(x)} images")
+        cfg = study.user_attrs
+        study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"]))
+    return study.user_attrs[key]
+
+
+def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_images: int, log) -> Models:
+    """Fit the models on the study's design trials and the uniform 8-bit baseline."""
+    n, recipe, scheme = evaluator.num_blocks, study.user_attrs["recipe"], study.user_attrs["scheme"]
+    here = measured_on(evaluator)
+    stored = study.user_attrs.get("models_measured_on")
+    if stored is not None and stored != here:
+        raise SearchError(f"--study {study.study_name}: its latency model was measured on {stored['backend']} / "
+                          f"{stored['machine']} at batch {stored['batch']}, not here ({here['backend']} / {here['machine']} "
+                          f"at batch {here['batch']}); pick another --study or --mode measured")
+    study.set_user_attr("models_measured_on", here)
+    design = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("source") == "design"]
+    plans = [plan_from_params(t.params, n, recipe, scheme) for t in design] + [evaluator.uniform8()]
+    ratios = [t.user_attrs["ratio"]["ratio"] for t in design] + [base["uniform8"]["ratio"]["ratio"]]
+    sizes = [t.user_attrs["size_bytes"] for t in design] + [base["uniform8"]["size_bytes"]]
+    groups = block_groups(evaluator.qmodel.blocks)
+    accuracy = AccuracyModel(base["uniform8"]["top1"], _sensitivities(study, evaluator, sensitivity_images, log))
+    accuracy.fit(plans[:-1], [t.user_attrs["top1"] for t in design])
+    return Models(AdditiveModel.fit(plans, ratios, groups), AdditiveModel.fit(plans, sizes, groups), accuracy, here)
+
+
+def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict) -> list[dict]:
+    """NSGA-II on the models alone (an in-memory study): the feasible plans no other predicted plan dominates."""
+    study = optuna.create_study(directions=list(DIRECTIONS),
+                                sampler=optuna.samplers.NSGAIISampler(population_size=MODEL_POPULATION, seed=cfg.seed))
+
+    def objective(trial: Trial):
+        plan = _suggest(trial, n_blocks, cfg.recipe, cfg.scheme)
+        p = models.predict(plan, base)
+        constraints = [0.0 if plan.is_mixed else 1.0, p["latency_ms"] - base["fp32"]["latency_ms"],
+                       p["size_bytes"] - base["uniform8"]["size_bytes"]]
+        for name, value in zip(CONSTRAINTS, constraints, strict=True):
+            trial.set_constraint(name, value)
+        return p["top1"], p["latency_ms"], p["size_bytes"]
+
+    study.optimize(objective, n_trials=MODEL_TRIALS)
+    front = {}
+    for t in study.best_trials:
+        plan = plan_from_params(t.params, n_blocks, cfg.recipe, cfg.scheme)
+        front[plan.plan_id] = {"plan": plan, "predicted": dict(zip(("top1", "latency_ms", "size_bytes"), t.values, strict=True))}
+    return sorted(front.values(), key=lambda p: p["predicted"]["latency_ms"])
+
+
+def pick(front: list[dict], k: int, base: dict, measured: set[str]) -> list[dict]:
+    """Up to ``k`` plans of the predicted front not measured yet: first the one the default rule would choose
+    (the fastest within 1 point of uniform 8-bit's top-1), then plans spread evenly along predicted latency."""
+    todo = [p for p in front if p["plan"].plan_id not in measured]
+    if k <= 0 or not todo:
+        return []
+    close = [p for p in todo if p["predicted"]["top1"] >= base["uniform8"]["top1"] - 0.01]
+    chosen = [min(close, key=lambda p: p["predicted"]["latency_ms"])] if close else []
+    rest = [p for p in todo if p not in chosen]
+    want = k - len(chosen)
+    if want >= len(rest):
+        return chosen + rest
+    step = (len(rest) - 1) / max(want - 1, 1)
+    return chosen + [rest[round(i * step)] for i in range(want)]
+
+
+def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict, builds: int,
+               sensitivity_images: int, log: Callable[[str], None],
+               on_trial: Callable[[FrozenTrial], None] | None = None) -> GuidedResult:
+    """Design set -> models -> NSGA-II on the models -> the predicted front measured, within ``builds`` real builds
+    of this process (the baselines' two included)."""
+    groups = block_groups(evaluator.qmodel.blocks)
+    design = design_plans(groups, cfg.recipe, cfg.scheme)
+    log(f"design set: {len(design)} plans built and measured ({len(set(groups))} group(s) of same-shaped blocks)")
+    measure_plans(study, evaluator, base, design, "design", on_trial=on_trial)
+    models = fit(study, evaluator, base, sensitivity_images, log)
+    log(f"NSGA-II on the models: {MODEL_TRIALS} predicted plans")
+    front = predicted_front(models, cfg, evaluator.num_blocks, base)
+    done = {t.user_attrs.get("plan_id") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    picks = pick(front, builds - evaluator.builds, base, done)
+    log(f"predicted front: {len(front)} plans; measuring {len(picks)} of them for real")
+    measure_plans(study, evaluator, base, [p["plan"] for p in picks], "front",
+                  predicted=[p["predicted"] for p in picks], on_trial=on_trial)
+    trials = {t.user_attrs.get("plan_id"): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    for p in front:
+        t = trials.get(p["plan"].plan_id)
+        p["trial"] = None if t is None else t.number
+    held_out = [t for t in trials.values() if t.user_attrs.get("source") != "design"]
+    n, recipe, scheme = evaluator.num_blocks, cfg.recipe, cfg.scheme
+    preds = [models.predict(plan_from_params(t.params, n, recipe, scheme), base) for t in held_out]
+    errs = {"latency": errors([p["latency_ms"] for p in preds], [t.user_attrs["latency_ms"] for t in held_out], relative=True),
+            "top1": errors([p["top1"] for p in preds], [t.user_attrs["top1"] for t in held_out], relative=False),
+            "size": errors([p["size_bytes"] for p in preds], [t.user_attrs["size_bytes"] for t in held_out], relative=True)}
+    return GuidedResult(models, front, errs)

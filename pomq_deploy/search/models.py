@@ -1,0 +1,164 @@
+"""Latency, size and accuracy of a plan predicted from a few measured plans (the model-guided search).
+
+Latency (as a ratio to FP32) and size are additive over blocks, as in the lookup tables of HAWQ-V3 and
+Once-for-All built from the target's own measurements: a base, plus a cost per block for each of the 8
+(w, a, attn) settings relative to 8/8/8, per *group* of same-shaped blocks (ViT: one group; Swin: one per
+stage), plus a cost per boundary between blocks of different settings (a Q/DQ pair that no longer fuses
+across it). A small design set of plans, measured for real, fits it by least squares.
+
+Accuracy is HAWQ's sum of per-layer perturbations: for each block and each of its three genes, the KL
+divergence of the logits from FP32 when only that gene of that block is 4-bit (everything else FP32, in the
+PyTorch fake-quant model: no build); a plan's perturbation is the sum over its 4-bit genes, and its top-1
+drop below uniform 8-bit is that sum times one factor fitted on the design set's measured top-1.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..plan import BlockBits, Plan
+from .study import GENES
+
+SETTINGS = tuple(itertools.product((4, 8), repeat=3))  # (w, a, attn)
+EIGHT = (8, 8, 8)
+PROBES = ((4, 4, 4), (4, 8, 8), (8, 4, 8), (8, 8, 4))  # one-block changes in the design set: boundary costs
+
+
+def block_groups(blocks: list[torch.nn.Module]) -> list[int]:
+    """Group index of each block: consecutive blocks with the same parameter shapes share one (Swin's stages)."""
+    groups, last = [], None
+    for b in blocks:
+        shapes = tuple(tuple(p.shape) for p in b.parameters())
+        groups.append(0 if last is None else groups[-1] + (shapes != last))
+        last = shapes
+    return groups
+
+
+def setting(b: BlockBits) -> tuple[int, int, int]:
+    return b.w, b.a, b.attn
+
+
+def plan_of(settings: list[tuple[int, int, int]], recipe: str, scheme: str) -> Plan:
+    return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in settings))
+
+
+def design_plans(groups: list[int], recipe: str, scheme: str) -> list[Plan]:
+    """The plans measured to fit the models: each setting on every block (per group when blocks differ), and
+    one middle block of the largest group changed to each probe setting (the boundary cost). Uniform 8/8/8, the
+    baseline, is measured anyway."""
+    n, out = len(groups), []
+    for s in SETTINGS:
+        if s == EIGHT:
+            continue
+        for g in sorted(set(groups)) if len(set(groups)) > 1 else [None]:
+            out.append(plan_of([s if g is None or groups[i] == g else EIGHT for i in range(n)], recipe, scheme))
+    largest = max(set(groups), key=groups.count)
+    members = [i for i in range(n) if groups[i] == largest]
+    middle = members[len(members) // 2]
+    for s in PROBES:
+        out.append(plan_of([s if i == middle else EIGHT for i in range(n)], recipe, scheme))
+    return out
+
+
+def features(plan: Plan, groups: list[int]) -> np.ndarray:
+    """1, then per (group, setting other than 8/8/8) the number of blocks there, then the boundaries."""
+    n_groups = max(groups) + 1
+    x = np.zeros(1 + n_groups * 7 + 1)
+    x[0] = 1.0
+    others = [s for s in SETTINGS if s != EIGHT]
+    for g, b in zip(groups, plan.blocks, strict=True):
+        if setting(b) != EIGHT:
+            x[1 + g * 7 + others.index(setting(b))] += 1
+    x[-1] = sum(setting(a) != setting(b) for a, b in zip(plan.blocks, plan.blocks[1:], strict=False))
+    return x
+
+
+@dataclass
+class AdditiveModel:
+    """``features(plan) @ coef``: latency ratio to FP32, or artifact bytes."""
+
+    groups: list[int]
+    coef: list[float]
+
+    @classmethod
+    def fit(cls, plans: list[Plan], values: list[float], groups: list[int]) -> "AdditiveModel":
+        x = np.stack([features(p, groups) for p in plans])
+        coef, *_ = np.linalg.lstsq(x, np.asarray(values, dtype=float), rcond=None)
+        return cls(groups, [float(c) for c in coef])
+
+    def predict(self, plan: Plan) -> float:
+        return float(features(plan, self.groups) @ np.asarray(self.coef))
+
+
+@dataclass
+class AccuracyModel:
+    """top-1 = uniform 8-bit's - ``coef`` x (the summed KL sensitivities of the plan's 4-bit genes): one factor
+    for all genes, since each gene's KL already measures how much it moves the logits (fitting a factor per gene
+    kind on a few noisy top-1 values gave a gene that costs little a factor of 0, i.e. free)."""
+
+    top1_uniform8: float
+    kl: list[dict[str, float]]  # per block: gene -> KL of the logits from FP32 with only that gene 4-bit
+    coef: float = 0.0
+
+    def perturbation(self, plan: Plan) -> float:
+        return sum(k[g] for k, b in zip(self.kl, plan.blocks, strict=True) for g in GENES if getattr(b, g) == 4)
+
+    def fit(self, plans: list[Plan], top1: list[float]) -> "AccuracyModel":
+        """Least squares through the origin (no perturbation, no drop), never below 0."""
+        x = np.array([self.perturbation(p) for p in plans])
+        drop = self.top1_uniform8 - np.asarray(top1, dtype=float)
+        self.coef = max(float(x @ drop / (x @ x)), 0.0) if x @ x > 0 else 0.0
+        return self
+
+    def predict(self, plan: Plan) -> float:
+        return self.top1_uniform8 - self.coef * self.perturbation(plan)
+
+
+@torch.no_grad()
+def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, progress=None) -> list[dict[str, float]]:
+    """Per block and gene, the mean KL(FP32 || quantized) of the logits on ``images`` when only that gene of that
+    block is 4-bit and the rest of the model runs in FP32 (``QuantModel.isolate``)."""
+    qmodel.apply(None)
+    ref = torch.log_softmax(qmodel(images), dim=-1)
+    n = qmodel.num_blocks
+    out = [{} for _ in range(n)]
+    steps = [(i, g) for i in range(n) for g in GENES]
+    for i, g in progress(steps) if progress is not None else steps:
+        bits = [EIGHT] * n
+        bits[i] = tuple(4 if gene == g else 8 for gene in GENES)
+        qmodel.apply(plan_of(bits, recipe, scheme))
+        qmodel.isolate(i, g)
+        logp = torch.log_softmax(qmodel(images), dim=-1)
+        out[i][g] = float(torch.sum(ref.exp() * (ref - logp), dim=-1).mean())
+    qmodel.apply(None)
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (ties get their average rank); nan for fewer than 3 points or a constant side."""
+    if len(a) < 3:
+        return float("nan")
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for value in np.unique(v):  # average the ranks of ties
+            r[v == value] = r[v == value].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def errors(predicted: list[float], measured: list[float], relative: bool) -> dict:
+    """Mean absolute (%) error and Spearman of ``predicted`` against ``measured``."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    err = np.abs(p - m) / np.abs(m) * 100 if relative else np.abs(p - m)
+    return {"n": len(m), "mape_pct" if relative else "mae": float(err.mean()) if len(m) else float("nan"),
+            "spearman": spearman(list(p), list(m))}
