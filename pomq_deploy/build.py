@@ -78,15 +78,12 @@ def ratio_to_fp32(opts: BuildOptions, recipe: Recipe, artifact, work: Path):
     import tempfile
 
     from .models.loading import load_model
-    from .timing import interleaved_ratios
+    from .timing import backend_ratios
 
     fp_dir = Path(tempfile.mkdtemp(dir=work))
     try:
         fp32 = measure(opts.backend, fp_dir, model=load_model(recipe.model), plan=None, target=opts.target).artifact
-        arts = {"fp32": fp32, "plan": artifact}
-        runs = max(3, opts.runs // 10)
-        return interleaved_ratios(lambda k: opts.backend.latency(arts[k], opts.batch, runs, warmup=2).median_ms,
-                                  ["plan"], "fp32", max_rounds=20)["plan"]
+        return backend_ratios(opts.backend, {"fp32": fp32, "plan": artifact}, opts.batch, ["plan"])["plan"]
     finally:
         shutil.rmtree(fp_dir, ignore_errors=True)  # inside the staging directory: never part of the artifact
 

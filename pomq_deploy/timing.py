@@ -13,6 +13,11 @@ import statistics
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+# Measured on a noisy 2-vCPU host (AMD EPYC VM): the geometric mean of 20 rounds' ratios repeated within +-4% where
+# a single 60-run median, the ratio of all runs' medians or alternating single runs moved +-10-15%; few runs per
+# round, more rounds. One warm-up run after switching models read the quantized ones ~5% slow (caches still
+# holding the other model): three
+ROUND_RUNS, WARMUP, MIN_ROUNDS, MAX_ROUNDS, TOLERANCE = 5, 3, 6, 10, 0.03
 # Student's t, 95th percentile (two-sided 90% interval), by degrees of freedom 1..19
 T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
        1.746, 1.740, 1.734, 1.729)
@@ -49,8 +54,8 @@ def log_interval(logs: list[float]) -> tuple[float, float, float]:
 
 
 def interleaved_ratios(time_ms: Callable[[Hashable], float], candidates: list[Hashable], reference: Hashable,
-                       others: tuple[Hashable, ...] = (), min_rounds: int = 3, max_rounds: int = 10,
-                       tolerance: float = 0.03) -> dict[Hashable, Ratio]:
+                       others: tuple[Hashable, ...] = (), min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
+                       tolerance: float = TOLERANCE) -> dict[Hashable, Ratio]:
     """Time ``reference``, each candidate and ``others`` in turn per round (``time_ms(key)``: one round's median
     in ms); return each candidate's (and other's) ratio to ``reference``. Rounds stop once every ratio's
     interval is within ``tolerance`` (relative half-width), after ``min_rounds``, at most ``max_rounds``."""
@@ -69,3 +74,14 @@ def _ratio(candidate: list[float], reference: list[float]) -> Ratio:
     mean, low, high = log_interval([math.log(c / r) for c, r in zip(candidate, reference, strict=True)])
     return Ratio(math.exp(mean), math.exp(low), math.exp(high), len(candidate), statistics.median(candidate),
                  statistics.median(reference))
+
+
+def backend_ratios(backend, artifacts: dict, batch: int, candidates: list[str], reference: str = "fp32",
+                   runs: int = ROUND_RUNS) -> dict[str, Ratio]:
+    """``interleaved_ratios`` of built artifacts (name -> Artifact) on ``backend`` at ``batch``: each round runs
+    ``runs`` timed inferences of each after WARMUP untimed ones."""
+    def time_ms(name):
+        return backend.latency(artifacts[name], batch, runs, warmup=WARMUP).median_ms
+
+    others = tuple(k for k in artifacts if k != reference and k not in candidates)
+    return interleaved_ratios(time_ms, candidates, reference, others)

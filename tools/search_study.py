@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--builds", type=int, default=20, help="the model-guided search's real builds")
     p.add_argument("--population", type=int, default=12, help="measured NSGA-II's population")
     p.add_argument("--eval-images", type=int, default=1000)
-    p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument("--latency-runs", type=int, default=5, help="timed runs per artifact per interleaved round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--holdout", type=int, default=20, help="random mixed plans the first seed's models are checked on")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "search.md")

@@ -19,10 +19,7 @@ from ..backends import Artifact, Backend
 from ..measure import Measured, evaluate_artifact, graph_signature, measure
 from ..plan import Plan, uniform_plan
 from ..recipe import Recipe
-from ..timing import Ratio, interleaved_ratios
-
-WARMUP = 2  # per round: the sessions stay loaded between rounds, so little warm-up is needed
-MIN_ROUNDS, MAX_ROUNDS, TOLERANCE = 3, 10, 0.03
+from ..timing import Ratio, backend_ratios
 
 
 @dataclass(frozen=True)
@@ -44,17 +41,16 @@ class Measurement:
 
 class PlanEvaluator:
     """Holds the calibrated model, the backend and the baselines' artifacts; ``measure(plan)`` returns its
-    objectives. ``runs`` inferences per artifact per timing round (at least 3)."""
+    objectives."""
 
     def __init__(self, recipe: Recipe, scheme: str, backend: Backend, target: str, eval_images: int, batch: int,
-                 runs: int, observer: str = "minmax", ratio_cache: dict | None = None, track=None):
+                 runs: int = 5, observer: str = "minmax", ratio_cache: dict | None = None, track=None):
         from ..quant.calibration import calibrated_model
 
         self.recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=eval_images))
         self.full_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=None))
         self.qmodel, _ = calibrated_model(recipe, scheme, observer, track=track)
-        self.backend, self.target, self.batch = backend, target, batch
-        self.runs = max(3, runs // MIN_ROUNDS)
+        self.backend, self.target, self.batch, self.runs = backend, target, batch, runs  # runs: per artifact per round
         self.ratio_cache: dict[str, dict] = dict(ratio_cache or {})  # graph signature -> Ratio.as_dict()
         self.work = Path(tempfile.mkdtemp(prefix="pomq-search-"))
         self.refs: dict[str, Measured] = {}
@@ -82,8 +78,7 @@ class PlanEvaluator:
 
     def _time(self, artifacts: dict[str, Artifact], candidates: list[str]) -> dict[str, Ratio]:
         artifacts = {"fp32": self._reference("fp32").artifact, "uniform8": self._reference("uniform8").artifact} | artifacts
-        time_ms = lambda k: self.backend.latency(artifacts[k], self.batch, self.runs, warmup=WARMUP).median_ms  # noqa: E731
-        return interleaved_ratios(time_ms, candidates, "fp32", ("uniform8",), MIN_ROUNDS, MAX_ROUNDS, TOLERANCE)
+        return backend_ratios(self.backend, artifacts, self.batch, candidates, runs=self.runs)
 
     def baselines(self) -> dict:
         """FP32 and uniform 8-bit: top-1, size, and their latencies from interleaved rounds (FP32's median in ms
@@ -120,6 +115,18 @@ class PlanEvaluator:
             ratio, u8 = r["candidate"], r["candidate"].ratio / r["uniform8"].ratio
             self.ratio_cache[key] = {"ratio": ratio.as_dict(), "uniform8": u8}
         return Measurement(m.accuracy.top1, m.accuracy.images, ratio, u8, m.artifact.size_bytes, key, cached)
+
+    def confirm(self, plan: Plan) -> Ratio:
+        """``plan``'s ratio to FP32 timed again, in fresh rounds: the plan a search selects for the lowest latency
+        among close ones is, more often than not, one whose first timing came out low (the winner's curse); an
+        independent timing is what a rebuild will see."""
+        m = self.kept.get(plan.plan_id)
+        if m is None:  # measured by another worker or an earlier run
+            out = self.work / f"confirm-{plan.plan_id}"
+            out.mkdir()
+            m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target)
+            self.builds += 1
+        return self._time({"candidate": m.artifact}, ["candidate"])["candidate"]
 
     def fp_model(self):
         from ..models.loading import load_model

@@ -107,9 +107,12 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
         front = mark_front(rows, study)
         log(f"re-measuring the {len(front)} plans of the front on the full evaluation split")
         _full_top1(study, evaluator, front, base)
+        best = select(front, base, opts.select)
+        if best is not None:
+            log(f"timing the chosen plan {best.plan.plan_id} against FP32 again, in fresh rounds")
+            best.ratio_confirmed = evaluator.confirm(best.plan).as_dict()
     finally:
         evaluator.close()
-    best = select(front, base, opts.select)
     hv = hypervolume(rows, base)
     seconds = time.perf_counter() - start
     meta = {"recipe": opts.recipe.name, "scheme": opts.scheme, "algorithm": opts.algorithm, "mode": opts.mode,
