@@ -21,7 +21,7 @@ from pomq_deploy.search.models import (
     plan_of,
     spearman,
 )
-from pomq_deploy.timing import interleaved_ratios, log_interval
+from pomq_deploy.timing import MIN_ROUNDS, interleaved_ratios, log_interval
 
 
 def test_log_interval_by_hand():
@@ -32,8 +32,8 @@ def test_log_interval_by_hand():
 
 
 def test_interleaved_ratio_is_taken_per_round_and_stops_when_narrow():
-    """A host that slows down 3x half-way: each round's ratio is still exactly 0.5, so three rounds suffice; the
-    medians alone (what a single timing at one moment gives) would not say so."""
+    """A host that slows down 3x after the first round: each round's ratio is still exactly 0.5, so the minimum of
+    rounds suffices; the medians alone (what a single timing at one moment gives) would not say so."""
     calls = []
 
     def time_ms(key):
@@ -42,7 +42,7 @@ def test_interleaved_ratio_is_taken_per_round_and_stops_when_narrow():
         return {"fp32": 10.0, "plan": 5.0, "u8": 6.0}[key] * slow
 
     r = interleaved_ratios(time_ms, ["plan"], "fp32", ("u8",))
-    assert r["plan"].ratio == pytest.approx(0.5) and r["plan"].rounds == 3 and r["plan"].spread == pytest.approx(0)
+    assert r["plan"].ratio == pytest.approx(0.5) and r["plan"].rounds == MIN_ROUNDS and r["plan"].spread == pytest.approx(0)
     assert r["u8"].ratio == pytest.approx(0.6)
     assert calls[:3] == ["fp32", "plan", "u8"] and calls[3:6] == ["plan", "u8", "fp32"]  # the order rotates
 
