@@ -20,7 +20,6 @@ from .plan import Plan
 from .recipe import Recipe
 
 Track = Callable[[Iterable, int, str], Iterable]
-LatencyCache = dict[str, tuple[float, float]]  # graph signature -> (median ms, p90 ms)
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,6 @@ class Measured:
     verify: dict | None  # pomq_deploy.verify's record; None: not checked
     accuracy: EvalResult | None
     latency: dict[int, LatencyStats]  # by batch size
-    latency_key: str | None = None  # the graph signature, where a latency cache was given
-    latency_cached: bool = False  # the latency is another plan's with the same graph structure
 
 
 def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, track: Track | None = None) -> EvalResult:
@@ -91,12 +88,11 @@ def export_model(model: nn.Module, plan: Plan | None, target: str, path: Path) -
 def measure(backend: Backend, out_dir: Path, *, model: nn.Module | None = None, plan: Plan | None = None,
             target: str = "ort", onnx_path: Path | None = None, verify_recipe: Recipe | None = None,
             eval_recipe: Recipe | None = None, batches: tuple[int, ...] = (), runs: int = 50,
-            latency_cache: LatencyCache | None = None, track: Track | None = None,
+            track: Track | None = None,
             status: Callable[[str], None] = lambda _: None) -> Measured:
     """Export ``plan`` on ``model`` (or take the ONNX file ``onnx_path``) into ``out_dir``, build it with
     ``backend``, then as asked: check it against ``model`` on ``verify_recipe``'s calibration images and noise,
-    evaluate top-1 on ``eval_recipe``'s split, time it at each of ``batches``. ``latency_cache`` (shared by
-    the caller across plans) reuses the latency of a plan whose graph has the same structure."""
+    evaluate top-1 on ``eval_recipe``'s split, time it at each of ``batches``."""
     info = None
     if onnx_path is None:
         status(f"exporting {'the FP32 model' if plan is None else f'plan {plan.plan_id} ({plan.scheme}, target {target})'}")
@@ -109,26 +105,17 @@ def measure(backend: Backend, out_dir: Path, *, model: nn.Module | None = None, 
         status("checking the artifact against the PyTorch reference")
         check = self_check(backend, artifact, model, verify_recipe, onnx_path)
     accuracy = evaluate_artifact(backend, artifact, eval_recipe, track) if eval_recipe is not None else None
-    latency, key, cached = {}, None, False
-    if latency_cache is not None:
-        if len(batches) != 1:
-            raise ValueError("a latency cache holds one batch size's latencies: give exactly one batch")
-        key = graph_signature(onnx_path)
-        cached = key in latency_cache
-        if cached:
-            median, p90 = latency_cache[key]
-            latency[batches[0]] = LatencyStats(batches[0], 0, median, p90)
-    for batch in batches if not cached else ():
+    latency = {}
+    for batch in batches:
         status(f"timing batch {batch} x {runs} runs")
         latency[batch] = backend.latency(artifact, batch, runs)
-    if key is not None and not cached:
-        latency_cache[key] = (latency[batches[0]].median_ms, latency[batches[0]].p90_ms)
-    return Measured(info, onnx_path, artifact, check, accuracy, latency, key, cached)
+    return Measured(info, onnx_path, artifact, check, accuracy, latency)
 
 
 def graph_signature(path: Path) -> str:
     """A hash of what decides the kernels ONNX Runtime or TensorRT pick: ops, wiring, initializer types/shapes
-    (constant values left out): two plans whose graphs differ only in scales run the same kernels."""
+    (constant values left out): two plans whose graphs differ only in scales run the same kernels (the search
+    caches latency ratios by it)."""
     import hashlib
 
     import onnx
