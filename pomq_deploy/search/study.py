@@ -131,10 +131,15 @@ def record(trial: Trial, plan: Plan, evaluator: PlanEvaluator, study: optuna.Stu
     return m.top1, latency, float(m.size_bytes)
 
 
-def _twin(study: optuna.Study, trial: Trial, plan: Plan) -> FrozenTrial | None:
-    """Another trial, finished or running, that holds ``plan``."""
+def _measure_new(trial: Trial, plan: Plan, evaluator: PlanEvaluator, study: optuna.Study, base: dict):
+    """``record`` ``plan`` for ``trial``, unless another trial, finished or running, holds it: then prune this one."""
+    trial.set_user_attr("plan_id", plan.plan_id)
     others = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    return next((t for t in others if t.number != trial.number and t.user_attrs.get("plan_id") == plan.plan_id), None)
+    twin = next((t for t in others if t.number != trial.number and t.user_attrs.get("plan_id") == plan.plan_id), None)
+    if twin is not None:
+        trial.set_user_attr("duplicate_of", twin.number)
+        raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
+    return record(trial, plan, evaluator, study, base)
 
 
 def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict,
@@ -145,16 +150,11 @@ def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
 
     def objective(trial: Trial):
         plan = _suggest(trial, n, cfg.recipe, cfg.scheme)
-        trial.set_user_attr("plan_id", plan.plan_id)
         trial.set_user_attr("source", "search")
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= cfg.trials:
             study.stop()
             raise optuna.TrialPruned("the study already holds enough trials")
-        twin = _twin(study, trial, plan)
-        if twin is not None:
-            trial.set_user_attr("duplicate_of", twin.number)
-            raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
-        return record(trial, plan, evaluator, study, base)
+        return _measure_new(trial, plan, evaluator, study, base)
 
     def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
         if on_trial is not None and trial.state == TrialState.COMPLETE:
@@ -193,13 +193,8 @@ def measure_plans(study: optuna.Study, evaluator: PlanEvaluator, base: dict, pla
         if "source" not in trial.user_attrs:  # not a queued plan: the queue is empty, other workers took the rest
             study.stop()
             raise optuna.TrialPruned("no queued plan left")
-        plan = _suggest(trial, n, study.user_attrs["recipe"], study.user_attrs["scheme"])
-        trial.set_user_attr("plan_id", plan.plan_id)
-        twin = _twin(study, trial, plan)
-        if twin is not None:
-            trial.set_user_attr("duplicate_of", twin.number)
-            raise optuna.TrialPruned(f"plan {plan.plan_id} is trial {twin.number}'s")
-        return record(trial, plan, evaluator, study, base)
+        return _measure_new(trial, _suggest(trial, n, study.user_attrs["recipe"], study.user_attrs["scheme"]), evaluator,
+                            study, base)
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:
         if on_trial is not None and trial.state == TrialState.COMPLETE:
