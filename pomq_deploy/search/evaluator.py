@@ -99,7 +99,7 @@ class PlanEvaluator:
             m = self._reference("fp32") if plan is None else self.kept.get(plan.plan_id) or self._reference("uniform8")
             top1 = evaluate_artifact(self.backend, m.artifact, self.full_recipe)
             return Measurement(top1.top1, top1.images, None, None, m.artifact.size_bytes, graph_signature(m.onnx_path), False)
-        out = self.work / f"plan-{len(self.kept)}"
+        out = self.work / f"build-{self.builds}"  # unique: every build counts
         out.mkdir()
         m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target,
                     eval_recipe=self.full_recipe if full_test else self.recipe)
@@ -122,7 +122,7 @@ class PlanEvaluator:
         independent timing is what a rebuild will see."""
         m = self.kept.get(plan.plan_id)
         if m is None:  # measured by another worker or an earlier run
-            out = self.work / f"confirm-{plan.plan_id}"
+            out = self.work / f"build-{self.builds}"
             out.mkdir()
             m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target)
             self.builds += 1
