@@ -45,6 +45,7 @@ def describe(model) -> dict:
     from timm.data import resolve_data_config
 
     from ..quant.adapters import adapter_for, class_path
+    from ..quant.attention import INPUT_QUANTS
     from ..quant.model import QuantModel
     from ..quant.modules import QuantInput, QuantWeighted
     from ..quant.schemes import DEFAULT_SCHEME
@@ -58,8 +59,8 @@ def describe(model) -> dict:
         layers = [{"role": role, "path": path, "layer": _shape(operator.attrgetter(path)(block)), "widths": w}
                   for role, w in WIDTHS.items() for path in paths[role]]
         if adapter.rotary_qk:  # q, k, v quantized where they enter the attention's MatMuls (past the rotary embeddings)
-            layers += [{"role": "attention input", "path": f"{paths['attention'][0]}.{n}_in",
-                        "layer": f"{n} where it enters its MatMul", "widths": "a"} for n in "qkv"]
+            layers += [{"role": "attention input", "path": f"{paths['attention'][0]}.{name}",
+                        "layer": f"{name[0]} where it enters its MatMul", "widths": "a"} for name in INPUT_QUANTS]
         blocks.append({"index": i, "path": names[id(block)], "class": class_path(block), "adapter": adapter.family,
                        "parameters": sum(p.numel() for p in block.parameters()), "layers": layers})
     inside = tuple(f"{b['path']}." for b in blocks)

@@ -5,8 +5,9 @@ class says where its two LayerNorms, its qkv (or q/k/v) and proj Linears, its at
 module timm applies right after Softmax) and its MLP's fc1 (or SwiGLU's fc1_g/fc1_x) and fc2 are; a role may
 take several forms across a family's variants (EVA-02 tiny's fused qkv, base's q/k/v projections), tried in
 order. A module that looks like an encoder block (its class name ends in ``Block`` and it has an ``attn``) but
-has no adapter stops the wrap with one line naming its class and what an adapter must say. ``attention`` is the attention module itself, whose two MatMuls the
-reference computes on integer codes (:mod:`.attention`) (the pattern of torchao's ``register_quantize_module_handler``).
+has no adapter stops the wrap with one line naming its class and what an adapter must say. ``attention`` is the
+attention module itself, whose two MatMuls the reference computes on integer codes (:mod:`.attention`) (the
+pattern of torchao's ``register_quantize_module_handler``).
 """
 
 import operator
@@ -16,8 +17,7 @@ from torch import nn
 
 from ..errors import PomqError
 
-ROLES = ("norm1", "attention", "qkv", "proj", "attn_probs", "norm2", "fc1", "fc2")
-# the kind of layer each role takes; qkv and fc1 may be several Linears reading the same LayerNorm output
+# the roles, and the kind of layer each takes; qkv and fc1 may be several Linears reading the same LayerNorm output
 KINDS = {"norm1": nn.LayerNorm, "attention": nn.Module, "qkv": nn.Linear, "proj": nn.Linear, "attn_probs": nn.Module,
          "norm2": nn.LayerNorm, "fc1": nn.Linear, "fc2": nn.Linear}
 MULTI = ("qkv", "fc1")

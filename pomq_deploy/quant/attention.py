@@ -29,6 +29,7 @@ from .modules import ActQuant, QuantWeighted
 
 MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 LINEAR = (F.linear, torch._C._nn.linear)
+INPUT_QUANTS = ("q_in", "k_in", "v_in")  # a rotary attention's quantizers of its MatMuls' inputs (attributes of it)
 
 
 @dataclass(frozen=True)
@@ -103,22 +104,24 @@ def integer_attention(attn: nn.Module, block: int, paths: dict[str, tuple[str, .
     all of these from the module they are called on, so a deep copy of the model (e.g. ``.double()``) hooks its own."""
     attn._pomq_layers = AttentionLayers(paths["qkv"], paths["proj"][0], paths["attn_probs"][0], functional_linear, rotary_qk)
     if rotary_qk:
-        attn.q_in, attn.k_in, attn.v_in = (ActQuant("act", block) for _ in range(3))
+        for name in INPUT_QUANTS:
+            setattr(attn, name, ActQuant("act", block))
     attn.register_forward_pre_hook(_enter)
     attn.register_forward_hook(_leave, always_call=True)
 
 
 def _enter(attn: nn.Module, args) -> None:
     at = attn._pomq_layers
-    qkv, proj, probs = ([operator.attrgetter(p)(attn) for p in paths] for paths in (at.qkv, (at.proj,), (at.probs,)))
-    probs = probs[0]
+    qkv = [operator.attrgetter(p)(attn) for p in at.qkv]
+    proj, probs = operator.attrgetter(at.proj)(attn), operator.attrgetter(at.probs)(attn)
     if at.rotary_qk:
-        q, k, v, factor = attn.q_in, attn.k_in, attn.v_in, 1.0  # q arrives scaled: its quantizer saw it so
+        q, k, v = (getattr(attn, name) for name in INPUT_QUANTS)
+        factor = 1.0  # q arrives scaled: its quantizer saw it so
     else:  # a fused qkv's one output grid serves all three
         q, k, v = (m.out_quant for m in (qkv * 3 if len(qkv) == 1 else qkv))
         factor = float(attn.scale)
     integer = q.state == "quant" and not q.exporting
-    linears = {id(m.layer.weight): m for m in qkv + proj} if at.functional_linear else {}
+    linears = {id(m.layer.weight): m for m in [*qkv, proj]} if at.functional_linear else {}
     if integer or linears or at.rotary_qk:
         mode = IntegerAttention(q, k, v, probs, factor, at.rotary_qk, integer, linears)
         probs.keep_last, probs.last = integer, None

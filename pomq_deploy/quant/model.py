@@ -24,20 +24,25 @@ from .schemes import get_scheme
 OUTSIDE_BITS = 8
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The encoder blocks of ``model`` in module order; a block-like module no adapter handles is an error."""
-    blocks, names = [], []
+def locate_blocks(model: nn.Module) -> list[tuple[nn.Module, dict[str, Form]]]:
+    """The encoder blocks of ``model`` in module order, each with its layers' paths by role (its adapter's
+    ``resolve``); a block-like module no adapter handles, or a variant its adapter does not cover, is an error."""
+    found, names = [], []
     for name, m in model.named_modules():
         if any(name.startswith(f"{b}.") for b in names):  # inside a block already found
             continue
         adapter = adapter_for(m)
         if adapter is not None:
-            adapter.resolve(m, f"{type(model).__name__}.{name}")
-            blocks.append(m)
+            found.append((m, adapter.resolve(m, f"{type(model).__name__}.{name}")))
             names.append(name)
         elif looks_like_block(m):
             raise unsupported(m, f"{type(model).__name__}.{name}")
-    return blocks
+    return found
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The encoder blocks of ``model`` in module order (see ``locate_blocks``)."""
+    return [block for block, _ in locate_blocks(model)]
 
 
 class NormLink:
@@ -78,11 +83,10 @@ class NormLink:
             lin.weight_changed()
 
 
-def _wrap_block(block: nn.Module, i: int, where: str) -> tuple[dict[str, Form], list[NormLink]]:
-    """Quantizers around the layers the block's adapter names; returns the layers' paths by role and the block's
+def _wrap_block(block: nn.Module, i: int, paths: dict[str, Form]) -> list[NormLink]:
+    """Quantizers around the layers at ``paths`` (role -> the paths its adapter resolved); returns the block's
     (LayerNorm, Linears) pairs. The Linears of one role (q/k/v, fc1_g/fc1_x) share their input's quantizer."""
     a = adapter_for(block)
-    paths = a.resolve(block, where)
     layer = {role: [operator.attrgetter(p)(block) for p in form] for role, form in paths.items()}
     attn = layer["attention"][0]
     attn.fused_attn = False  # timm's explicit q @ k -> softmax -> attn_drop -> @ v path, where we quantize
@@ -102,7 +106,7 @@ def _wrap_block(block: nn.Module, i: int, where: str) -> tuple[dict[str, Form], 
     attention_paths = {role: tuple(p.removeprefix(f"{paths['attention'][0]}.") for p in paths[role])
                        for role in ("qkv", "proj", "attn_probs")}
     integer_attention(attn, i, attention_paths, a.functional_linear, a.rotary_qk)
-    return paths, [NormLink(wrap["norm1"][0].module, wrap["qkv"]), NormLink(wrap["norm2"][0].module, wrap["fc1"])]
+    return [NormLink(wrap["norm1"][0].module, wrap["qkv"]), NormLink(wrap["norm2"][0].module, wrap["fc1"])]
 
 
 def _wrap_rest(module: nn.Module) -> None:
@@ -125,14 +129,13 @@ class QuantModel(nn.Module):
         super().__init__()
         spec = get_scheme(scheme)
         self.model, self.scheme, self.observer = model.eval(), scheme, observer
-        self.blocks = find_blocks(model)
+        located = locate_blocks(model)
+        self.blocks = [block for block, _ in located]
+        self.block_layers = [paths for _, paths in located]  # per block: role -> the paths of its layers
         if not self.blocks:
             raise ModelError(f"{type(model).__name__} has no encoder blocks to quantize: no module of it is a block an "
                              f"adapter handles ({', '.join(c for a in ADAPTERS.values() for c in a.classes)})")
-        names = {id(m): n for n, m in model.named_modules()}
-        wrapped = [_wrap_block(block, i, f"{type(model).__name__}.{names[id(block)]}") for i, block in enumerate(self.blocks)]
-        self.block_layers = [paths for paths, _ in wrapped]  # per block: role -> the paths of its layers
-        self.norm_links = [link for _, links in wrapped for link in links]
+        self.norm_links = [link for i, (block, paths) in enumerate(located) for link in _wrap_block(block, i, paths)]
         _wrap_rest(model)
         self.act_quants = {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
         self.weighted = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeighted)}
