@@ -122,6 +122,17 @@ def _in_scope(node_name: str, scope: tuple[str, ...]) -> bool:
     return all(any(seg == part for seg in segments) for part in scope)
 
 
+def _scope_nodes(model, scope: tuple[str, ...]) -> list:
+    return [n for n in model.graph.node if _in_scope(n.name, scope)]
+
+
+def scope_output(model, scope: tuple[str, ...]) -> str | None:
+    """The tensor a module's scope ends with in an exported graph (its last node's output; the exporter writes
+    nodes in execution order), or None where no node carries the scope."""
+    nodes = _scope_nodes(model, scope)
+    return nodes[-1].output[0] if nodes else None
+
+
 def block_boundaries(model, scopes: list[tuple[str, ...]]) -> list[tuple[str, str]]:
     """(input tensor, output tensor) of each block in an exported graph: the output is the last node of the
     block's scope; the input is the one tensor its nodes read from outside it that is not a constant."""
@@ -131,7 +142,7 @@ def block_boundaries(model, scopes: list[tuple[str, ...]]) -> list[tuple[str, st
             constant.update(n.output)
     out = []
     for scope in scopes:
-        nodes = [n for n in model.graph.node if _in_scope(n.name, scope)]
+        nodes = _scope_nodes(model, scope)
         if not nodes:
             raise ValueError(f"no node of block {'.'.join(scope)} in the exported graph")
         made = {o for n in nodes for o in n.output}
@@ -143,7 +154,12 @@ def block_boundaries(model, scopes: list[tuple[str, ...]]) -> list[tuple[str, st
 
 
 def worst_block(run_onnx: Callable, model, qmodel: nn.Module, blocks: list[nn.Module], images: torch.Tensor) -> BlockDiff:
-    """The block whose output differs most from the reference's when both get the reference's block input.
+    """The block whose output differs most from the reference's when both get the reference's block input."""
+    return min(block_diffs(run_onnx, model, qmodel, blocks, images), key=lambda d: d.cosine)
+
+
+def block_diffs(run_onnx: Callable, model, qmodel: nn.Module, blocks: list[nn.Module], images: torch.Tensor) -> list[BlockDiff]:
+    """Each block's output against the reference's when both get the reference's block input.
 
     ``run_onnx(model, feeds) -> outputs`` runs an ONNX model the way the backend does. Each block is cut
     out of ``model`` (onnx.utils.Extractor) and fed the input the PyTorch reference gave that block."""
@@ -164,4 +180,4 @@ def worst_block(run_onnx: Callable, model, qmodel: nn.Module, blocks: list[nn.Mo
         got = run_onnx(extractor.extract_model([x], [y]), {x: seen[i][0].numpy()})[0]
         ref = seen[i][1].numpy().astype(np.float64)
         diffs.append(BlockDiff(i, y, cosine(ref, got), float(np.abs(ref - got).max())))
-    return min(diffs, key=lambda d: d.cosine)
+    return diffs

@@ -124,7 +124,7 @@ def test_plan_block_count_must_fit_the_model(tiny_recipe, tmp_path, capsys):
 def test_tensorrt_backend_on_a_cpu_machine(tiny_recipe, tmp_path, capsys):
     err = user_error(["build", "--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--backend", "tensorrt",
                       "--out", str(tmp_path / "eng")], capsys)
-    assert "tensorrt" in err and "pip install 'pomq-deploy[gpu]'" in err
+    assert "tensorrt" in err and "pip install -e '.[gpu]'" in err
 
 
 def test_export_command_writes_checked_onnx(tiny_recipe, tmp_path, capsys):
@@ -137,3 +137,13 @@ def test_export_command_writes_checked_onnx(tiny_recipe, tmp_path, capsys):
 
 def test_build_needs_exactly_one_model_choice(capsys):
     assert "give one of --plan FILE, --uniform W/A/ATTN or --fp32" in user_error(["build"], capsys)
+
+
+def test_compare_an_artifact(built, capsys):
+    """compare --artifact takes the plan, recipe, target and backend from the manifest and its own model.onnx."""
+    directory, m = built
+    assert main(["compare", "--artifact", str(directory), "--images", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["plan_id"], out["target"], out["backend"]) == (m["plan_id"], "ort", "ort-cpu")
+    assert len(out["blocks"]) == 12 and min(b["isolated"] for b in out["blocks"]) > 0.999
+    assert "--artifact compares what was built" in user_error(["compare", "--artifact", str(directory), "--scheme", "tsptq"], capsys)

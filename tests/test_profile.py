@@ -86,7 +86,7 @@ def test_nsys_command_lines(tmp_path):
     child = bench_child_command(tmp_path, 4, 20)
     assert child == [sys.executable, "-m", "pomq_deploy", "bench", "--artifact", str(tmp_path), "--batch", "4", "--runs", "20"]
     assert profile_command("/opt/nsys", base, child) == [
-        "/opt/nsys", "profile", "--trace=cuda,nvtx", "--cuda-graph-trace=node", "--force-overwrite=true", "-o", str(base), *child]
+        "/opt/nsys", "profile", "--trace=cuda,nvtx", "--force-overwrite=true", "-o", str(base), *child]
     assert stats_command("/opt/nsys", report_path(base)) == [
         "/opt/nsys", "stats", "--report", "cuda_gpu_kern_sum", "--format", "csv", "--output", "-", "--force-export=true",
         str(report_path(base))]

@@ -5,7 +5,7 @@ at the same batch. Each (variant, batch) gets its own engine, tuned for that bat
 timing cache. Needs an NVIDIA GPU with TensorRT; elsewhere it exits 2 with one line saying what is missing.
 
     python tools/bench_trt.py
-    python tools/bench_trt.py --models reference --runs 500 --cuda-graph
+    python tools/bench_trt.py --models reference --runs 500
 """
 
 import argparse
@@ -38,8 +38,7 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel, args, work: Path) -> li
         """One row: an engine per batch (TensorRT's optimisation profile is built for one), the ONNX exported once."""
         stats, size, onnx_path = {}, 0, None
         for batch in BATCHES:
-            backend = TensorRTBackend(batch=batch, fp16=fp16, strongly_typed=not (fp16 and args.weak_fp16),
-                                      timing_cache=cache, cuda_graph=args.cuda_graph)
+            backend = TensorRTBackend(batch=batch, fp16=fp16, timing_cache=cache)
             out = work / f"{label}_{len(rows)}_b{batch}"
             out.mkdir()
             source = {"onnx_path": onnx_path} if onnx_path else {"model": fp if plan is None else qmodel, "plan": plan}
@@ -60,7 +59,7 @@ def table(rows: list[tuple], here: dict, args) -> str:
     head = "| model | variant | " + " | ".join(f"b{b} median (ms) | b{b} p90 (ms) | speed-up b{b}" for b in BATCHES) + " | engine bytes |"
     lines = [f"TensorRT {here['tensorrt']} on {here['gpu']} (compute capability {here['compute_capability']}, CUDA "
              f"{here['cuda']}); median and p90 of {max(args.runs, 200)} CUDA-event-timed runs after warm-up"
-             f"{', CUDA graph replays' if args.cuda_graph else ''}; speed-up = FP16 median / this median.", "",
+             f"; speed-up = FP16 median / this median.", "",
              head, "|" + " --- |" * (3 + 3 * len(BATCHES))]
     for label, what, stats, size in rows:
         cells = [f"{stats[b].median_ms:.3f} | {stats[b].p90_ms:.3f} | {base[label][b].median_ms / stats[b].median_ms:.2f}x"
@@ -74,10 +73,6 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["reference", "deit_small"], choices=["reference", "deit_small"])
     p.add_argument("--scheme", default="fqvit")
     p.add_argument("--runs", type=int, default=200, help="timed runs per measurement (at least 200 are timed)")
-    p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
-    p.add_argument("--weak-fp16", action="store_true",
-                   help="build the FP16 baseline weakly typed with the FP16 flag (TensorRT 10 only) instead of converting "
-                   "the ONNX with ModelOpt AutoCast")
     args = p.parse_args()
     try:
         require_gpu_stack()

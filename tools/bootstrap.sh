@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs: Fashion-MNIST from Debian (when missing), a Python 3.11 venv in .venv,
 # and this package with its pinned dependencies (torch 2.14.1 + torchvision 0.29.1, timm, onnxruntime, ...),
-# with the dev and postgres extras (pytest, ruff; psycopg for tests/test_postgres.py's PostgreSQL server).
+# with the dev, postgres and autocast extras (pytest, ruff; psycopg for tests/test_postgres.py's PostgreSQL server;
+# NVIDIA ModelOpt AutoCast, the FP16 conversion before a TensorRT build, which runs and is tested on the CPU).
 # Safe to run again: every step is skipped or quick when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ stamp=.venv/.pomq-deploy-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import pomq_deploy' 2>/dev/null; then
   echo "bootstrap: installing pomq-deploy and its pinned dependencies into .venv (first time: a few minutes, ~6 GB with torch)" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,postgres]" 2>&1 \
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,postgres,autocast]" 2>&1 \
     | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e "^ " -e "^$" || true; } >&2
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bootstrap: pip install failed" >&2; exit 1; }
   echo "$want" > "$stamp"

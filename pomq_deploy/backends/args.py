@@ -34,19 +34,18 @@ class OrtCpuArgs:
 @dataclass(frozen=True)
 class TensorRTArgs:
     title = "tensorrt backend (see docs/tensorrt.md)"
-    dests = ("fp16", "cuda_graph", "timing_cache")
+    dests = ("fp16", "timing_cache")
 
     def add_arguments(self, g: argparse._ArgumentGroup) -> None:
         g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                        help="run what the plan leaves in float (LayerNorm, Softmax, GELU, residual adds) in FP16: the ONNX is "
                        "converted with NVIDIA ModelOpt AutoCast before TensorRT parses it (default: on; --no-fp16 keeps FP32)")
-        g.add_argument("--cuda-graph", action="store_true", default=None, help="time CUDA graph replays of the engine")
         g.add_argument("--timing-cache", metavar="FILE", type=Path,
                        help="shared TensorRT timing cache (default: <output root>/.trt_timing.cache)")
 
     def from_args(self, args: argparse.Namespace, batch: int, out_root: Path) -> dict[str, Any]:
         """The engine's optimisation profile is built for the latency batch (``--batch``)."""
-        return {"batch": batch, "fp16": args.fp16 is not False, "cuda_graph": bool(args.cuda_graph),
+        return {"batch": batch, "fp16": args.fp16 is not False,
                 "timing_cache": args.timing_cache or Path(out_root) / ".trt_timing.cache"}
 
 

@@ -1,22 +1,24 @@
-"""TensorRT: build a Q/DQ ONNX into a serialized engine, run it on torch CUDA tensors, time it with CUDA events.
+"""TensorRT through NVIDIA's Polygraphy: its loaders parse the Q/DQ ONNX into a strongly typed network, build
+the engine with a shared, file-locked timing cache, and its ``TrtRunner`` binds and runs the engine. What
+stays ours: the checks before TensorRT sees the model (quantization rules, the input's shape), the build
+settings and the trtexec line (:mod:`.trt_settings`), the engine's layer report (:mod:`.trt_inspect`) and
+latency by CUDA events around the runner's own enqueue (Polygraphy times on the host, with its Python
+overhead inside every run: tens of microseconds, the size of a small engine's whole run).
 
-Written to TensorRT 10's documented Python API; no TensorRT builder has been available where this was
-written, so none of the calls into ``tensorrt`` has run yet (docs/tensorrt.md says what is tested).
-``tensorrt`` and CUDA are touched only when the backend is constructed, which fails at once, in one
-sentence, where either is missing. What can be decided without them lives in pure functions here and in
-:mod:`.trt_settings` and :mod:`.trt_inspect`.
-
-A build checks the ONNX against TensorRT's quantization rules first, parses it into a strongly typed
-network, builds with a shared timing cache, writes ``model.engine`` and (DETAILED profiling) the engine's
-layer information ``layers.json`` beside it. NVTX ranges name the build, warm-up and timed runs after the
-artifact directory (the plan-id), so that Nsight Systems shows them by name.
+No TensorRT builder installs where this was written, so none of the calls into ``tensorrt`` has run yet;
+everything up to the import of ``tensorrt`` has (docs/tensorrt.md says what is tested where). ``tensorrt``
+and CUDA are touched only when the backend is constructed, which fails at once, in one sentence, where
+either is missing. NVTX ranges name the build, warm-up and timed runs after the artifact directory (the
+plan-id), so that Nsight Systems shows them by name.
 """
 
 import logging
 import re
+import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from ..atomic import replace_atomically, write_text
 from ..plan import Plan
 from . import Artifact, BackendError, LatencyStats
 from .trt_inspect import read_layer_info, summarise
-from .trt_settings import DEFAULT_TIMING_CACHE, TrtBuildSettings, build_settings, builder_flags, compatibility_problems, trtexec_command
+from .trt_settings import DEFAULT_TIMING_CACHE, TrtBuildSettings, build_settings, compatibility_problems, trtexec_command
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ ENGINE_NAME, LAYERS_NAME, FP16_ONNX_NAME = "model.engine", "layers.json", "model
 MIN_TIMED_RUNS = 200  # GPU latencies are tens of microseconds: fewer runs make a noisy p90
 WARMUP_RUNS = 20
 ENGINES_KEPT = 4
-INSTALL = "pip install 'pomq-deploy[gpu]'"
+INSTALL = "pip install -e '.[gpu]' --extra-index-url https://pypi.nvidia.com"
 
 
 def require_gpu_stack() -> None:
@@ -49,22 +51,21 @@ def require_gpu_stack() -> None:
     if not torch.cuda.is_available():
         raise BackendError("the tensorrt backend needs a CUDA GPU and torch sees none on this machine: run it where "
                            f"an NVIDIA GPU and its driver are, with {INSTALL}, or use --backend ort-cpu")
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.use_python_logging_system = True  # Polygraphy's and TensorRT's messages on stderr, at -v's level, not on stdout
 
 
 @dataclass(frozen=True)
-class OnnxGraph:
-    """What the build needs to know about the ONNX before TensorRT sees it."""
+class OnnxInput:
+    """The model's one input, as the optimisation profile needs it."""
 
-    input_name: str
-    input_shape: tuple[int, ...]  # one sample
-    has_qdq: bool
-    has_int4: bool
+    name: str
+    shape: tuple[int, ...]  # one sample
 
 
-def read_onnx_graph(model, path: Path) -> OnnxGraph:
-    """``model`` (the ONNX loaded from ``path``, which error messages name) as the build needs it."""
-    import onnx
-
+def read_onnx_input(model, path: Path) -> OnnxInput:
+    """``model``'s input (the ONNX loaded from ``path``, which error messages name)."""
     weights = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in weights]
     if len(inputs) != 1:
@@ -72,9 +73,7 @@ def read_onnx_graph(model, path: Path) -> OnnxGraph:
     dims = inputs[0].type.tensor_type.shape.dim
     if len(dims) < 2 or any(d.dim_value <= 0 for d in dims[1:]):
         raise BackendError(f"{path}: input {inputs[0].name!r} must have a fixed shape after its batch dimension")
-    return OnnxGraph(inputs[0].name, tuple(d.dim_value for d in dims[1:]),
-                     any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node),
-                     any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer))
+    return OnnxInput(inputs[0].name, tuple(d.dim_value for d in dims[1:]))
 
 
 def rules_gate(findings: Iterable[Any], onnx_path: Path) -> None:
@@ -95,6 +94,31 @@ def rules_gate(findings: Iterable[Any], onnx_path: Path) -> None:
                            "pomq-deploy check lists every finding")
 
 
+def engine_loader(onnx: Path | bytes, s: TrtBuildSettings, shapes: dict[str, tuple] | None = None):
+    """Polygraphy's loader chain for one build; calling it builds: the ONNX (a file, or a model's bytes) parsed
+    into a strongly typed network, the builder config from ``s`` (its profile over the batch, or ``shapes``:
+    each input's min/opt/max), serialized with the timing cache loaded before and merged after, under
+    Polygraphy's file lock. Constructing it imports no ``tensorrt`` unless ``s`` asks for detailed profiling
+    or a workspace limit (their values are TensorRT enums)."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, NetworkFromOnnxPath, Profile
+
+    shapes = shapes or {s.input_name: (s.shape(s.min_batch), s.shape(s.opt_batch), s.shape(s.max_batch))}
+    optimization_profile = Profile()
+    for name, (lo, opt, hi) in shapes.items():
+        optimization_profile.add(name, min=lo, opt=opt, max=hi)
+    verbosity = pools = None
+    if s.detailed_profiling or s.workspace_mib is not None:
+        import tensorrt as trt
+
+        verbosity = trt.ProfilingVerbosity.DETAILED if s.detailed_profiling else None
+        pools = None if s.workspace_mib is None else {trt.MemoryPoolType.WORKSPACE: s.workspace_mib << 20}
+    network = (NetworkFromOnnxBytes(onnx, strongly_typed=True) if isinstance(onnx, bytes)
+               else NetworkFromOnnxPath(str(onnx), strongly_typed=True))
+    config = CreateConfig(profiles=[optimization_profile], builder_optimization_level=s.optimization_level,
+                          profiling_verbosity=verbosity, memory_pool_limits=pools, load_timing_cache=s.timing_cache)
+    return EngineBytesFromNetwork(network, config, save_timing_cache=s.timing_cache)
+
+
 def artifact_label(directory: Path) -> str:
     """The plan-id an artifact directory stands for, also while it is still the build's staging directory
     (``.<plan-id>.<random>.tmp``, see :func:`pomq_deploy.artifact.staging_dir`)."""
@@ -106,9 +130,8 @@ def manifest_section(artifact: Artifact, plan: Plan | None) -> dict[str, Any]:
     """The manifest's ``tensorrt`` entry: the trtexec line that builds the same engine and the engine's layer
     summary against the plan. Version, GPU, CUDA and the settings are in ``backend.options``."""
     settings = TrtBuildSettings.from_dict(artifact.options["settings"])
-    section: dict[str, Any] = {"trtexec": trtexec_command(settings, artifact.options["builder_flags"],
-                                                          onnx=artifact.options["parsed_onnx"], engine=artifact.path.name,
-                                                          layers=LAYERS_NAME)}
+    section: dict[str, Any] = {"trtexec": trtexec_command(settings, onnx=artifact.options["parsed_onnx"],
+                                                          engine=artifact.path.name, layers=LAYERS_NAME)}
     layers = artifact.path.parent / LAYERS_NAME
     if layers.is_file():
         import onnx
@@ -128,23 +151,52 @@ def machine() -> dict[str, str]:
             "cuda": str(torch.version.cuda)}
 
 
+def autocast_fp16(onnx_path: Path, out: Path) -> None:
+    """FP16 for what the ONNX keeps in float, the strongly typed way: ModelOpt AutoCast rewrites the ONNX
+    (inputs and outputs stay FP32; nodes it judges sensitive stay FP32 too). It runs on the CPU."""
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as e:
+        raise BackendError(f"fp16 with a strongly typed network converts the ONNX with NVIDIA ModelOpt AutoCast, which does "
+                           f"not import here ({e}): pip install -e '.[autocast]', or build with --no-fp16") from None
+    import onnx
+
+    model = convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
+    replace_atomically(Path(out), lambda tmp: onnx.save(model, str(tmp)))
+
+
+@contextmanager
+def _polygraphy_errors(what: str) -> Iterator[None]:
+    """Polygraphy reports a failed parse, build or load by raising PolygraphyException after logging
+    TensorRT's errors: one BackendError line naming ``what`` instead."""
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        yield
+    except PolygraphyException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendError(f"{what}: {first} (TensorRT's messages are in the log above; -v shows more)") from None
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, batch: int = 8, max_batch: int | None = None, fp16: bool = True, strongly_typed: bool = True,
-                 optimization_level: int = 3, workspace_mib: int | None = None,
-                 timing_cache: Path | None = DEFAULT_TIMING_CACHE, cuda_graph: bool | None = None):
+    def __init__(self, batch: int = 8, max_batch: int | None = None, fp16: bool = True, optimization_level: int = 3,
+                 workspace_mib: int | None = None, timing_cache: Path | None = DEFAULT_TIMING_CACHE):
         require_gpu_stack()
-        self.batch, self.max_batch, self.fp16, self.strongly_typed = batch, max_batch, fp16, strongly_typed
+        self.batch, self.max_batch, self.fp16 = batch, max_batch, fp16
         self.optimization_level, self.workspace_mib, self.timing_cache = optimization_level, workspace_mib, timing_cache
-        self.cuda_graph = cuda_graph  # None: as the artifact was timed when it was built
-        self._logger = _logger()
-        self._engines: OrderedDict = OrderedDict()
+        self._runners: OrderedDict = OrderedDict()
 
     def options(self) -> dict[str, Any]:
-        return {"batch": self.batch, "max_batch": self.max_batch, "fp16": self.fp16, "strongly_typed": self.strongly_typed,
+        return {"batch": self.batch, "max_batch": self.max_batch, "fp16": self.fp16,
                 "optimization_level": self.optimization_level, "workspace_mib": self.workspace_mib,
-                "timing_cache": None if self.timing_cache is None else str(self.timing_cache), "cuda_graph": self.cuda_graph}
+                "timing_cache": None if self.timing_cache is None else str(self.timing_cache)}
+
+    def _settings(self, input_: OnnxInput) -> TrtBuildSettings:
+        return build_settings(input_.name, input_.shape, self.batch, max_batch=self.max_batch, fp16=self.fp16,
+                              optimization_level=self.optimization_level, workspace_mib=self.workspace_mib,
+                              timing_cache=self.timing_cache)
 
     def build(self, onnx_path: Path, out_dir: Path) -> Artifact:
         from torch.cuda import nvtx
@@ -154,24 +206,19 @@ class TensorRTBackend:
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
         model = load_model(onnx_path)  # read once: the rules check and the build settings both need it
         rules_gate(check_tensorrt(model), onnx_path)
-        graph = read_onnx_graph(model, onnx_path)
-        settings = build_settings(graph.input_name, graph.input_shape, self.batch, max_batch=self.max_batch,
-                                  strongly_typed=self.strongly_typed, fp16=self.fp16, optimization_level=self.optimization_level,
-                                  workspace_mib=self.workspace_mib, timing_cache=self.timing_cache)
-        flags = builder_flags(settings, graph.has_qdq, graph.has_int4)
+        settings = self._settings(read_onnx_input(model, onnx_path))
         parsed = onnx_path
-        if settings.fp16 and settings.strongly_typed:
+        if settings.fp16:
             parsed = out_dir / FP16_ONNX_NAME
-            _autocast_fp16(onnx_path, parsed)
-        with nvtx.range(f"build {artifact_label(out_dir)}"):
-            serialized = _build_engine(parsed, settings, flags, self._logger)
+            autocast_fp16(onnx_path, parsed)
+        with nvtx.range(f"build {artifact_label(out_dir)}"), _polygraphy_errors(f"{parsed.name}: TensorRT could not build an engine"):
+            serialized = engine_loader(parsed, settings)()
         engine_path = out_dir / ENGINE_NAME
         replace_atomically(engine_path, lambda tmp: tmp.write_bytes(serialized))
-        options = {"settings": settings.to_dict(), "builder_flags": flags, "parsed_onnx": parsed.name,
-                   "built_with": machine(), "cuda_graph": bool(self.cuda_graph)}
+        options = {"settings": settings.to_dict(), "parsed_onnx": parsed.name, "built_with": machine()}
         artifact = Artifact(engine_path, self.name, options, engine_path.stat().st_size)
         if settings.detailed_profiling:
-            write_text(out_dir / LAYERS_NAME, self._loaded(artifact).layer_information())
+            write_text(out_dir / LAYERS_NAME, _layer_information(self._runner(artifact), settings))
         return artifact
 
     @staticmethod
@@ -183,216 +230,91 @@ class TensorRTBackend:
         import torch
         from torch.cuda import nvtx
 
-        eng = self._loaded(artifact)
-        step, outs = eng.settings.max_batch, []
+        runner = self._runner(artifact)
+        s = TrtBuildSettings.from_dict(artifact.options["settings"])
+        outs = []
         with nvtx.range(f"run {artifact_label(artifact.path.parent)}"):
-            for i in range(0, len(images), step):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + step])).to("cuda", eng.input_dtype)
-                out = eng.bind(x)
-                eng.execute()
-                outs.append(out.float().cpu().numpy())  # .cpu() waits for the stream
+            for i in range(0, len(images), s.max_batch):
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + s.max_batch], dtype=np.float32)).cuda()
+                (out,) = runner.infer({s.input_name: x}).values()  # torch in, torch out (on the host)
+                outs.append(out.float().numpy())
         return np.concatenate(outs)
 
+    def run_onnx(self, model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run an in-memory ONNX model (e.g. one block cut out, or with block outputs marked) as ``build``'s
+        engines run: AutoCast when fp16, strongly typed, one profile fixed to the feeds' shapes, the shared
+        timing cache; the model's outputs in its order (see pomq_deploy.verify and pomq_deploy.compare)."""
+        import onnx
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        name, first = next(iter(feeds.items()))
+        s = replace(self._settings(OnnxInput(name, first.shape[1:])), detailed_profiling=False)
+        with tempfile.TemporaryDirectory(prefix="pomq-trt-") as tmp:
+            path = Path(tmp) / "part.onnx"
+            onnx.save(model, str(path))
+            if s.fp16:
+                autocast_fp16(path, path)
+            shapes = {k: (x.shape, x.shape, x.shape) for k, x in feeds.items()}
+            with _polygraphy_errors("TensorRT could not build the model part"):
+                engine = EngineFromBytes(engine_loader(path.read_bytes(), s, shapes)())
+                with TrtRunner(engine) as runner:
+                    out = runner.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return [np.asarray(out[o.name], dtype=np.float32) for o in model.graph.output]
+
     def latency(self, artifact: Artifact, batch: int, runs: int = 50, warmup: int = WARMUP_RUNS) -> LatencyStats:
-        """Median and p90 of at least MIN_TIMED_RUNS runs, each timed by CUDA events on the stream."""
+        """Median and p90 of at least MIN_TIMED_RUNS runs, each timed by CUDA events around the engine's enqueue
+        on the runner's stream (the runner has bound the input, its shape and the outputs once before)."""
         import torch
         from torch.cuda import nvtx
 
-        eng = self._loaded(artifact)
-        s = eng.settings
+        runner = self._runner(artifact)
+        s = TrtBuildSettings.from_dict(artifact.options["settings"])
         if not s.min_batch <= batch <= s.max_batch:
             raise BackendError(f"{artifact.path.parent}: batch {batch} is outside the engine's profile ({s.min_batch} to "
                                f"{s.max_batch}); rebuild it with pomq-deploy build --backend tensorrt --batch {batch}")
         runs, label = max(runs, MIN_TIMED_RUNS), f"{artifact_label(artifact.path.parent)} b{batch}"
-        x = torch.randn(s.shape(batch), device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(eng.input_dtype)
-        eng.bind(x)
+        x = torch.randn(s.shape(batch), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
         with nvtx.range(f"warm-up {label}"):
-            for _ in range(warmup):
-                eng.execute()
-            torch.cuda.current_stream().synchronize()
-        graph = self.cuda_graph if self.cuda_graph is not None else artifact.options.get("cuda_graph", False)
-        step = _capture(eng) if graph else eng.execute
+            for _ in range(max(warmup, 1)):
+                runner.infer({s.input_name: x}, copy_outputs_to_host=False)
+        stream = torch.cuda.ExternalStream(runner.stream.ptr)
         starts, ends = ([torch.cuda.Event(enable_timing=True) for _ in range(runs)] for _ in range(2))
-        with nvtx.range(f"timed {label} x{runs}{' graph' if graph else ''}"):
+        with nvtx.range(f"timed {label} x{runs}"):
             for start, end in zip(starts, ends, strict=True):
-                start.record()
-                step()
-                end.record()
-            torch.cuda.current_stream().synchronize()
+                start.record(stream)
+                if not runner.context.execute_async_v3(runner.stream.ptr):
+                    raise BackendError(f"{artifact.path}: TensorRT failed to enqueue the engine (see its log above)")
+                end.record(stream)
+            stream.synchronize()
         return LatencyStats.from_times(batch, [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)])
 
-    def _loaded(self, artifact: Artifact) -> "_Engine":
-        """One deserialized engine per artifact file, reused; the few most recent are kept."""
+    def _runner(self, artifact: Artifact):
+        """One activated TrtRunner per artifact file, reused; the few most recent are kept."""
         key = (str(artifact.path), artifact.path.stat().st_mtime_ns)
-        if key not in self._engines:
+        if key not in self._runners:
             problems = compatibility_problems(artifact.options.get("built_with", {}), machine())
             if problems:
                 raise BackendError(f"{artifact.path.parent}: this engine cannot run here: {'; '.join(problems)}; "
                                    "rebuild it on this machine with pomq-deploy build --backend tensorrt")
-            self._engines[key] = _Engine(artifact, self._logger)
-            while len(self._engines) > ENGINES_KEPT:
-                self._engines.popitem(last=False)
-        self._engines.move_to_end(key)
-        return self._engines[key]
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+            with _polygraphy_errors(f"{artifact.path}: TensorRT could not load this engine; rebuild it"):
+                runner = TrtRunner(EngineFromBytes(artifact.path.read_bytes()))
+                runner.activate()
+            self._runners[key] = runner
+            while len(self._runners) > ENGINES_KEPT:
+                self._runners.popitem(last=False)[1].deactivate()
+        self._runners.move_to_end(key)
+        return self._runners[key]
 
 
-class _Engine:
-    """A deserialized engine, one execution context, and its single input and output."""
-
-    def __init__(self, artifact: Artifact, logger):
-        import tensorrt as trt
-
-        self.settings = TrtBuildSettings.from_dict(artifact.options["settings"])
-        logger.errors.clear()
-        self.runtime = trt.Runtime(logger)
-        self.engine = self.runtime.deserialize_cuda_engine(artifact.path.read_bytes())
-        if self.engine is None:
-            raise BackendError(f"{artifact.path}: TensorRT could not deserialize this engine ({_first(logger)}); rebuild it")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(ins) != 1 or len(outs) != 1:
-            raise BackendError(f"{artifact.path}: expected one input and one output, found {ins} and {outs}")
-        self.input, self.output = ins[0], outs[0]
-        self.input_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.input))
-        self.output_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.output))
-
-    def bind(self, x):
-        """Give the context ``x``'s shape and address; return the output tensor the engine will write. Both
-        stay referenced here until the next bind: the context holds their raw addresses."""
-        import torch
-
-        if not self.context.set_input_shape(self.input, tuple(x.shape)):
-            raise BackendError(f"TensorRT refused input shape {tuple(x.shape)} (profile batch {self.settings.min_batch} "
-                               f"to {self.settings.max_batch})")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.output_dtype, device=x.device)
-        self.context.set_tensor_address(self.input, x.data_ptr())
-        self.context.set_tensor_address(self.output, out.data_ptr())
-        self._bound = (x, out)
-        return out
-
-    def execute(self) -> None:
-        """One inference on torch's current stream (CUDA graph capture swaps that stream for its own)."""
-        import torch
-
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise BackendError("TensorRT failed to enqueue the engine (see its log above)")
-
-    def layer_information(self) -> str:
-        """IEngineInspector's JSON with the context bound at the opt batch: without concrete shapes the
-        inspector leaves dynamic dimensions at -1 and prints no formats (its documented behaviour)."""
-        import tensorrt as trt
-        import torch
-
-        x = torch.zeros(self.settings.shape(self.settings.opt_batch), dtype=self.input_dtype, device="cuda")
-        self.bind(x)
-        inspector = self.engine.create_engine_inspector()
-        inspector.execution_context = self.context
-        return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-
-
-def _build_engine(onnx_path: Path, s: TrtBuildSettings, flags: list[str], logger) -> bytes:
-    import tensorrt as trt
-
-    logger.errors.clear()
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if s.strongly_typed else 0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        shown = "; ".join(" ".join(f"{e.node_name() or f'node {e.node()}'} ({e.node_operator()}): {e.desc()}".split())
-                          for e in errors[:2])
-        raise BackendError(f"{onnx_path.name}: TensorRT's ONNX parser failed: {shown or _first(logger)}")
-    config = builder.create_builder_config()
-    for flag in flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    config.builder_optimization_level = s.optimization_level
-    if s.detailed_profiling:
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if s.workspace_mib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_mib << 20)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(s.input_name, s.shape(s.min_batch), s.shape(s.opt_batch), s.shape(s.max_batch))
-    config.add_optimization_profile(profile)
-    cache_path = None if s.timing_cache is None else Path(s.timing_cache)
-    if cache_path is not None:
-        config.set_timing_cache(config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b""), False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BackendError(f"{onnx_path.name}: TensorRT could not build an engine: {_first(logger)}")
-    if cache_path is not None:
-        _save_timing_cache(config, cache_path)
-    return bytes(serialized)
-
-
-def _save_timing_cache(config, path: Path) -> None:
-    """Merge this build's timings into the shared cache file, under a lock: another build may have saved
-    since this one loaded it."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cache = config.get_timing_cache()
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            cache.combine(config.create_timing_cache(path.read_bytes()), False)
-        data = bytes(cache.serialize())
-        replace_atomically(path, lambda tmp: tmp.write_bytes(data))
-
-
-def _autocast_fp16(onnx_path: Path, out: Path) -> None:
-    """FP16 for what the ONNX keeps in float, the strongly typed way: ModelOpt AutoCast rewrites the ONNX
-    (inputs and outputs stay FP32; nodes it judges sensitive stay FP32 too)."""
-    try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-    except ImportError:
-        raise BackendError("fp16 with a strongly typed network converts the ONNX with NVIDIA ModelOpt AutoCast, which is "
-                           "not installed here: pip install 'pomq-deploy[gpu]' (or nvidia-modelopt[onnx]), or build with --no-fp16") from None
-    import onnx
-
-    model = convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
-    replace_atomically(out, lambda tmp: onnx.save(model, str(tmp)))
-
-
-def _capture(eng: _Engine) -> Callable[[], None]:
-    """One inference captured in a CUDA graph; the caller has already run the engine at this shape, which
-    TensorRT requires before capture after a shape change."""
-    import torch
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        eng.execute()
-    return graph.replay
-
-
-def _torch_dtype(trt_dtype):
+def _layer_information(runner, s: TrtBuildSettings) -> str:
+    """IEngineInspector's JSON with the context bound at the opt batch: without concrete shapes the
+    inspector leaves dynamic dimensions at -1 and prints no formats (its documented behaviour)."""
     import tensorrt as trt
     import torch
 
-    return torch.from_numpy(np.zeros(0, dtype=trt.nptype(trt_dtype))).dtype
-
-
-def _logger():
-    """A TensorRT logger that forwards to ``logging`` and keeps the errors, so that a failure names its cause."""
-    import tensorrt as trt
-
-    levels = {trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR, trt.ILogger.Severity.ERROR: logging.ERROR,
-              trt.ILogger.Severity.WARNING: logging.WARNING, trt.ILogger.Severity.INFO: logging.INFO}
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            level = levels.get(severity, logging.DEBUG)
-            if level == logging.ERROR:
-                self.errors.append(" ".join(str(msg).split()))
-            log.log(level, "TensorRT: %s", msg)
-
-    return Logger()
-
-
-def _first(logger) -> str:
-    return logger.errors[0] if logger.errors else "TensorRT logged no error; run with -vv for its log"
+    runner.infer({s.input_name: torch.zeros(s.shape(s.opt_batch), device="cuda")}, copy_outputs_to_host=False)
+    inspector = runner.engine.create_engine_inspector()
+    inspector.execution_context = runner.context
+    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)

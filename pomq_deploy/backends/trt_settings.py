@@ -1,14 +1,12 @@
 """What a TensorRT build is asked for, the trtexec line that asks for the same, and whether an engine can
 load here: pure functions (no ``tensorrt`` import), so that all of it is tested on a CPU machine.
 
-Precision in a strongly typed network (the default) comes from the ONNX itself: the Q/DQ nodes make the
-INT8 and INT4 parts, and every other tensor keeps the ONNX's float type. Our export writes FP32, so
-``fp16=True`` (the default) converts the ONNX with NVIDIA ModelOpt AutoCast before parsing, so that what the
-plan leaves in float (LayerNorm, Softmax, GELU, residual adds, the scale arithmetic around Q/DQ) runs in FP16
-(the route TensorRT documents for strong typing; TensorRT 11 removed the FP16 builder flag); with
-``fp16=False`` those parts run in FP32. Weak typing
-(``strongly_typed=False``, TensorRT 10 only, deprecated since 10.12) instead sets builder flags and lets
-TensorRT pick FP16 kernels where faster.
+Networks are strongly typed, the only kind TensorRT 11 builds (10.12 deprecated weak typing and its precision
+flags, 11 removed them): precision comes from the ONNX itself. The Q/DQ nodes make the INT8 and INT4 parts,
+and every other tensor keeps the ONNX's float type. Our export writes FP32, so ``fp16=True`` (the default)
+converts the ONNX with NVIDIA ModelOpt AutoCast before parsing, so that what the plan leaves in float
+(LayerNorm, Softmax, GELU, residual adds, the scale arithmetic around Q/DQ) runs in FP16; with ``fp16=False``
+those parts run in FP32.
 """
 
 import dataclasses
@@ -31,8 +29,7 @@ class TrtBuildSettings:
     min_batch: int
     opt_batch: int  # the latency batch: TensorRT tunes its kernels for this shape
     max_batch: int
-    strongly_typed: bool = True
-    fp16: bool = True  # the float parts in FP16: AutoCast (strongly typed) or the FP16 flag (weakly typed)
+    fp16: bool = True  # the float parts in FP16 (an AutoCast-converted ONNX)
     optimization_level: int = 3
     workspace_mib: int | None = None  # None: TensorRT's default (all device memory)
     timing_cache: str | None = str(DEFAULT_TIMING_CACHE)  # shared by every build; None: no cache
@@ -58,31 +55,20 @@ class TrtBuildSettings:
 
 
 def build_settings(input_name: str, input_shape: tuple[int, ...], batch: int, *, max_batch: int | None = None,
-                   strongly_typed: bool = True, fp16: bool = True, optimization_level: int = 3,
+                   fp16: bool = True, optimization_level: int = 3,
                    workspace_mib: int | None = None, timing_cache: Path | None = DEFAULT_TIMING_CACHE) -> TrtBuildSettings:
     """Settings for an engine timed at ``batch``: profile 1 / batch / max(32, batch) unless ``max_batch`` says more."""
     return TrtBuildSettings(input_name, tuple(input_shape), 1, batch, max(max_batch or MIN_MAX_BATCH, batch),
-                            strongly_typed, fp16, optimization_level, workspace_mib,
+                            fp16, optimization_level, workspace_mib,
                             None if timing_cache is None else str(timing_cache))
 
 
-def builder_flags(settings: TrtBuildSettings, has_qdq: bool, has_int4: bool) -> list[str]:
-    """The precision flags a build sets: none when strongly typed (TensorRT's documented rule for explicit
-    quantization: the graph's types decide); under weak typing FP16 on request, and INT8/INT4 so that the
-    Q/DQ layers may run in their integer types."""
-    if settings.strongly_typed:
-        return []
-    return [name for name, on in (("FP16", settings.fp16), ("INT8", has_qdq), ("INT4", has_int4)) if on]
-
-
-def trtexec_command(settings: TrtBuildSettings, flags: list[str], onnx: str = "model.onnx", engine: str = "model.engine",
+def trtexec_command(settings: TrtBuildSettings, onnx: str = "model.onnx", engine: str = "model.engine",
                     layers: str = "layers.json") -> str:
-    """The trtexec line that builds the same engine (TensorRT 10 flag names; TensorRT 11 accepts
-    --stronglyTyped as a no-op and has no precision flags)."""
+    """The trtexec line that builds the same engine (TensorRT 10 needs --stronglyTyped; 11 accepts it as a no-op)."""
     shape = lambda b: f"{settings.input_name}:" + "x".join(str(d) for d in settings.shape(b))  # noqa: E731
     args = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}"]
-    args += ["--stronglyTyped"] if settings.strongly_typed else [f"--{f.lower()}" for f in flags]
-    args += [f"--minShapes={shape(settings.min_batch)}", f"--optShapes={shape(settings.opt_batch)}",
+    args += ["--stronglyTyped", f"--minShapes={shape(settings.min_batch)}", f"--optShapes={shape(settings.opt_batch)}",
              f"--maxShapes={shape(settings.max_batch)}", f"--builderOptimizationLevel={settings.optimization_level}"]
     if settings.workspace_mib is not None:
         args.append(f"--memPoolSize=workspace:{settings.workspace_mib}")

@@ -21,6 +21,7 @@ COMMANDS = {
     "search": "pomq_deploy.cli.search_cmd",
     "check": "pomq_deploy.cli.check_cmd",
     "profile": "pomq_deploy.cli.profile_cmd",
+    "compare": "pomq_deploy.cli.compare_cmd",
 }
 
 

@@ -21,7 +21,7 @@ trace (the profiler starts with its session) and are dropped by run index. Times
 profiler, which adds its own overhead per node; bench gives the latency.
 
 tensorrt artifacts need --nsys and NVIDIA Nsight Systems' nsys on PATH: the bench loop (warm-up and
-timed runs) runs in a child process under `nsys profile --trace=cuda,nvtx --cuda-graph-trace=node`, and
+timed runs) runs in a child process under `nsys profile --trace=cuda,nvtx`, and
 `nsys stats --report cuda_gpu_kern_sum` gives the --top kernels by total GPU time over that whole process
 (engine loading and warm-up included; the tensorrt backend's NVTX ranges, named by plan-id, separate them
 in the timeline). Without --nsys a tensorrt artifact is refused: use bench for its latency.

@@ -37,10 +37,8 @@ def report_path(base: Path) -> Path:
 
 
 def profile_command(nsys: str, base: Path, child: Sequence[str]) -> list[str]:
-    """Run ``child`` under Nsight Systems, tracing CUDA and NVTX, into ``base``.nsys-rep (replacing it).
-    --cuda-graph-trace=node: by default nsys traces a CUDA graph launch as one item, and the tensorrt backend
-    can time its runs as a CUDA graph; per-node tracing keeps each kernel in the kernel summary."""
-    return [nsys, "profile", "--trace=cuda,nvtx", "--cuda-graph-trace=node", "--force-overwrite=true", "-o", str(base), *child]
+    """Run ``child`` under Nsight Systems, tracing CUDA and NVTX, into ``base``.nsys-rep (replacing it)."""
+    return [nsys, "profile", "--trace=cuda,nvtx", "--force-overwrite=true", "-o", str(base), *child]
 
 
 def stats_command(nsys: str, report: Path) -> list[str]:
