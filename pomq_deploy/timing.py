@@ -77,11 +77,11 @@ def _ratio(candidate: list[float], reference: list[float]) -> Ratio:
 
 
 def backend_ratios(backend, artifacts: dict, batch: int, candidates: list[str], reference: str = "fp32",
-                   runs: int = ROUND_RUNS) -> dict[str, Ratio]:
+                   runs: int = ROUND_RUNS, **rounds) -> dict[str, Ratio]:
     """``interleaved_ratios`` of built artifacts (name -> Artifact) on ``backend`` at ``batch``: each round runs
-    ``runs`` timed inferences of each after WARMUP untimed ones."""
+    ``runs`` timed inferences of each after WARMUP untimed ones; ``rounds``: its min/max rounds and tolerance."""
     def time_ms(name):
         return backend.latency(artifacts[name], batch, runs, warmup=WARMUP).median_ms
 
     others = tuple(k for k in artifacts if k != reference and k not in candidates)
-    return interleaved_ratios(time_ms, candidates, reference, others)
+    return interleaved_ratios(time_ms, candidates, reference, others, **rounds)

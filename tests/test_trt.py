@@ -1,4 +1,5 @@
-"""The tensorrt backend: everything up to the calls into TensorRT on the CPU; the engine itself in ``gpu`` tests.
+"""The tensorrt backend: everything up to the calls into TensorRT on the CPU (Polygraphy's real loaders, ModelOpt AutoCast);
+the engine itself in ``gpu`` tests.
 
 ``fixtures/trt_layers.json`` is hand-written in TensorRT 10's documented layer-information format (DETAILED
 verbosity) for the mixed plan ``MIXED`` below: it has not come from a real engine.

@@ -14,7 +14,7 @@ interleaved with FP32 and uniform 8-bit until the ratio's 90% interval is within
 FP32 milliseconds). A plan is feasible when it mixes widths, beats FP32's latency and is smaller than
 uniform 8-bit; infeasible plans stay in the study, marked.
 
---mode model (default): a design set of plans (each setting on every block, a few one-block changes) is
+--mode model (default): a design set of plans (each setting on every block, four alternating with 8/8/8) is
 measured for real; additive latency and size models and a per-block accuracy model (KL sensitivities of
 the PyTorch model, no build) are fitted on it; NSGA-II runs on the models for thousands of plans; then the
 predicted front is built and measured, within --builds real builds. --mode measured: NSGA-II (or random)

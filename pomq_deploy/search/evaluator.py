@@ -76,9 +76,18 @@ class PlanEvaluator:
             self.builds += 1
         return self.refs[name]
 
-    def _time(self, artifacts: dict[str, Artifact], candidates: list[str]) -> dict[str, Ratio]:
+    def _time(self, artifacts: dict[str, Artifact], candidates: list[str], **rounds) -> dict[str, Ratio]:
         artifacts = {"fp32": self._reference("fp32").artifact, "uniform8": self._reference("uniform8").artifact} | artifacts
-        return backend_ratios(self.backend, artifacts, self.batch, candidates, runs=self.runs)
+        return backend_ratios(self.backend, artifacts, self.batch, candidates, runs=self.runs, **rounds)
+
+    def time_together(self, plans: list[Plan], max_rounds: int = 20, tolerance: float = 0.02) -> list[Ratio]:
+        """The ratios to FP32 of ``plans`` (built by ``measure`` in this process) timed in the same interleaved
+        rounds, longer than a search's: for checking the latency model on held-out plans, where a plan timed
+        alone minutes after another carries the host's drift between them into the comparison."""
+        names = [f"plan-{i}" for i in range(len(plans))]
+        ratios = self._time({n: self.kept[p.plan_id].artifact for n, p in zip(names, plans, strict=True)}, names,
+                            max_rounds=max_rounds, tolerance=tolerance)
+        return [ratios[n] for n in names]
 
     def baselines(self) -> dict:
         """FP32 and uniform 8-bit: top-1, size, and their latencies from interleaved rounds (FP32's median in ms
