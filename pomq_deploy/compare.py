@@ -66,6 +66,7 @@ def _outputs(model: nn.Module, modules: list[nn.Module], images: torch.Tensor) -
     seen: dict[int, np.ndarray] = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out.detach().numpy().copy()))
              for i, m in enumerate(modules)]
+
     def call_input_quantizer(mod, args) -> None:
         mod.in_quant(args[0])
 

@@ -81,12 +81,13 @@ class PlanEvaluator:
         return backend_ratios(self.backend, artifacts, self.batch, candidates, runs=self.runs, **rounds)
 
     def time_together(self, plans: list[Plan], max_rounds: int = 20, tolerance: float = 0.02) -> list[Ratio]:
-        """The ratios to FP32 of ``plans`` (built by ``measure`` in this process) timed in the same interleaved
-        rounds, longer than a search's: for checking the latency model on held-out plans, where a plan timed
-        alone minutes after another carries the host's drift between them into the comparison."""
-        names = [f"plan-{i}" for i in range(len(plans))]
-        ratios = self._time({n: self.kept[p.plan_id].artifact for n, p in zip(names, plans, strict=True)}, names,
-                            max_rounds=max_rounds, tolerance=tolerance)
+        """The ratios to FP32 of ``plans`` (built by ``measure`` in this process, or uniform 8-bit) timed in the same
+        interleaved rounds, longer than a search's: for checking the latency model on held-out plans, where a plan
+        timed alone minutes after another carries the host's drift between them into the comparison."""
+        u8 = self.uniform8().plan_id
+        names = ["uniform8" if p.plan_id == u8 else f"plan-{i}" for i, p in enumerate(plans)]
+        ratios = self._time({n: self.kept[p.plan_id].artifact for n, p in zip(names, plans, strict=True) if n != "uniform8"},
+                            names, max_rounds=max_rounds, tolerance=tolerance)
         return [ratios[n] for n in names]
 
     def baselines(self) -> dict:
