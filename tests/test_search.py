@@ -178,6 +178,20 @@ def test_front_and_selection_rule():
         select([], base, "fastest")  # not silently the default rule, even with nothing to pick from
 
 
+def test_model_check_states_how_far_apart_the_checked_plans_lie():
+    """report.md puts the spans of the plans the models are checked on beside their measurements' spread: ratios
+    0.600 and 0.630 (5.0% apart; intervals +-1% and +-3%: median +-2%), top-1 0.92 and 0.93 (10 of 1000 images)."""
+    from dataclasses import replace
+
+    from pomq_deploy.search.report import _spans
+
+    rows = [replace(_row(0, 0.92, 6.0, 1), ratio={"ratio": 0.6, "low": 0.594, "high": 0.606}),
+            replace(_row(1, 0.93, 6.3, 1), ratio={"ratio": 0.63, "low": 0.6111, "high": 0.6489})]
+    (line, _) = _spans(rows, 1000)
+    assert "span 0.600-0.630 (5.0%), their 90% intervals +-2.0% (median)" in line and "(10 of 1000 images)" in line
+    assert _spans(rows[:1], 1000) == []  # nothing to compare with one plan
+
+
 def test_hypervolume_by_hand():
     """Normalised (1 - top-1, latency / FP32's, size / uniform 8-bit's) against (1, 1, 1): one plan at
     (0.5, 0.5, 0.5) spans 0.125; a second at (0.75, 0.25, 0.5) adds 0.25 x 0.25 x 0.5; infeasible ones count nothing."""

@@ -1,6 +1,7 @@
 """What a search hands the user: pareto.json, pareto.png, report.md and best.yaml."""
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +199,22 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
                   f"| latency | {e['latency']['mape_pct']:.1f}% | {e['latency']['spearman']:.3f} |",
                   f"| top-1 | {e['top1']['mae'] * 100:.2f} points | {e['top1']['spearman']:.3f} |",
                   f"| size | {e['size']['mape_pct']:.2f}% | {e['size']['spearman']:.3f} |", "",
+                  *_spans([r for r in rows if r.source != "design"], meta["eval_images"]),
                   "The predicted front and the models' coefficients are in pareto.json and models.json; best.yaml comes "
                   "only from measured plans.", ""]
     return "\n".join(lines)
+
+
+def _spans(held: list[Row], eval_images: int) -> list[str]:
+    """How far apart the plans the models are checked on lie, beside their measurements' own spread: the predicted
+    front's plans are often closer together than that, and a rank correlation among them then ranks noise."""
+    timed = [r.ratio for r in held if r.ratio is not None]
+    if len(timed) < 2:
+        return []
+    lo, hi = min(t["ratio"] for t in timed), max(t["ratio"] for t in timed)
+    interval = statistics.median((t["high"] - t["low"]) / (2 * t["ratio"]) for t in timed)
+    top1 = [r.top1 for r in held]
+    return [f"These plans' latency ratios to FP32 span {lo:.3f}-{hi:.3f} ({hi / lo - 1:.1%}), their 90% intervals +-{interval:.1%} "
+            f"(median); their top-1 spans {min(top1):.4f}-{max(top1):.4f} ({round((max(top1) - min(top1)) * eval_images)} of "
+            f"{eval_images} images). Among plans closer together than their measurements' spread, a rank correlation ranks "
+            "the noise: read the mean errors then.", ""]
