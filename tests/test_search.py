@@ -192,6 +192,37 @@ def test_model_check_states_how_far_apart_the_checked_plans_lie():
     assert _spans(rows[:1], 1000) == []  # nothing to compare with one plan
 
 
+@pytest.mark.parametrize("error, retried", [
+    ('(psycopg.errors.DuplicateTable) relation "studies" already exists', True),  # PostgreSQL: two workers, one new database
+    ("(psycopg.errors.InsufficientPrivilege) permission denied for schema public", False)])
+def test_a_worker_that_loses_the_race_to_create_the_tables_tries_again(error, retried, tmp_path, monkeypatch):
+    """Two workers started at once on a new PostgreSQL database both create optuna's tables; the loser's error
+    (a ProgrammingError there) means the tables now exist, so it opens the storage again. Other errors are one line."""
+    import sqlalchemy
+
+    from pomq_deploy.search import study as study_module
+    from pomq_deploy.search.study import SearchConfig, SearchError, open_study
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    class Storage(real):  # optuna checks isinstance(storage, RDBStorage)
+        def __init__(self, url, **kwargs):
+            calls.append(url)
+            if len(calls) == 1:
+                raise sqlalchemy.exc.ProgrammingError("CREATE TABLE studies", {}, Exception(error))
+            super().__init__(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Storage)
+    monkeypatch.setattr(study_module.time, "sleep", lambda s: None)
+    cfg = SearchConfig("tiny", "fqvit", "random", 4, 4, 0, f"sqlite:///{tmp_path}/s.db", "race")
+    if retried:
+        assert open_study(cfg).user_attrs["recipe"] == "tiny" and len(calls) == 2
+    else:
+        with pytest.raises(SearchError, match="cannot open the study storage .*permission denied for schema public"):
+            open_study(cfg)
+        assert len(calls) == 1
+
+
 def test_hypervolume_by_hand():
     """Normalised (1 - top-1, latency / FP32's, size / uniform 8-bit's) against (1, 1, 1): one plan at
     (0.5, 0.5, 0.5) spans 0.125; a second at (0.75, 0.25, 0.5) adds 0.25 x 0.25 x 0.5; infeasible ones count nothing."""

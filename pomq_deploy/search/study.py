@@ -70,6 +70,15 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     raise SearchError(f"--algorithm {cfg.algorithm!r}; allowed: nsga2, random")
 
 
+def _schema_race(e: Exception) -> bool:
+    """Whether ``e`` is what a worker gets when another creates the same new database's tables at the same moment
+    (SQLite: "table ... already exists", "UNIQUE constraint failed: alembic_version"; PostgreSQL: DuplicateTable,
+    a ProgrammingError, or a unique violation in its catalog): the loser finds them made when it tries again."""
+    if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError)):
+        return True
+    return isinstance(e, sqlalchemy.exc.ProgrammingError) and "already exists" in str(e)
+
+
 def open_study(cfg: SearchConfig) -> optuna.Study:
     """Create or load the study; refuse one that belongs to another recipe or scheme."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
@@ -83,9 +92,7 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
             raise
         except Exception as e:  # sqlalchemy's ArgumentError/OperationalError, a missing driver, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            # workers creating one new database race on its tables ("table ... already exists", "UNIQUE
-            # constraint failed: alembic_version"): the loser finds them made when it tries again
-            if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError)) and attempt + 1 < STORAGE_ATTEMPTS:
+            if _schema_race(e) and attempt + 1 < STORAGE_ATTEMPTS:
                 time.sleep(1.0 + attempt)
                 continue
             raise SearchError(f"--storage {cfg.storage}: cannot open the study storage ({first})") from None
