@@ -185,8 +185,9 @@ def test_model_check_states_how_far_apart_the_checked_plans_lie():
 
     from pomq_deploy.search.report import _spans
 
-    rows = [replace(_row(0, 0.92, 6.0, 1), ratio={"ratio": 0.6, "low": 0.594, "high": 0.606}),
-            replace(_row(1, 0.93, 6.3, 1), ratio={"ratio": 0.63, "low": 0.6111, "high": 0.6489})]
+    timing = {"rounds": 6, "ms": 6.0, "reference_ms": 10.0}  # a trial's ratio as stored (timing.Ratio.as_dict)
+    rows = [replace(_row(0, 0.92, 6.0, 1), ratio={"ratio": 0.6, "low": 0.594, "high": 0.606} | timing),
+            replace(_row(1, 0.93, 6.3, 1), ratio={"ratio": 0.63, "low": 0.6111, "high": 0.6489} | timing)]
     (line, _) = _spans(rows, 1000)
     assert "span 0.600-0.630 (5.0%), their 90% intervals +-2.0% (median)" in line and "(10 of 1000 images)" in line
     assert _spans(rows[:1], 1000) == []  # nothing to compare with one plan

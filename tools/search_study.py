@@ -30,7 +30,7 @@ from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.search.guided import run_guided
-from pomq_deploy.search.models import AdditiveModel, block_groups, design_plans, errors, plan_of
+from pomq_deploy.search.models import AdditiveModel, design_plans, errors, plan_of
 from pomq_deploy.search.report import hypervolume, rows_of
 from pomq_deploy.search.study import SearchConfig, baselines, open_study, run_trials
 
@@ -66,7 +66,8 @@ def run(args, recipe, storage: str, method: str, seed: int, seconds: float | Non
         measured = [evaluator.measure(p, full_test=True, time_it=False) for p in plans]  # top-1 on the whole test split
         # the design set (and uniform 8-bit) in the same rounds too, up to 20: a latency model refitted on those
         # ratios has no drift between its fit and its check, so its error is the additive model's own
-        design = [*design_plans(groups := block_groups(evaluator.qmodel.blocks), recipe.name, args.scheme), evaluator.uniform8()]
+        groups = guided.models.latency.groups
+        design = [*design_plans(groups, recipe.name, args.scheme), evaluator.uniform8()]
         together = evaluator.time_together(design + plans)
         ratios = [r.ratio for r in together[len(design):]]
         refit = AdditiveModel.fit(design, [r.ratio for r in together[:len(design)]], groups)

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from ..atomic import replace_atomically, write_text
 from ..plan import Plan, save_plan
+from ..timing import Ratio
 from . import SELECT_RULES
 from .study import GENES, plan_from_params
 
@@ -208,11 +209,11 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
 def _spans(held: list[Row], eval_images: int) -> list[str]:
     """How far apart the plans the models are checked on lie, beside their measurements' own spread: the predicted
     front's plans are often closer together than that, and a rank correlation among them then ranks noise."""
-    timed = [r.ratio for r in held if r.ratio is not None]
+    timed = [Ratio(**r.ratio) for r in held if r.ratio is not None]
     if len(timed) < 2:
         return []
-    lo, hi = min(t["ratio"] for t in timed), max(t["ratio"] for t in timed)
-    interval = statistics.median((t["high"] - t["low"]) / (2 * t["ratio"]) for t in timed)
+    lo, hi = min(t.ratio for t in timed), max(t.ratio for t in timed)
+    interval = statistics.median(t.spread for t in timed)
     top1 = [r.top1 for r in held]
     return [f"These plans' latency ratios to FP32 span {lo:.3f}-{hi:.3f} ({hi / lo - 1:.1%}), their 90% intervals +-{interval:.1%} "
             f"(median); their top-1 spans {min(top1):.4f}-{max(top1):.4f} ({round((max(top1) - min(top1)) * eval_images)} of "
