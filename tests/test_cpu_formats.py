@@ -131,6 +131,20 @@ def _two_grid_gemm(k: int = 64, n: int = 8) -> tuple[onnx.ModelProto, np.ndarray
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), w
 
 
+def test_a_two_grid_sum_read_elsewhere_still_feeds_integer_gemms(tmp_path):
+    """``compare --tensors`` marks the two grids' sum as a graph output: the GEMM reading it must still run on
+    the codes, as in the deployed model, and the marked sum keep its values."""
+    model, _ = _two_grid_gemm()
+    model.graph.output.append(h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 64]))
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    art = OrtCpuBackend(threads=1, cpu=KINDS["zen3"]).build(tmp_path / "gemm.onnx", tmp_path)
+    ops = [n.op_type for n in onnx.load(str(art.path)).graph.node]
+    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    xf = np.array([[0.25 * (i % 7) for i in range(64)]], np.float32)
+    x = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(["x"], {"xf": xf, "xc": 8 * xf})[0]
+    assert np.array_equal(x, 9 * xf)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_grid_gemm_runs_as_exact_integer_gemms(tmp_path, kind):
     """Both grids' codes go into integer GEMMs (int32 sums), scaled by 2^m and rescaled once: the numbers of

@@ -43,11 +43,12 @@ def split_code_matmuls(g: Graph) -> int:
             names.append(out)
         nodes += [helper.make_node("Add", names, [f"{mm.output[0]}_acc"], name=f"{mm.output[0]}/AddParts"),
                   helper.make_node("Mul", [f"{mm.output[0]}_acc", scale.name], [mm.output[0]], name=f"{mm.output[0]}/Rescale")]
-        for old in [mm, add, *[g.producer(i) for i in add.input]]:
-            g.remove(old)
+        g.remove(mm)
         g.add(*nodes)
-        if not g.consumers(b_dq.output[0]):
-            g.remove(b_dq)
+        # the sum and its DequantizeLinears stay where something else reads them (a graph output: compare marks it)
+        for old in [add, *[g.producer(i) for i in add.input], b_dq]:
+            if not g.consumers(old.output[0]) and old.output[0] not in g.outputs:
+                g.remove(old)
         done += 1
     if done:
         g.finish()
@@ -61,12 +62,10 @@ def _match(g: Graph, mm: onnx.NodeProto):
     add, b_dq = g.producer(mm.input[0]), g.producer(mm.input[1])
     if add is None or add.op_type != "Add" or b_dq is None or b_dq.op_type != "DequantizeLinear":
         return None
-    if len(g.consumers(add.output[0])) != 1 or add.output[0] in g.outputs:
-        return None
     parts = []
     for name in add.input:
         dq = g.producer(name)
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or len(g.consumers(name)) != 1:
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
             return None
         scale, zero = g.value(dq.input[1]), g.value(dq.input[2])
         if scale is None or zero is None or scale.size != 1 or zero.dtype != np.uint8:
