@@ -144,6 +144,9 @@ def test_export_matches_fake_quant(tmp_path, calibrated, target):
     # integer kernels fuse), except for float inputs of two kinds: log-domain probabilities (LIS in fqvit,
     # log-sqrt(2) in repq: 4-bit attention in blocks 0 and 5) and V-2SF's Where of two grids (tsptq: attn @ v
     # and fc2, every block). RepQ-ViT's folded LayerNorm outputs are per-tensor Q/DQ like any other.
+    # the reference's GELU runs in float64 (PreciseGELU); the graph keeps the deployed kernel's float32 GELU
+    casts_to = {a.i for n in model.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    assert onnx.TensorProto.DOUBLE not in casts_to and {"Gelu", "Erf"} & {n.op_type for n in model.graph.node}
     made_by = {o: n.op_type for n in model.graph.node for o in n.output}
     float_inputs = [n.name for n in model.graph.node if n.op_type == "MatMul"
                     for i in n.input if made_by.get(i) != "DequantizeLinear"]

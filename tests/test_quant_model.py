@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from pomq_deploy.plan import BlockBits, Plan, uniform_plan
 from pomq_deploy.quant.calibration import CACHE_ENV, calibrated_model
 from pomq_deploy.quant.model import QuantModel
+from pomq_deploy.quant.modules import PreciseGELU
 from pomq_deploy.quant.quantizers import Log2Q, TwoScaleQ, UniformQ
 from pomq_deploy.recipe import load_recipe
 
@@ -34,6 +35,16 @@ def test_wraps_every_block_and_layer():
     assert roles.count("attn") == 6 and roles.count("gelu") == 6 and roles.count("ln_in") == 6 * 2 + 1
     assert len(qm.weighted) == 6 * 4 + 2
     assert all(not m.fused_attn for m in qm.model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_gelu_is_computed_correctly_rounded():
+    qm = QuantModel(tiny_vit(), "fqvit")
+    gelus = [m for m in qm.modules() if isinstance(m, PreciseGELU)]
+    assert len(gelus) == 6 and not any(type(m) is torch.nn.GELU for m in qm.modules())
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 3
+    exact = torch.nn.functional.gelu(x.double())
+    assert torch.equal(gelus[0](x), exact.float())  # float64, rounded once
+    assert torch.equal(gelus[0](x.double()), exact)  # a float64 model (the FP64 floor) stays float64
 
 
 def test_passes_through_until_a_plan_is_applied(calibrated):

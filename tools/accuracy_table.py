@@ -46,7 +46,8 @@ MIXED = {"minmax": 0, "fqvit": 3}  # how many of the mixed plans a scheme is eva
 PARITY_NOTE = ("Every GEMM of a plan runs on integer codes in both (PyTorch: `integer_linear`, `integer_product` and the "
                "attention's two MatMuls; ORT: its integer kernels, and two MatMulIntegers for a V-2SF input), except "
                "`probs @ v` on log-domain codes (LIS's log2 in FQ-ViT, log-sqrt(2) in RepQ-ViT, at 4-bit attention). What "
-               "remains are float GELU, LayerNorm, Softmax and the log-domain ops: with 4-bit activations a last-bit difference there that lands on a "
+               "remains are float GELU (the reference's correctly rounded, ORT's float32 kernel), LayerNorm, Softmax and the "
+               "log-domain ops: with 4-bit activations a last-bit difference there that lands on a "
                "rounding boundary moves a code by a whole step and spreads through the following blocks. 'FP64 agree' "
                "shows that PyTorch's own float64 run of such a plan departs from its float32 run more often than ONNX "
                "Runtime does; see docs/quantization.md, 'In the exported ONNX'.")

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "POMQ_DEPLOY_CACHE"
 # Bump when the fitted state's meaning changes, so that old cache files are not reused.
-CALIB_FORMAT = 1
+CALIB_FORMAT = 2  # 2: GELU correctly rounded while observing (quant.modules.PreciseGELU)
 
 
 def cache_root() -> Path:

@@ -16,7 +16,7 @@ from ..plan import Plan
 from .adapters import ADAPTERS, Form, ModelError, adapter_for, looks_like_block, replace, unsupported
 from .attention import integer_attention
 from .functional import weight_scale
-from .modules import ActQuant, QuantInput, QuantWeighted
+from .modules import ActQuant, PreciseGELU, QuantInput, QuantWeighted
 from .observers import RangeObserver
 from .quantizers import FORMATS, from_state, get_method, to_state
 from .schemes import get_scheme
@@ -122,6 +122,13 @@ def _wrap_rest(module: nn.Module) -> None:
             _wrap_rest(child)
 
 
+def _precise_gelus(model: nn.Module) -> None:
+    """Every GELU of ``model`` computed correctly rounded (``PreciseGELU``)."""
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.GELU:
+            replace(model, name, PreciseGELU(m))
+
+
 class QuantModel(nn.Module):
     """The fake-quant reference model: wraps ``model`` in place; ``apply(plan)`` switches bit-widths."""
 
@@ -137,6 +144,7 @@ class QuantModel(nn.Module):
                              f"adapter handles ({', '.join(c for a in ADAPTERS.values() for c in a.classes)})")
         self.norm_links = [link for i, (block, paths) in enumerate(located) for link in _wrap_block(block, i, paths)]
         _wrap_rest(model)
+        _precise_gelus(model)
         self.act_quants = {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
         self.weighted = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeighted)}
         for aq in self.act_quants.values():

@@ -1,7 +1,8 @@
 """Modules inserted into a timm model, in place, to observe and fake-quantize it.
 
 ``ActQuant`` sits on an activation; ``QuantWeighted`` wraps a Linear or Conv2d (quantizing its input, its
-weight and optionally its output); ``QuantInput`` quantizes what enters a LayerNorm. Nothing of timm's
+weight and optionally its output); ``QuantInput`` quantizes what enters a LayerNorm; ``PreciseGELU`` takes
+the place of a GELU, so that the reference computes it correctly rounded. Nothing of timm's
 forward code is copied: the wrappers replace child modules, and the post-Softmax quantizer takes the
 place of the attention's ``attn_drop`` (timm applies it right after Softmax on the explicit path).
 """
@@ -145,3 +146,25 @@ class QuantInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(self.quant(x))
+
+
+class PreciseGELU(nn.Module):
+    """A GELU computed in float64 and rounded once to the input's type: the correctly rounded GELU.
+
+    PyTorch's float32 GELU is the least accurate float op of the reference, several times further from the
+    exact value than ONNX Runtime's (``tools/float_ops.py``; docs/quantization.md). The code of the quantizer
+    after GELU changes wherever such an error crosses a rounding boundary, and at 4-bit activations downstream
+    the flip spreads; a reference should not be the noisier side. The ONNX export traces the plain GELU (the
+    deployed kernel's own float32 arithmetic)."""
+
+    def __init__(self, gelu: nn.GELU):
+        super().__init__()
+        self.approximate = gelu.approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or x.dtype == torch.float64:
+            return F.gelu(x, approximate=self.approximate)
+        return F.gelu(x.double(), approximate=self.approximate).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}, computed in float64"
