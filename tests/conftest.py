@@ -125,9 +125,9 @@ flags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni vaes vpclmulqdq
 KINDS = {"sapphire_rapids": parse_proc_cpuinfo(SAPPHIRE_RAPIDS, "x86_64"), "zen3": parse_proc_cpuinfo(ZEN3, "x86_64")}
 
 
-def tiny_vit():
+def tiny_vit(**kwargs):
     torch.manual_seed(0)
-    return timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10).eval()  # 6 blocks, 64-d
+    return timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10, **kwargs).eval()  # 6 blocks, 64-d
 
 
 def images(n_batches=3, batch=8, size=32, seed=1):

@@ -45,6 +45,10 @@ def test_gelu_is_computed_correctly_rounded():
     exact = torch.nn.functional.gelu(x.double())
     assert torch.equal(gelus[0](x), exact.float())  # float64, rounded once
     assert torch.equal(gelus[0](x.double()), exact)  # a float64 model (the FP64 floor) stays float64
+    # timm's own GELU classes (a model built with act_layer="gelu" / "gelu_tanh") are replaced too
+    tanh = QuantModel(tiny_vit(act_layer="gelu_tanh"), "fqvit")
+    kinds = {m.approximate for m in tanh.modules() if isinstance(m, PreciseGELU)}
+    assert kinds == {"tanh"} and not any("GELU" in type(m).__name__ and not isinstance(m, PreciseGELU) for m in tanh.modules())
 
 
 def test_passes_through_until_a_plan_is_applied(calibrated):

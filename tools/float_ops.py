@@ -105,11 +105,13 @@ def main() -> None:
     images = noise_images(args.images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1)
 
     seen: dict[str, torch.Tensor] = {}
+    approximate: dict[int, str] = {}  # block -> its GELU's form
     layers = lambda i, role: operator.attrgetter(model.block_layers[i][role][0])(model.blocks[i])  # noqa: E731
     for i, block in enumerate(model.blocks):
         for m in block.modules():
             if isinstance(m, PreciseGELU):
                 m.register_forward_pre_hook(lambda _, a, i=i: seen.__setitem__(f"gelu{i}", a[0].detach().clone()))
+                approximate[i] = m.approximate
         for role in ("norm1", "norm2"):
             layers(i, role).module.register_forward_pre_hook(lambda _, a, k=f"{role}.{i}": seen.__setitem__(k, a[0].detach().clone()))
     with torch.inference_mode(), SoftmaxInputs() as softmax:
@@ -128,8 +130,10 @@ def main() -> None:
         rows = []
         if f"gelu{i}" in seen:
             x = seen[f"gelu{i}"]
-            rows.append(("GELU", layers(i, "fc2").in_quant.active, {"torch": F.gelu(x), "ort": torch.from_numpy(ort_op("Gelu", x.numpy())),
-                                                                     "exact": F.gelu(x.double())}))
+            form = approximate[i]
+            y_ort = ort_op("Gelu", x.numpy(), approximate=form)
+            rows.append(("GELU", layers(i, "fc2").in_quant.active, {"torch": F.gelu(x, approximate=form), "ort": torch.from_numpy(y_ort),
+                                                                     "exact": F.gelu(x.double(), approximate=form)}))
         for role, reader in (("norm1", "qkv"), ("norm2", "fc1")):
             x, ln = seen[f"{role}.{i}"], layers(i, role).module
             w, b = ln.weight.detach(), ln.bias.detach()

@@ -123,10 +123,14 @@ def _wrap_rest(module: nn.Module) -> None:
 
 
 def _precise_gelus(model: nn.Module) -> None:
-    """Every GELU of ``model`` computed correctly rounded (``PreciseGELU``)."""
+    """Every GELU of ``model`` (PyTorch's, or timm's ``GELU`` / ``GELUTanh`` that a model built with
+    ``act_layer='gelu'`` holds) computed correctly rounded (``PreciseGELU``)."""
+    from timm.layers.activations import GELU, GELUTanh
+
+    kinds = {GELU: "none", GELUTanh: "tanh"}
     for name, m in list(model.named_modules()):
-        if type(m) is nn.GELU:
-            replace(model, name, PreciseGELU(m))
+        if type(m) is nn.GELU or type(m) in kinds:
+            replace(model, name, PreciseGELU(m.approximate if type(m) is nn.GELU else kinds[type(m)]))
 
 
 class QuantModel(nn.Module):

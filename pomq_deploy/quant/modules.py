@@ -157,9 +157,9 @@ class PreciseGELU(nn.Module):
     the flip spreads; a reference should not be the noisier side. The ONNX export traces the plain GELU (the
     deployed kernel's own float32 arithmetic)."""
 
-    def __init__(self, gelu: nn.GELU):
+    def __init__(self, approximate: str = "none"):
         super().__init__()
-        self.approximate = gelu.approximate
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export() or x.dtype == torch.float64:
