@@ -68,6 +68,13 @@ def uniform_plan(text: str, n_blocks: int, recipe: str, scheme: str) -> Plan:
     return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=attn) for _ in range(n_blocks)))
 
 
+def paper_plan(n_blocks: int, recipe: str, scheme: str) -> Plan:
+    """PoMQ-ViT's plan as the tools measure it: the first two and the last two blocks at 4/4/4, the others at 8/8/8
+    (DeiT's blocks 1-2 and 11-12 of 12)."""
+    return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=b, a=b, attn=b) for b in
+                                                          (4 if i < 2 or i >= n_blocks - 2 else 8 for i in range(n_blocks))))
+
+
 def load_plan(path: Path) -> Plan:
     return parse(Plan, read_yaml(path, PlanError), str(path), PlanError)
 

@@ -73,3 +73,11 @@ def test_plan_id_is_content_hash():
     assert a.plan_id == b.plan_id and len(a.plan_id) == 12
     assert uniform_plan("8/8/8", 12, "deit_fmnist", "fqvit").plan_id != a.plan_id
     assert Plan(recipe="deit_fmnist", scheme="tsptq", blocks=a.blocks).plan_id != a.plan_id
+
+
+def test_the_papers_plan_puts_the_first_and_last_two_blocks_at_4_bits():
+    from pomq_deploy.plan import paper_plan as papers_plan
+
+    plan = papers_plan(12, "deit_fmnist", "fqvit")
+    assert [b.w for b in plan.blocks] == PAPER and all(b.w == b.a == b.attn for b in plan.blocks)
+    assert [b.a for b in papers_plan(6, "m", "fqvit").blocks] == [4, 4, 8, 8, 4, 4]

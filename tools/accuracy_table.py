@@ -33,13 +33,12 @@ from pomq_deploy.data import eval_dataset, eval_loader
 from pomq_deploy.evaluate import topk_correct
 from pomq_deploy.measure import measure
 from pomq_deploy.models.loading import load_model
-from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.schemes import SCHEMES
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
 
-PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4 bits
 UNIFORM = {"minmax": ["8/8/8", "4/4/4"]}  # the uniform plans of a scheme, default DEFAULT_UNIFORM
 DEFAULT_UNIFORM = ["8/8/8", "8/8/4", "4/4/4"]
 MIXED = {"minmax": 0, "fqvit": 3}  # how many of the mixed plans a scheme is evaluated on, default 1 (the paper's)
@@ -72,7 +71,7 @@ def mixed_plans(recipe: str, scheme: str, n: int) -> dict[str, Plan]:
         return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
 
     return {
-        "paper: blocks 1-2, 11-12 all 4-bit": plan([(b, b, b) for b in PAPER]),
+        "paper: blocks 1-2, 11-12 all 4-bit": paper_plan(n, recipe, scheme),
         "4-bit weights in blocks 3-10, 8/8/8 elsewhere": plan([(4 if 2 <= i < 10 else 8, 8, 8) for i in range(n)]),
         "4-bit weights and attention, 8-bit activations": plan([(4, 8, 4)] * n),
     }

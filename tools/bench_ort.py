@@ -32,13 +32,12 @@ from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.data import calibration_batches
 from pomq_deploy.measure import measure
 from pomq_deploy.models.loading import load_model
-from pomq_deploy.plan import BlockBits, Plan, uniform_plan
+from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.model import QuantModel
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
 
-PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
 ROUNDS = 5  # interleaved timing rounds (see bench_model)
 # what the backend builds for a CPU with VNNI: INT8 weights left as ORT's default u8 x s8 GEMM operands
 DEFAULT_KERNELS = CpuFacts("-", "ONNX Runtime's default u8 x s8 kernels", "x86_64", ("avx512_vnni",))
@@ -67,8 +66,7 @@ def plans(name: str, scheme: str, n: int) -> dict[str, Plan]:
     return {
         f"ours {scheme} 8/8/8": uniform_plan("8/8/8", n, name, scheme),
         f"ours {scheme} mixed: 4-bit w in blocks 3-10": plan([(4 if 2 <= i < n - 2 else 8, 8, 8) for i in range(n)]),
-        f"ours {scheme} mixed: paper (blocks 1-2, 11-12 at 4/4/4)": plan([(b, b, b) for b in PAPER] if n == 12 else
-                                                                          [(4, 4, 4) if i < 2 or i >= n - 2 else (8, 8, 8) for i in range(n)]),
+        f"ours {scheme} mixed: paper (blocks 1-2, 11-12 at 4/4/4)": paper_plan(n, name, scheme),
     }
 
 

@@ -27,13 +27,11 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pomq_deploy.backends.cpu import detect
-from pomq_deploy.plan import BlockBits, Plan, load_plan, uniform_plan
+from pomq_deploy.plan import load_plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.modules import PreciseGELU
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import noise_images
-
-PAPER = [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4]  # PoMQ-ViT's plan: blocks 1-2 and 11-12 at 4/4/4
 
 
 class SoftmaxInputs(TorchFunctionMode):
@@ -99,7 +97,7 @@ def main() -> None:
     elif args.uniform:
         plan = uniform_plan(args.uniform, model.num_blocks, recipe.name, args.scheme)
     else:
-        plan = Plan(recipe=recipe.name, scheme=args.scheme, blocks=tuple(BlockBits(b, b, b) for b in PAPER))
+        plan = paper_plan(model.num_blocks, recipe.name, args.scheme)
     model.apply(plan)
     cfg = resolve_data_config({}, model=model)
     images = noise_images(args.images, tuple(cfg["input_size"]), cfg["mean"], cfg["std"], seed=1)
