@@ -15,8 +15,9 @@ from ._schema import parse, to_plain
 from .artifact import MANIFEST, ArtifactError, BuiltArtifact, seal, staging_dir, write_json_atomic
 from .backends import Backend
 from .manifest import MANIFEST_FORMAT, Manifest
-from .measure import Track, measure
+from .measure import measure
 from .plan import Plan
+from .progress import Phases
 from .recipe import Recipe
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def emulated_settings(plan: Plan | None, backend: str) -> list[str]:
     return notes
 
 
-def ratio_to_fp32(opts: BuildOptions, recipe: Recipe, artifact, work: Path):
+def ratio_to_fp32(opts: BuildOptions, recipe: Recipe, artifact, work: Path, on_round: Callable[[], None] | None = None):
     """``artifact``'s latency over the FP32 model's on the same backend, timed in interleaved rounds until the
     ratio's 90% interval is within +-3% (what the search measures, so the two can be compared)."""
     import shutil
@@ -83,18 +84,20 @@ def ratio_to_fp32(opts: BuildOptions, recipe: Recipe, artifact, work: Path):
     fp_dir = Path(tempfile.mkdtemp(dir=work))
     try:
         fp32 = measure(opts.backend, fp_dir, model=load_model(recipe.model), plan=None, target=opts.target).artifact
-        return backend_ratios(opts.backend, {"fp32": fp32, "plan": artifact}, opts.batch, ["plan"])["plan"]
+        return backend_ratios(opts.backend, {"fp32": fp32, "plan": artifact}, opts.batch, ["plan"], on_round=on_round)["plan"]
     finally:
         shutil.rmtree(fp_dir, ignore_errors=True)  # inside the staging directory: never part of the artifact
 
 
-def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | None = None,
-          status: Callable[[str], None] = lambda _: None, model: "QuantModel | None" = None) -> BuiltArtifact:
+def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases | None = None,
+          model: "QuantModel | None" = None) -> BuiltArtifact:
     """Export ``plan`` (None: the FP32 model), build it with the backend, measure it, write the directory.
-    ``model``: the recipe's model already wrapped for the plan's scheme (calibrated here if it is not), so
-    that a caller who checked the plan against it does not load the checkpoint twice."""
+    ``phases``: each step shown and timed (none: silent). ``model``: the recipe's model already wrapped for the
+    plan's scheme (calibrated here if it is not), so that a caller who checked the plan against it does not load
+    the checkpoint twice."""
     from .models.loading import load_model
     from .quant.calibration import calibrate_cached, quant_model
+    from .timing import MAX_ROUNDS
 
     final = opts.out_root / recipe.name / (plan.plan_id if plan is not None else "fp32")
     if plan is None:
@@ -102,11 +105,11 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | 
     else:
         reference = model if model is not None else quant_model(recipe, plan.scheme, opts.observer)
         plan.check_blocks(reference.num_blocks)
-        calibrate_cached(reference, recipe, track=track)
+        calibrate_cached(reference, recipe, track=phases.track if phases else None)
     with staging_dir(final) as tmp:
         m = measure(opts.backend, tmp, model=reference, plan=plan, target=opts.target,
                     verify_recipe=recipe if opts.verify else None, eval_recipe=recipe, batches=(opts.batch,),
-                    runs=opts.runs, track=track, status=status)
+                    runs=opts.runs, phases=phases)
         info, artifact, latency, accuracy = m.onnx, m.artifact, m.latency[opts.batch], m.accuracy
         manifest = {
             "format": MANIFEST_FORMAT, "tool": "pomq-deploy", "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -127,8 +130,9 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, track: Track | 
             "versions": versions(),
         }
         if opts.vs_fp32 and plan is not None:
-            status("timing against the FP32 model, interleaved")
-            manifest["latency_vs_fp32"] = ratio_to_fp32(opts, recipe, artifact, tmp).as_dict()
+            with (phases or Phases(None))("latency / FP32: the FP32 model built and timed interleaved (rounds)",
+                                          total=MAX_ROUNDS) as step:
+                manifest["latency_vs_fp32"] = ratio_to_fp32(opts, recipe, artifact, tmp, on_round=step).as_dict()
         extra = getattr(opts.backend, "manifest_extra", None)  # optional Backend hook, see pomq_deploy.backends
         if extra is not None:
             manifest |= extra(artifact, plan)

@@ -17,6 +17,7 @@ from .backends import Artifact, Backend, LatencyStats
 from .evaluate import EvalResult, evaluate
 from .export import ExportInfo
 from .plan import Plan
+from .progress import Phases
 from .recipe import Recipe
 
 Track = Callable[[Iterable, int, str], Iterable]
@@ -88,27 +89,28 @@ def export_model(model: nn.Module, plan: Plan | None, target: str, path: Path) -
 def measure(backend: Backend, out_dir: Path, *, model: nn.Module | None = None, plan: Plan | None = None,
             target: str = "ort", onnx_path: Path | None = None, verify_recipe: Recipe | None = None,
             eval_recipe: Recipe | None = None, batches: tuple[int, ...] = (), runs: int = 50,
-            track: Track | None = None,
-            status: Callable[[str], None] = lambda _: None) -> Measured:
+            phases: Phases | None = None) -> Measured:
     """Export ``plan`` on ``model`` (or take the ONNX file ``onnx_path``) into ``out_dir``, build it with
     ``backend``, then as asked: check it against ``model`` on ``verify_recipe``'s calibration images and noise,
-    evaluate top-1 on ``eval_recipe``'s split, time it at each of ``batches``."""
+    evaluate top-1 on ``eval_recipe``'s split, time it at each of ``batches``. ``phases``: each step shown and
+    timed as a phase (none: silent, as inside a search's own phase)."""
+    phases = phases or Phases(None)
     info = None
     if onnx_path is None:
-        status(f"exporting {'the FP32 model' if plan is None else f'plan {plan.plan_id} ({plan.scheme}, target {target})'}")
-        info = export_model(model, plan, target, Path(out_dir) / "model.onnx")  # leaves the plan applied in the target's format
+        with phases(f"exporting {'the FP32 model' if plan is None else f'plan {plan.plan_id} ({plan.scheme}, target {target})'}"):
+            info = export_model(model, plan, target, Path(out_dir) / "model.onnx")  # leaves the plan applied in the target's format
         onnx_path = info.path
-    status(f"building with {backend.name}")
-    artifact = backend.build(onnx_path, Path(out_dir))
+    with phases(f"building with {backend.name}"):
+        artifact = backend.build(onnx_path, Path(out_dir))
     check = None
     if verify_recipe is not None:
-        status("checking the artifact against the PyTorch reference")
-        check = self_check(backend, artifact, model, verify_recipe, onnx_path)
-    accuracy = evaluate_artifact(backend, artifact, eval_recipe, track) if eval_recipe is not None else None
+        with phases("self-check against the PyTorch reference (calibration and noise images)"):
+            check = self_check(backend, artifact, model, verify_recipe, onnx_path)
+    accuracy = evaluate_artifact(backend, artifact, eval_recipe, phases.track) if eval_recipe is not None else None
     latency = {}
     for batch in batches:
-        status(f"timing batch {batch} x {runs} runs")
-        latency[batch] = backend.latency(artifact, batch, runs)
+        with phases(f"timing batch {batch}: {runs} runs after warm-up"):
+            latency[batch] = backend.latency(artifact, batch, runs)
     return Measured(info, onnx_path, artifact, check, accuracy, latency)
 
 

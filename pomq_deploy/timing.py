@@ -55,16 +55,19 @@ def log_interval(logs: list[float]) -> tuple[float, float, float]:
 
 def interleaved_ratios(time_ms: Callable[[Hashable], float], candidates: list[Hashable], reference: Hashable,
                        others: tuple[Hashable, ...] = (), min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
-                       tolerance: float = TOLERANCE) -> dict[Hashable, Ratio]:
+                       tolerance: float = TOLERANCE, on_round: Callable[[], None] | None = None) -> dict[Hashable, Ratio]:
     """Time ``reference``, each candidate and ``others`` in turn per round (``time_ms(key)``: one round's median
     in ms); return each candidate's (and other's) ratio to ``reference``. Rounds stop once every ratio's
-    interval is within ``tolerance`` (relative half-width), after ``min_rounds``, at most ``max_rounds``."""
+    interval is within ``tolerance`` (relative half-width), after ``min_rounds``, at most ``max_rounds``;
+    ``on_round`` is called after each (progress)."""
     keys = [reference, *candidates, *[o for o in others if o not in candidates and o != reference]]
     times: dict[Hashable, list[float]] = {k: [] for k in keys}
     for r in range(max_rounds):
         order = keys[r % len(keys):] + keys[:r % len(keys)]  # no artifact always runs first (cold caches)
         for k in order:
             times[k].append(time_ms(k))
+        if on_round is not None:
+            on_round()
         if r + 1 >= min_rounds and all(_ratio(times[k], times[reference]).spread <= tolerance for k in keys[1:]):
             break
     return {k: _ratio(times[k], times[reference]) for k in keys[1:]}

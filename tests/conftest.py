@@ -10,7 +10,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import pomq_deploy.models  # noqa: F401  (registers deit_fmnist with timm)
-from pomq_deploy.backends.cpu import parse_proc_cpuinfo
 from pomq_deploy.cli.main import main
 from pomq_deploy.data.fashion_mnist import DEBIAN_ROOT
 from pomq_deploy.data.idx import write_idx
@@ -109,20 +108,6 @@ def user_error(argv, capsys) -> str:
     return err
 
 
-SAPPHIRE_RAPIDS = """processor\t: 0
-vendor_id\t: GenuineIntel
-model name\t: Intel(R) Xeon(R) Platinum 8480+
-flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
-
-processor\t: 1
-vendor_id\t: GenuineIntel
-"""
-ZEN3 = """processor\t: 0
-vendor_id\t: AuthenticAMD
-model name\t: AMD EPYC 7763 64-Core Processor
-flags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni vaes vpclmulqdq
-"""
-KINDS = {"sapphire_rapids": parse_proc_cpuinfo(SAPPHIRE_RAPIDS, "x86_64"), "zen3": parse_proc_cpuinfo(ZEN3, "x86_64")}
 
 
 def tiny_vit(**kwargs):

@@ -50,12 +50,14 @@ def test_build_writes_a_complete_manifest(built):
 
 
 def test_ort_artifact_adds_the_bias_inside_the_integer_gemms(built):
-    """Every Linear of the 12 blocks (qkv, proj, fc2; fc1's bias goes into BiasGelu) carries its bias in
-    MatMulIntegerToFloat: the only Adds left reading a GEMM's output are the residual ones (two per block)."""
+    """Every Linear of the 12 blocks (qkv, proj, fc2; fc1's bias goes into BiasGelu) and the patch embedding (a
+    GEMM per patch) carries its bias in MatMulIntegerToFloat: the only Adds left reading a GEMM's output are the
+    residual ones (two per block)."""
     import onnx
 
     directory, m = built
-    assert m["backend"]["options"]["gemm_bias_fused"] == 3 * 12
+    assert m["backend"]["options"]["patchify_integer_gemms"] == 1
+    assert m["backend"]["options"]["gemm_bias_fused"] == 3 * 12 + 1
     model = onnx.load(str(directory / "model.ort.onnx"))
     made_by = {o: n.op_type for n in model.graph.node for o in n.output}
     constants = {t.name for t in model.graph.initializer}

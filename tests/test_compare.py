@@ -24,6 +24,7 @@ def test_compare_json_for_a_uniform_plan(recipe, capsys):
     assert main(["compare", "--recipe", str(recipe), "--uniform", "8/8/8", "--images", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["backend"], out["images"], out["inputs"], out["target"]) == ("ort-cpu", 8, "eval", "ort")
+    assert out["formats"]["activation_format"] == "u8" and out["formats"]["patchify_integer_gemms"] == 1  # the form that ran
     blocks = out["blocks"]
     assert [b["name"] for b in blocks] == [f"model.blocks.{i}" for i in range(12)]
     assert [b["node"] for b in blocks] == [f"/model/blocks/blocks.{i}/Add_1" for i in range(12)]
@@ -40,6 +41,7 @@ def test_compare_table_with_quantized_tensors_on_noise(recipe, capsys):
     assert main(["compare", "--recipe", str(recipe), "--uniform", "8/4/8", "--images", "4", "--noise", "--tensors"]) == 0
     out = capsys.readouterr().out
     assert "4 noise images" in out and "/model/blocks/blocks.11/Add_1" in out and "largest loss: block " in out
+    assert "integer GEMMs for " in out and "patch embedding as an integer GEMM" in out
     assert "model.blocks.0.attn.qkv.in_quant" in out  # read as codes by the integer GEMM: called on its input for the hook
     assert "not compared: model.blocks.0.attn.qkv.out_quant: the graph holds its uint8 codes" in out
 

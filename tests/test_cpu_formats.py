@@ -1,12 +1,21 @@
-"""Exact integer GEMMs on every x86 CPU: the CPU facts, the weight format chosen for each kind, and the
-artifact refusing a CPU whose integer path would compute it wrongly."""
+"""Exact integer GEMMs on every x86 CPU: the CPU facts, the weight format chosen for each kind, the artifact
+refusing a CPU whose integer path would compute it wrongly, and each kind's formats run on this CPU and, under
+QEMU's AVX2-only CPU model, on the kernels of a CPU without VNNI."""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import KINDS
+from cpu_kinds import KINDS, extreme_codes, extreme_gemm
 from onnx import helper as h
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -32,52 +41,66 @@ def test_proc_cpuinfo_facts_and_the_format_each_kind_gets():
     assert CpuFacts.from_dict(spr.to_dict()) == spr
 
 
-def _gemm(k: int = 64, n: int = 8) -> tuple[onnx.ModelProto, np.ndarray]:
-    """One Linear as our exporter writes it: uint8 activation Q/DQ (scale 1, zero point 0) and INT8 weight
-    codes with no zero point, in extreme values (127 and -128), the case that saturates int16 pairs."""
-    w = np.full((k, n), 127, np.int8)
-    w[:, 1::2] = -128
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(n, np.float32), "ws"),
-             numpy_helper.from_array(np.float32(1), "s"), numpy_helper.from_array(np.uint8(0), "z")]
-    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             h.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=1), h.make_node("MatMul", ["xd", "wd"], ["y"])]
-    graph = h.make_graph(nodes, "gemm", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", k])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", n])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), w
-
-
-def _run_gemm(tmp_path, backend: OrtCpuBackend) -> tuple[bool, dict]:
-    """Build the extreme-code GEMM with ``backend`` and say whether ORT's integer kernel summed it exactly."""
-    model, w = _gemm()
+def _run_gemm(tmp_path, backend: OrtCpuBackend, target: str = "ort") -> tuple[bool, dict]:
+    """Build the extreme-code GEMM of ``target``'s activation format with ``backend`` and say whether ORT's
+    integer kernel summed it exactly."""
+    model, w = extreme_gemm(target)
     onnx.save(model, str(tmp_path / "gemm.onnx"))
     art = backend.build(tmp_path / "gemm.onnx", tmp_path)
     ops = [n.op_type for n in onnx.load(str(art.path)).graph.node]
     assert "MatMulIntegerToFloat" in ops and "MatMul" not in ops  # ORT's integer GEMM ran, not a float fallback
-    x = np.array([[255] * 64, [0, 255] * 32, [1] * 64], np.float32)
+    x = extreme_codes(target)
     return np.array_equal(backend.run(art, x), x.astype(np.int64) @ w.astype(np.int64)), art.options
 
 
-def test_gemm_with_extreme_codes_is_exact_in_the_format_chosen_for_this_cpu(tmp_path):
-    exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1))
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_gemm_with_extreme_codes_is_exact_in_the_format_chosen_for_this_cpu(tmp_path, target):
+    exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1), target)
     assert exact, f"ORT's integer GEMM is not exact on {detect().describe()} with weights {options['weight_format']}"
     assert options["cpu"] == detect().to_dict() and options["weight_format"] == detect().weight_format
-    assert options["integer_weights"] == 1 and options["activation_format"] == "u8"
+    assert options["integer_weights"] == 1
+    # the tensorrt target's int8 activations run as uint8 codes + 128: ORT fuses no int8-activation GEMM on x86
+    assert (options["activation_format"], options["activations_as_uint8"]) == (("u8", 0) if target == "ort" else ("s8", 1))
 
 
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_kinds_formats_run_here(tmp_path, kind):
-    """The formats each CPU kind gets, run on this machine: u8 weights (Zen 3's) are exact on every x86 CPU;
-    s8 weights (Sapphire Rapids') are exact exactly where this CPU has VNNI/AMX, and saturate where it does
-    not, which is why a Zen 3 is given u8."""
+def test_each_kinds_formats_run_here(tmp_path, kind, target):
+    """The formats each CPU kind gets, run on this machine, for both targets' activations: u8 weights (Zen 3's)
+    are exact on every x86 CPU; s8 weights (Sapphire Rapids') are exact exactly where this CPU has VNNI/AMX,
+    and saturate where it does not, which is why a Zen 3 is given u8."""
     facts = KINDS[kind]
-    exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1, cpu=facts))
+    exact, options = _run_gemm(tmp_path, OrtCpuBackend(threads=1, cpu=facts), target)
     assert options["weight_format"] == facts.weight_format
     assert options["weights_as_uint8"] == (1 if facts.weight_format == "u8" else 0)
     assert exact == (facts.weight_format == "u8" or detect().exact_u8s8)
 
 
+QEMU = shutil.which("qemu-x86_64")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or QEMU is None,
+                    reason="needs an x86-64 host and QEMU's user-mode emulator (Debian's qemu-user; tools/bootstrap.sh installs it)")
+def test_avx2_kernels_under_emulation():
+    """ONNX Runtime picks its integer kernels by CPUID at run time. QEMU's Haswell model (AVX2 and FMA, no AVX512,
+    no VNNI) makes it pick those of an AVX2-only CPU such as Zen 3 on whatever CPU runs the suite: there the
+    formats built for Zen 3 are exact for both targets, those built for a VNNI CPU saturate (the emulation
+    really runs the int16-pair kernels), and so does ONNX Runtime's default session on either activation format
+    (why the tests and the backend never compare against one)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run([QEMU, "-cpu", "Haswell-v4", sys.executable, str(Path(__file__).parent / "cpu_kinds.py")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout)
+    for target in ("ort", "tensorrt"):
+        assert found[target]["zen3"]["exact"] and found[target]["zen3"]["weight_format"] == "u8", found[target]
+        assert "MatMulIntegerToFloat" in found[target]["zen3"]["ops"]
+        assert not found[target]["sapphire_rapids"]["exact"], found[target]
+        assert not found[target]["default_session"], found[target]
+
+
 def test_uint8_weights_keep_the_values():
-    model, _ = _gemm()
+    model, _ = extreme_gemm()
     x = np.random.default_rng(0).integers(0, 256, (4, 64)).astype(np.float32)
     before = ReferenceEvaluator(model).run(None, {"x": x})[0]
     g = Graph(model)

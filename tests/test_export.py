@@ -9,9 +9,11 @@ import pytest
 import timm
 import torch
 from conftest import images, tiny_vit
+from cpu_kinds import KINDS
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.export import export_fp32, export_quantized
 from pomq_deploy.export.graph import block_int4_scales, fold_weight_transposes, qdq_to_attention_matmuls, store_integer_weights
@@ -31,8 +33,8 @@ def mixed(n: int, scheme: str, four: set[int]) -> Plan:
                                                                  attn=4 if i in four else 8) for i in range(n)))
 
 
-def run_ort(tmp_path, onnx_path, x):
-    backend = OrtCpuBackend(threads=1)
+def run_ort(tmp_path, onnx_path, x, cpu=None):
+    backend = OrtCpuBackend(threads=1, cpu=cpu)
     art = backend.build(onnx_path, tmp_path)
     return backend.run(art, x.numpy())
 
@@ -125,8 +127,13 @@ def _activation_zero_point_types(model: onnx.ModelProto) -> set[int]:
     return {consts[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
 
 
+@pytest.mark.parametrize("kind", [k for k, facts in KINDS.items() if facts.weight_format == "u8" or detect().exact_u8s8])
 @pytest.mark.parametrize("target", ["ort", "tensorrt"])
-def test_export_matches_fake_quant(tmp_path, calibrated, target):
+def test_export_matches_fake_quant(tmp_path, calibrated, target, kind):
+    """The deployed graph on ONNX Runtime against the fake-quant reference, in each CPU kind's integer formats that
+    are exact on this CPU (both on a VNNI/AMX CPU, Zen 3's u8 weights on an AVX2-only one): every GEMM, the
+    patch embedding's included, sums integer codes exactly on both sides, so only float ops (LayerNorm, GELU,
+    Softmax, the head) differ in the last bits."""
     qm = calibrated
     plan = mixed(qm.num_blocks, qm.scheme, {0, 5})
     info = export_quantized(qm, plan, target, tmp_path / "m.onnx")
@@ -155,9 +162,29 @@ def test_export_matches_fake_quant(tmp_path, calibrated, target):
     qm.apply(plan, "asym" if target == "ort" else "sym")
     with torch.no_grad():
         ref = qm(x)
-    out = torch.from_numpy(run_ort(tmp_path, info.path, x))
+    out = torch.from_numpy(run_ort(tmp_path, info.path, x, KINDS[kind]))
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.999 and (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_the_patch_embedding_runs_as_an_integer_gemm(tmp_path, calibrated, target):
+    """ort-cpu cuts the image into patches before the input's Q/DQ (a per-tensor Q commutes with moving values)
+    and runs the patch embedding as MatMulIntegerToFloat: no Conv is left, and the rewritten graph computes what
+    the exported one does (ONNX's reference evaluator, float64-free: within float32 rounding)."""
+    qm = calibrated
+    info = export_quantized(qm, uniform_plan("8/8/8", qm.num_blocks, "t", qm.scheme), target, tmp_path / "m.onnx")
+    exported = onnx.load(str(info.path))
+    assert [n.op_type for n in exported.graph.node].count("Conv") == 1
+    rewritten = onnx.load(str(info.path))
+    options = OrtCpuBackend(threads=1).prepare(rewritten)
+    assert options["patchify_integer_gemms"] == 1 and "Conv" not in {n.op_type for n in rewritten.graph.node}
+    x = torch.cat(images(1, seed=5)).numpy()
+    stem = next(n.output[0] for n in exported.graph.node if n.op_type == "Conv")
+    for m in (exported, rewritten):
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(stem))
+    a, b = (ReferenceEvaluator(m).run([stem], {"images": x})[0] for m in (exported, rewritten))
+    assert a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
 
 def test_four_bit_weights_shrink_the_file(tmp_path, calibrated):

@@ -46,6 +46,25 @@ def test_integer_linear_by_hand():
     assert torch.equal(Fq.fake_quant(x, 0.5, 2, 0, 15), xc * 0.5)  # the same grid as the fake quantizer
 
 
+def test_patches_by_hand_and_the_patch_embedding_as_a_gemm():
+    """A 1-channel 4x4 image in 2x2 patches: row-major patches, each in the kernel's (c, u, v) order; the
+    patchify convolution as one integer GEMM per patch equals the convolution of the codes."""
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert Fq.to_patches(x, (2, 2)).tolist() == [[[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]]
+    conv = torch.nn.Conv2d(3, 5, 4, stride=4)
+    assert Fq.is_patchify(conv, (8, 12)) and not Fq.is_patchify(conv, (8, 10))  # 10 leaves a remainder
+    assert not Fq.is_patchify(torch.nn.Conv2d(3, 5, 4, stride=2), (8, 8))  # overlapping
+    g = torch.Generator().manual_seed(0)
+    xc = torch.randint(-128, 128, (2, 3, 8, 12), generator=g).float()
+    wc = torch.randint(-127, 128, (5, 3, 4, 4), generator=g).float()
+    ws, bias = torch.rand(5, generator=g), torch.rand(5, generator=g)
+    y = Fq.integer_patchify([(xc, 0)], wc, 0.5, ws, bias, (2, 3))
+    acc = torch.nn.functional.conv2d(xc.double(), wc.double(), stride=4)  # exact in float64
+    assert y.shape == (2, 5, 2, 3)
+    want = acc.float() * (torch.tensor(0.5) * ws).view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    assert torch.equal(y, want)
+
+
 @pytest.mark.parametrize("x_max, w_max, k", [(15, 7, 192), (255, 127, 768)])  # float32 path; float64 path (> 2^24)
 def test_integer_linear_sums_exactly(x_max, w_max, k):
     g = torch.Generator().manual_seed(0)

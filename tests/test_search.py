@@ -178,6 +178,27 @@ def test_front_and_selection_rule():
         select([], base, "fastest")  # not silently the default rule, even with nothing to pick from
 
 
+def test_selection_scores_on_the_full_split_only_what_decides():
+    """Full-split top-1 costs a pass over the split per plan: the default rule asks for uniform 8-bit's, then for the
+    front's plans from the fastest until one is within a point of it; plans tied on latency (one cached ratio)
+    are all asked, the better one wins; min-latency asks nothing without a tie."""
+    rows = [_row(0, 0.95, 10, 100), _row(1, 0.90, 8, 60), _row(2, 0.91, 6, 70), _row(3, 0.92, 6, 80), _row(4, 0.85, 5, 50)]
+    full = {None: 0.90, 0: 0.93, 1: 0.895, 2: 0.89, 3: 0.885, 4: 0.80}
+    asked = []
+
+    def score(r):
+        asked.append(None if r is None else r.number)
+        return full[asked[-1]]
+
+    assert select(rows, {}, "top1-within-1pt", score).number == 2  # 4 fails (0.80); 2 and 3 tie at 6 ms: 2 is better
+    assert asked[0] is None and sorted(asked[1:]) == [2, 3, 4]
+    asked.clear()
+    assert select(rows, {}, "min-latency", score).number == 4 and asked == []
+    assert select(rows, {}, "max-top1", score).number == 0 and sorted(asked) == [0, 1, 2, 3, 4]
+    full[None] = 0.99  # nothing within a point: the most accurate, every plan asked
+    assert select(rows, {}, "top1-within-1pt", score).number == 0
+
+
 def test_model_check_states_how_far_apart_the_checked_plans_lie():
     """report.md puts the spans of the plans the models are checked on beside their measurements' spread: ratios
     0.600 and 0.630 (5.0% apart; intervals +-1% and +-3%: median +-2%), top-1 0.92 and 0.93 (10 of 1000 images)."""
@@ -235,20 +256,34 @@ def test_hypervolume_by_hand():
     assert hypervolume(rows, base) == pytest.approx(0.125 + 0.25 * 0.25 * 0.5)
 
 
-def test_held_out_plans_are_timed_together(recipe):
-    """The models' held-out check (tools/search_study.py): plans built by measure(), then timed in the same
-    interleaved rounds with FP32 and uniform 8-bit (which may be one of them), each getting its own ratio."""
+def test_held_out_plans_are_scored_in_one_pass_and_timed_together(recipe):
+    """The models' held-out check (tools/search_study.py) and the front's re-measure: plans built and scored on the
+    whole split in one pass over it (the same top-1 as each evaluated alone), then timed in the same interleaved
+    rounds with FP32 and uniform 8-bit (which may be one of them), each getting its own ratio."""
     from pomq_deploy.backends import get_backend
+    from pomq_deploy.measure import evaluate_artifact
     from pomq_deploy.plan import uniform_plan
+    from pomq_deploy.progress import Phases
     from pomq_deploy.recipe import load_recipe
     from pomq_deploy.search.evaluator import PlanEvaluator
 
     ev = PlanEvaluator(load_recipe(str(recipe)), "fqvit", get_backend("ort-cpu"), "ort", 8, 1, runs=2)
     try:
         plans = [uniform_plan(s, ev.num_blocks, "tiny", "fqvit") for s in ("4/8/8", "8/8/4")]
-        assert [ev.measure(p, full_test=True, time_it=False).ratio for p in plans] == [None, None]
+        phases = Phases(None)
+        top1 = ev.full_top1([*plans, None], phases)  # built now, never evaluated: every image is run
+        assert ev.builds == 2 + 1 and list(phases.seconds)[0].endswith("(16 images, the first 0 known from the search)")
+        alone = [evaluate_artifact(ev.backend, ev.kept[p.plan_id].artifact, ev.full_recipe) for p in plans]
+        assert top1[:2] == [a.top1 for a in alone] and alone[0].images == 16
+        # a plan the search measured: its hits on the subset (8 images) are known, only the other 8 run
+        third = uniform_plan("4/4/4", ev.num_blocks, "tiny", "fqvit")
+        ev.measure(third)
+        assert ev.full_top1([third, None], phases) == [evaluate_artifact(ev.backend, ev.kept[third.plan_id].artifact,
+                                                                         ev.full_recipe).top1, top1[2]]
+        assert list(phases.seconds)[1].endswith("(16 images, the first 8 known from the search)")
+        plans.append(third)
         ratios = ev.time_together([*plans, ev.uniform8()], max_rounds=3, tolerance=1.0)  # a tolerance every ratio meets
-        assert [r.rounds for r in ratios] == [3, 3, 3] and all(r.low <= r.ratio <= r.high for r in ratios)
-        assert ev.builds == 2 + 2  # the plans, FP32 and uniform 8-bit: nothing rebuilt for the timing
+        assert [r.rounds for r in ratios] == [3, 3, 3, 3] and all(r.low <= r.ratio <= r.high for r in ratios)
+        assert ev.builds == 3 + 2  # the plans, FP32 and uniform 8-bit: nothing rebuilt for the timing
     finally:
         ev.close()

@@ -339,15 +339,42 @@ def tensorrt_export(tmp_path_factory, fmnist_root):
     return out
 
 
-def test_autocast_fp16_runs_on_the_cpu_and_keeps_the_rules(tensorrt_export, tmp_path):
+def _fp16_rounded(model, x):
+    """``model``'s logits with every leaf module's float output rounded to FP16 (and back): FP16's own rounding
+    of this network, measured in PyTorch."""
+    import torch
+
+    round16 = lambda m, args, out: out.half().float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out  # noqa: E731
+    hooks = [m.register_forward_hook(round16) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            return model(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# FP16's cost on the logits, (1 - cosine) of ONNX Runtime's FP16 graph against its FP32 graph, over the same for
+# PyTorch's FP16 rounding of the model: 1.79 at this test's seed, 0.76-1.79 over seeds 0-3 (16 images each;
+# AMD EPYC Zen 4 with AVX512-VNNI, and the same ORT numbers to 6 digits under QEMU's AVX2-only Haswell model).
+# The FP32 side computed by a saturating u8 x s8 GEMM (ORT's default session on AVX2) gives 2.9 at this seed.
+FP16_DEFICIT_RATIO = 2.5
+
+
+def test_autocast_fp16_runs_on_the_cpu_and_keeps_the_rules(tensorrt_export, tmp_path, fmnist_root):
     """ModelOpt AutoCast, which the fp16 build runs before TensorRT parses: its output keeps FP32 inputs and
     outputs, moves the float parts to FP16, passes our TensorRT rules without errors, and ONNX Runtime's
-    logits of it stay within FP16 rounding of the FP32 graph's (cosine 0.9994 and all 16 classes agree on the
-    AMD EPYC where this was written)."""
+    logits of it stay within FP16's own rounding of the FP32 graph. Both graphs run as the ort-cpu backend runs
+    them (integer GEMMs in the form exact on this CPU): ONNX Runtime's default session converts the int8
+    activations to uint8 and runs u8 x s8 GEMMs, which saturate on AVX2-only CPUs (Zen 3: cosine 0.99894, the
+    failure this test once had there)."""
     pytest.importorskip("modelopt.onnx.autocast", reason="pip install -e '.[autocast]'")
-    import onnxruntime as ort
+    import torch
 
+    from pomq_deploy.backends.ort_cpu import OrtCpuBackend
     from pomq_deploy.export.trt_rules import check_tensorrt
+    from pomq_deploy.quant.calibration import calibrated_model
+    from pomq_deploy.recipe import load_recipe
     from pomq_deploy.verify import cosine
 
     out = tmp_path / "q.fp16.onnx"
@@ -357,8 +384,16 @@ def test_autocast_fp16_runs_on_the_cpu_and_keeps_the_rules(tensorrt_export, tmp_
     assert len(fp16) > 50 and {i.type.tensor_type.elem_type for i in [*m.graph.input, *m.graph.output]} == {TensorProto.FLOAT}
     assert [f for f in check_tensorrt(m) if f.severity == "error"] == []
     x = np.random.default_rng(0).standard_normal((16, 1, 28, 28), dtype=np.float32)
-    a, b = (ort.InferenceSession(str(p)).run(None, {"images": x})[0] for p in (tensorrt_export, out))
-    assert cosine(a, b) >= 0.999 and (a.argmax(1) == b.argmax(1)).sum() >= 15
+    backend = OrtCpuBackend()
+    a, b = (backend.run_onnx(onnx.load(str(p)), {"images": x})[0] for p in (tensorrt_export, out))
+    recipe = load_recipe("deit_fmnist")
+    qm, _ = calibrated_model(recipe, "fqvit")  # the export's calibration, from the cache
+    qm.apply(uniform_plan("8/8/8", qm.num_blocks, recipe.name, "fqvit"), "sym")
+    with torch.no_grad():
+        ref = qm(torch.from_numpy(x)).numpy()
+    floor = 1 - cosine(ref, _fp16_rounded(qm, torch.from_numpy(x)))
+    assert 0 < 1 - cosine(a, b) <= FP16_DEFICIT_RATIO * floor, (1 - cosine(a, b), floor)
+    assert (a.argmax(1) == b.argmax(1)).sum() >= 15
 
 
 # --- on a GPU with TensorRT (skipped elsewhere) --------------------------------------------------------------------

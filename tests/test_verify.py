@@ -6,7 +6,7 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
-from conftest import KINDS
+from cpu_kinds import KINDS
 
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.build import BuildOptions, build
@@ -76,6 +76,7 @@ def test_artifact_from_a_vnni_cpu_is_refused_on_one_without(tiny_recipe, tmp_pat
     m = _build_json(["--uniform", "8/8/8", "--recipe", str(tiny_recipe), "--out", str(tmp_path), *BUILD, "--no-verify"])
     assert m["backend"]["options"]["weight_format"] == "s8" and m["backend"]["options"]["cpu"]["exact_u8s8"]
     directory = tmp_path / "tiny" / m["plan_id"]
+    capsys.readouterr()  # the build's progress lines
     monkeypatch.setattr("pomq_deploy.backends.ort_cpu.detect", lambda: KINDS["zen3"])
     for argv in (["eval", "--artifact", str(directory)], ["bench", "--artifact", str(directory)],
                  ["profile", "--artifact", str(directory), "--out", str(tmp_path / "prof")]):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +35,7 @@ from pomq_deploy.evaluate import topk_correct
 from pomq_deploy.measure import measure
 from pomq_deploy.models.loading import load_model
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
+from pomq_deploy.progress import Phases
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.schemes import SCHEMES
 from pomq_deploy.recipe import load_recipe
@@ -95,6 +97,7 @@ def main() -> None:
     print(f"CPU: {cpu.describe()}; ort-cpu integer weights as {cpu.weight_format}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="pomq-acc-"))
     rows: list[tuple] = []
+    phases = Phases(Console(stderr=True), quiet=not sys.stderr.isatty())  # a bar per plan on a terminal; the log has the rows
 
     def run(model, label, scheme, plan_text, plan=None):
         """Fake-quant (or FP32 PyTorch) and ONNX Runtime on the same batches."""
@@ -107,7 +110,7 @@ def main() -> None:
         ref_all, ort_all, ref64, out64 = [], [], [], []
         start = time.perf_counter()
         with torch.inference_mode():
-            for images, labels in loader:
+            for images, labels in phases.track(loader, len(loader), f"{scheme} {plan_text} {label}: fake-quant and ORT"):
                 logits = model(images)
                 ort_logits = torch.from_numpy(backend.run(art, images.numpy()))
                 ref_all.append(logits.numpy())
@@ -142,7 +145,7 @@ def main() -> None:
     fp_top1 = rows[0][3]
     timings = []
     for scheme in args.schemes:
-        model, info = calibrated_model(recipe, scheme, force=True)
+        model, info = calibrated_model(recipe, scheme, force=True, track=phases.track)
         t0 = time.perf_counter()
         model, cached = calibrated_model(recipe, scheme)
         model.apply(uniform_plan("8/8/8", model.num_blocks, recipe.name, scheme))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +34,7 @@ from pomq_deploy.data import calibration_batches
 from pomq_deploy.measure import measure
 from pomq_deploy.models.loading import load_model
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
+from pomq_deploy.progress import Phases
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.model import QuantModel
 from pomq_deploy.recipe import load_recipe
@@ -41,6 +43,8 @@ from pomq_deploy.verify import agreement, noise_images
 ROUNDS = 5  # interleaved timing rounds (see bench_model)
 # what the backend builds for a CPU with VNNI: INT8 weights left as ORT's default u8 x s8 GEMM operands
 DEFAULT_KERNELS = CpuFacts("-", "ONNX Runtime's default u8 x s8 kernels", "x86_64", ("avx512_vnni",))
+
+PHASES = Phases(Console(stderr=True), quiet=not sys.stderr.isatty())  # a bar per step on a terminal; the log has the rows
 
 
 def ort_quantize_static(fp_onnx: Path, out: Path, batches: list[np.ndarray]) -> Path:
@@ -85,7 +89,7 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list
         it is timed later, interleaved with the others."""
         out = work / f"{label}_{len(built)}"
         out.mkdir()
-        m = measure(runner, out, target="ort", eval_recipe=recipe, **source)
+        m = measure(runner, out, target="ort", eval_recipe=recipe, phases=PHASES, **source)
         built.append((what, runner, m, m.accuracy.top1 if m.accuracy is not None else None))
         if versus is not None:  # the same model run exactly (u8 weights): does the default run agree with it?
             a = agreement(backend.run(versus.artifact, noise), runner.run(m.artifact, noise))
@@ -106,7 +110,7 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel: QuantModel, calib: list
     # them alike; each latency is the median over the rounds of that round's median (p90: of the rounds' p90s).
     per_round = max(1, args.runs // ROUNDS)
     stats = {(i, b): [] for i in range(len(built)) for b in (1, 8)}
-    for _ in range(ROUNDS):
+    for _ in PHASES.track(range(ROUNDS), ROUNDS, f"{label}: {len(built)} variants timed at batch 1 and 8, interleaved rounds"):
         for i, (_, runner, m, _) in enumerate(built):
             for b in (1, 8):
                 stats[i, b].append(runner.latency(m.artifact, b, per_round))

@@ -23,6 +23,15 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
     || echo "bootstrap: postgresql could not be installed; tests/test_postgres.py will skip" >&2
 fi
 
+# QEMU's user-mode emulator for tests/test_cpu_formats.py, which runs ONNX Runtime's integer kernels as an AVX2-only
+# CPU (Zen 3) has them, whatever CPU this is; best effort: without it that test skips and says why
+if ! command -v qemu-x86_64 >/dev/null 2>&1 && [ "$(uname -m)" = x86_64 ]; then
+  echo "bootstrap: installing Debian's qemu-user (ONNX Runtime's AVX2 kernels under emulation, for the tests)" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-user >/dev/null; } \
+    || echo "bootstrap: qemu-user could not be installed; the AVX2 emulation test will skip" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python=$(command -v python3.11 || command -v python3)
   "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \

@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pomq_deploy.atomic import replace_atomically, write_generated
 from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+from pomq_deploy.progress import Phases
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.search.guided import run_guided
 from pomq_deploy.search.models import AdditiveModel, design_plans, errors, plan_of
@@ -41,18 +43,20 @@ METHODS = {"model": "model-guided (NSGA-II on models, front measured)", "nsga2":
 def run(args, recipe, storage: str, method: str, seed: int, seconds: float | None, holdout: int) -> dict:
     from pomq_deploy.search.evaluator import PlanEvaluator
 
+    phases = Phases(Console(stderr=True))  # each phase shown on the terminal, its seconds in the log
     evaluator = PlanEvaluator(recipe, args.scheme, OrtCpuBackend(threads=2), "ort", args.eval_images, args.batch,
-                              args.latency_runs)
+                              args.latency_runs, track=phases.track)
     cfg = SearchConfig(recipe.name, args.scheme, method, args.population, 10**6, seed, storage, f"{method}-s{seed}")
     study = open_study(cfg)
     start = time.time()
-    base = baselines(study, evaluator, cfg, lambda s: None)
+    base = baselines(study, evaluator, cfg, phases)
     out = {"method": method, "seed": seed}
     if method == "model":
-        guided = run_guided(study, evaluator, cfg, base, args.builds, recipe.search.sensitivity_images, lambda s: None)
+        guided = run_guided(study, evaluator, cfg, base, args.builds, recipe.search.sensitivity_images, phases)
         out["errors_front"] = guided.errors
     else:
-        run_trials(study, evaluator, cfg, base, seconds=max(1.0, seconds - (time.time() - start)))
+        with phases(f"{METHODS[method]} for {seconds:.0f} s") as step:
+            run_trials(study, evaluator, cfg, base, on_trial=lambda t: step(), seconds=max(1.0, seconds - (time.time() - start)))
     out["seconds"] = time.time() - start
     trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
     rows = {r.number: r for r in rows_of(study, evaluator.num_blocks, recipe.name, args.scheme)}
@@ -63,7 +67,7 @@ def run(args, recipe, storage: str, method: str, seed: int, seconds: float | Non
         rng = random.Random(seed)
         plans = [plan_of([tuple(rng.choice((4, 8)) for _ in range(3)) for _ in range(evaluator.num_blocks)], recipe.name,
                          args.scheme) for _ in range(holdout)]
-        measured = [evaluator.measure(p, full_test=True, time_it=False) for p in plans]  # top-1 on the whole test split
+        top1 = evaluator.full_top1(plans, evaluator.full_loader())  # top-1 on the whole test split, builds untimed
         # the design set (and uniform 8-bit) in the same rounds too, up to 20: a latency model refitted on those
         # ratios has no drift between its fit and its check, so its error is the additive model's own
         groups = guided.models.latency.groups
@@ -74,7 +78,7 @@ def run(args, recipe, storage: str, method: str, seed: int, seconds: float | Non
         preds = [guided.models.predict(p, base) for p in plans]
         out["errors_holdout"] = {
             "latency": errors([p["latency_ms"] / base["fp32"]["latency_ms"] for p in preds], ratios, True),
-            "top1": errors([p["top1"] for p in preds], [m.top1 for m in measured], False),
+            "top1": errors([p["top1"] for p in preds], top1, False),
             "latency_refit": errors([refit.predict(p) for p in plans], ratios, True)}
         out["holdout_spread"] = statistics.median(r.spread for r in together)
     evaluator.close()

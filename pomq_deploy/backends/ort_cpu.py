@@ -6,9 +6,13 @@ moved into the integer GEMMs (``_fuse_gemm_bias``), is the artifact.
 4-bit weights reach ORT as INT8 codes (see ``_int4_to_int8``). On a CPU whose u8 x s8 GEMM saturates
 (x86 without VNNI/AMX, see :mod:`.cpu`) every INT8 weight is stored as uint8 with zero point 128 (the
 same values), so that ORT runs its exact u8 x u8 kernels; the artifact records the CPU it was built for
-and refuses to run where its formats would not be exact. For other models run here (``bench
---onnx``), ``session.qdq_matmulnbits_accuracy_level`` 0 keeps a blocked-INT4 MatMulNBits on float
-activations: its default re-quantizes them to int8 on the fly, which no fake-quant reference does.
+and refuses to run where its formats would not be exact. The ``tensorrt`` target's int8 activations
+(zero point 0) are stored as uint8 with zero point 128 (``_activations_to_uint8``, again the same values):
+on x86 ORT fuses no int8-activation Q/DQ into an integer GEMM, so without it every GEMM of such a graph
+ran in float32 on dequantized values, whose rounded sums are not the exact integer sums the reference and
+TensorRT's INT8 kernels compute. For other models run here (``bench --onnx``),
+``session.qdq_matmulnbits_accuracy_level`` 0 keeps a blocked-INT4 MatMulNBits on float activations: its
+default re-quantizes them to int8 on the fly, which no fake-quant reference does.
 """
 
 import time
@@ -24,10 +28,6 @@ from .cpu import CpuFacts, detect
 
 ARTIFACT_NAME = "model.ort.onnx"
 SESSIONS_KEPT = 4
-# ORT 1.32 miscompiles int8 (zero point 0) Q/DQ graphs when it converts them to uint8 after propagating
-# Q/DQ through Reshape ("output_dtype INT8 does not match y_zero_point type UINT8"); int8 graphs (the
-# tensorrt target) are loaded with that one pass off.
-INT8_DISABLED = ["QDQS8ToU8Transformer"]
 
 
 class OrtCpuBackend:
@@ -93,16 +93,19 @@ class OrtCpuBackend:
         without exact u8 x s8 kernels INT8 weights as uint8. Returns the session options with what was done,
         for the artifact."""
         from ..onnx_graph import Graph
+        from .ort_patchify import patchify_convs
         from .ort_split_codes import split_code_matmuls
 
-        int8_activations = _has_int8_activations(model)
-        options = self.options(INT8_DISABLED if int8_activations else None)
-        options |= {"int4_weights_on_int8_kernels": _int4_to_int8(model), "cpu": self.cpu.to_dict()}
+        options = self.options()
         g = Graph(model)
+        options |= {"int4_weights_on_int8_kernels": _int4_to_int8(g), "cpu": self.cpu.to_dict()}
+        int8_activations = _activations_to_uint8(g)
+        options["patchify_integer_gemms"] = patchify_convs(g)
         options["two_grid_integer_gemms"] = split_code_matmuls(g)
         weights = int8_weight_readers(g)
         options |= {"integer_weights": len({n.input[i] for n, i, _ in weights}),
-                    "activation_format": "s8" if int8_activations else "u8", "weight_format": self.cpu.weight_format,
+                    "activation_format": "s8" if int8_activations else "u8", "activations_as_uint8": int8_activations,
+                    "weight_format": self.cpu.weight_format,
                     "weights_as_uint8": _weights_to_uint8(g, weights) if self.cpu.weight_format == "u8" else 0}
         return options
 
@@ -158,6 +161,17 @@ class OrtCpuBackend:
                 self._sessions.popitem(last=False)
         self._sessions.move_to_end(key)
         return self._sessions[key]
+
+
+def describe_formats(options: dict[str, Any]) -> str:
+    """One line: the integer formats an ort-cpu build or run used (``prepare``'s options) and why."""
+    cpu = CpuFacts.from_dict(options["cpu"])
+    acts = ("int8 (the tensorrt target's) stored as uint8 + 128, the same values: ORT fuses no int8-activation GEMM on x86"
+            if options.get("activations_as_uint8") else "uint8")
+    weights = ("int8: u8 x s8 is exact on this CPU kind" if options["weight_format"] == "s8"
+               else "int8 stored as uint8 + 128: u8 x s8 saturates in int16 on this CPU kind")
+    return (f"integer GEMMs for {cpu.model}: activations {acts}; weights {weights}; patch embedding "
+            f"{'as an integer GEMM' if options.get('patchify_integer_gemms') else 'a float Conv'}")
 
 
 def check_cpu(artifact: Artifact, here: CpuFacts) -> str | None:
@@ -266,30 +280,79 @@ def _output_width(g, mm) -> int | None:
     return None if b is None or b.ndim != 2 else int(b.shape[1])
 
 
-def _int4_to_int8(model) -> int:
-    """Store INT4 weight codes as INT8 (the same integers) so ORT runs them in its INT8 GEMM kernels.
+def _int4_to_int8(g) -> int:
+    """Store INT4 weight codes of Graph ``g`` as INT8 (the same integers) so ORT runs them in its INT8 GEMM kernels.
 
     ORT 1.32's CPU kernels have no int4 x uint8 GEMM: an INT4 per-channel DequantizeLinear stays a float
     dequantization on every run, measured 2x slower than the INT8 plan on the reference model. The codes
-    and so the numbers are unchanged; only the deployable model.onnx keeps the 4-bit storage."""
+    and so the numbers are unchanged; only the deployable model.onnx keeps the 4-bit storage. Blocked scales
+    whose blocks repeat one scale per column (the ``tensorrt`` target's INT4 form, see
+    ``export.graph.block_int4_scales``) become that per-column scale again: ORT fuses a blocked INT8
+    DequantizeLinear into its integer GEMM as if the scale were per column, and fails at run time. An INT4
+    weight with truly blocked scales stays INT4 (a float dequantization)."""
     import onnx
     from onnx import numpy_helper
 
+    from ..onnx_graph import node_attr
+
     n = 0
-    for i, t in enumerate(model.graph.initializer):
-        if t.data_type == onnx.TensorProto.INT4:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype("int8"), t.name))
-            n += 1
+    for dq in [d for d in g.graph.node if d.op_type == "DequantizeLinear" and d.input[0] in g.inits]:
+        codes = g.inits[dq.input[0]]
+        if codes.data_type != onnx.TensorProto.INT4:
+            continue
+        if node_attr(dq, "block_size", 0):
+            scale = g.value(dq.input[1])
+            if scale is None or scale.ndim != 2 or node_attr(dq, "axis", 1) != 0 or len(dq.input) > 2 \
+                    or not (scale == scale[:1]).all():
+                continue
+            per_column = numpy_helper.from_array(np.ascontiguousarray(scale[0]), f"{dq.input[1]}_per_column")
+            g.replace_initializer(None, per_column)
+            g.set_input(dq, 1, per_column.name)
+            for a in [a for a in dq.attribute if a.name in ("axis", "block_size")]:
+                dq.attribute.remove(a)
+            dq.attribute.append(onnx.helper.make_attribute("axis", 1))
+        g.replace_initializer(codes.name, numpy_helper.from_array(numpy_helper.to_array(codes).astype("int8"), codes.name))
+        n += 1
+    g.drop_unused()
     return n
 
 
-def _has_int8_activations(model) -> bool:
-    """Whether any QuantizeLinear writes int8 (as the tensorrt target's do); weights carry no Q node."""
+def _activations_to_uint8(g) -> int:
+    """Each int8 activation Q/DQ (the ``tensorrt`` target's symmetric format) of Graph ``g`` as uint8 with its
+    zero point + 128: ``clamp(round(x/s) + z + 128, 0, 255) - (z + 128)`` is the int8 code, so the values are
+    the same. Measured (tests/test_cpu_formats.py, on every x86 CPU kind): ONNX Runtime fuses no int8-activation
+    GEMM on x86 (its QDQ selectors take int8 activations only on Arm) and runs it in float32 on the dequantized
+    values, whose rounded sums differ from the exact integer ones in the last bits; those flip codes downstream
+    (logits cosine 0.9958 on an AVX2 CPU's calibration of the test model). As uint8 the GEMMs run as integer
+    kernels, exactly, as TensorRT's INT8 kernels do. Returns how many zero points were rewritten."""
     import onnx
+    from onnx import numpy_helper
 
-    from ..onnx_graph import constant_value
-
-    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
-    int8 |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"
-             and getattr(constant_value(n), "data_type", None) == onnx.TensorProto.INT8}
-    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in int8 for n in model.graph.node)
+    shifted: dict[str, str] = {}  # int8 zero point -> its uint8 twin
+    codes: list[str] = []
+    for node in list(g.graph.node):
+        reads_codes = node.op_type == "DequantizeLinear" and node.input[0] not in g.inits and g.tensor(node.input[0]) is None
+        if not (node.op_type == "QuantizeLinear" or reads_codes) or len(node.input) < 3 or not node.input[2]:
+            continue
+        zero = g.tensor(node.input[2])
+        if zero is None or zero.data_type != onnx.TensorProto.INT8:
+            continue
+        if node.input[2] not in shifted:
+            value = numpy_helper.to_array(zero).astype(np.int16) + 128
+            twin = numpy_helper.from_array(value.astype(np.uint8), f"{node.input[2]}_u8")
+            g.replace_initializer(None, twin)
+            shifted[node.input[2]] = twin.name
+        g.set_input(node, 2, shifted[node.input[2]])
+        if node.op_type == "QuantizeLinear":
+            codes.append(node.output[0])
+    stale = set(codes)  # the codes' declared types (int8) follow them through shape ops: drop those declarations
+    while codes:
+        for user in g.consumers(codes.pop()):
+            if user.op_type != "DequantizeLinear" and user.output[0] not in stale:
+                stale.add(user.output[0])
+                codes.append(user.output[0])
+    kept = [v for v in g.graph.value_info if v.name not in stale]
+    del g.graph.value_info[:]
+    g.graph.value_info.extend(kept)
+    g.drop_unused()
+    return len(shifted)

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import BACKENDS, backend_from_args
     from ..build import BuildOptions, build
     from ..errors import PomqError
-    from ._common import calib_track, load_plan_arg, recipe_from_args, resolve_plan, scheme_of
+    from ..progress import Phases
+    from ._common import load_plan_arg, recipe_from_args, resolve_plan, scheme_of
     from ._console import stderr, stdout
 
     quantized = args.plan is not None or args.uniform is not None
@@ -66,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a plan that does not fit fails here
     target = BACKENDS[args.backend].default_target if args.target is None else args.target
     opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer, args.verify, args.vs_fp32)
-    built = build(recipe, plan, opts, calib_track, status=lambda s: stderr.print(f"[dim]{s}[/dim]") if stderr.is_terminal else None,
-                  model=model)
+    built = build(recipe, plan, opts, Phases(stderr), model=model)
     m = built.manifest
     if args.json:
         print(json.dumps(to_plain(m), indent=2))
@@ -85,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
             line += f"; the search measured {searched:.3f} ({100 * (r['ratio'] / searched - 1):+.1f}%)"
         stdout.print(line)
     options = m.backend.options
-    if "cpu" in options:
-        stdout.print(f"  built for {options['cpu']['model']}: integer weights as {options['weight_format']} "
-                     f"({'u8 x s8 exact here' if options['cpu']['exact_u8s8'] else 'u8 x u8: u8 x s8 saturates on this CPU'})")
+    if "cpu" in options and options.get("integer_weights"):
+        from ..backends.ort_cpu import describe_formats
+
+        stdout.print(f"  {describe_formats(options)}")
     check = m.verify
     if "skipped" in check:
         stdout.print("  self-check: skipped (--no-verify)")

@@ -10,7 +10,7 @@ HELP = "search per-block 4/8-bit plans for the Pareto front of top-1, latency an
 DESCRIPTION = """\
 A measured plan is exported, built on the backend and measured: top-1 on the first eval_images of the
 evaluation split (through the backend), artifact bytes, and latency as a ratio to the FP32 model's, timed
-interleaved with FP32 and uniform 8-bit until the ratio's 90% interval is within +-3% (shown in the study's
+interleaved with FP32 until the ratio's 90% interval is within +-3% (shown in the study's
 FP32 milliseconds). A plan is feasible when it mixes widths, beats FP32's latency and is smaller than
 uniform 8-bit; infeasible plans stay in the study, marked.
 
@@ -22,8 +22,10 @@ where every trial is built and measured (PoMQ-ViT's own loop; for small budgets 
 
 Each measured plan is an optuna trial in --storage (default: SQLite in the output directory): stop the
 search at any moment and start it again with the same --study to continue, or start several processes on
-one storage to share the work (PostgreSQL for many machines). At the end the measured Pareto front is
-re-measured on the full evaluation split and DIR gets pareto.json (measured and predicted points, marked),
+one storage to share the work (PostgreSQL for many machines). At the end the --select rule picks a plan
+of the measured Pareto front by top-1 on the full evaluation split, scoring only the plans it needs, in the
+order that settles it soonest (--full-front: all of them and FP32), and DIR gets pareto.json (measured and
+predicted points, marked),
 pareto.png, report.md, models.json (model mode) and best.yaml (for pomq-deploy build --plan; only ever a
 measured plan). Defaults come from the recipe's 'search' section. Exits 1 when no plan is feasible,
 unless --allow-infeasible.
@@ -58,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", choices=list(SELECT_RULES), default="top1-within-1pt",
                    help="rule that picks best.yaml from the front (default: top1-within-1pt = "
                    + SELECT_RULES["top1-within-1pt"] + ")")
+    g.add_argument("--full-front", action="store_true",
+                   help="score every plan of the measured front and FP32 on the full evaluation split (default: only the "
+                   "plans the --select rule needs and the chosen one, each a pass over the split)")
     g.add_argument("--allow-infeasible", action="store_true", help="exit 0 even when no plan meets the constraints")
     b = add_backend_arguments(p)
     b.add_argument("--batch", type=positive_int, help="latency batch size (and the tensorrt engine's batch)")
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                          storage=storage, study=study, out=out, backend=backend, target=BACKENDS[args.backend].default_target,
                          eval_images=args.eval_images or spec.eval_images, batch=batch,
                          runs=spec.latency_runs, select=args.select, mode=mode,
-                         builds=args.builds or spec.builds, sensitivity_images=spec.sensitivity_images)
+                         builds=args.builds or spec.builds, sensitivity_images=spec.sensitivity_images,
+                         full_front=args.full_front)
     result = run_search(opts, stderr)
     say = stderr if args.json else stdout  # with --json, stdout holds the JSON object alone
     say.print(result.first_line)

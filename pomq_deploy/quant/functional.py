@@ -109,6 +109,31 @@ def integer_linear(x_parts: list[tuple[torch.Tensor, int]], w_codes: torch.Tenso
     return y if bias is None else y + bias
 
 
+def is_patchify(conv: torch.nn.Conv2d, hw: tuple[int, int]) -> bool:
+    """A Conv2d that cuts an input of height and width ``hw`` into whole non-overlapping patches (ViT/Swin patch
+    embedding: kernel = stride, no padding): a GEMM of each patch's pixels with the flattened kernel."""
+    return (conv.kernel_size == conv.stride and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding in ((0, 0), "valid") and hw[0] % conv.kernel_size[0] == 0 and hw[1] % conv.kernel_size[1] == 0)
+
+
+def to_patches(x: torch.Tensor, k: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/kh * W/kw, C*kh*kw): each patch's pixels in a Conv2d kernel's (c, u, v) order (the
+    deployed ONNX Runtime graph's Reshape -> Transpose -> Reshape, see backends.ort_patchify)."""
+    b, c, h, w = x.shape
+    kh, kw = k
+    p = x.reshape(b, c, h // kh, kh, w // kw, kw)
+    return p.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // kh) * (w // kw), c * kh * kw)
+
+
+def integer_patchify(x_parts: list[tuple[torch.Tensor, int]], w_codes: torch.Tensor, x_scale: float,
+                     w_scale: torch.Tensor, bias: torch.Tensor | None, out_hw: tuple[int, int]) -> torch.Tensor:
+    """A patchify Conv2d (``is_patchify``) on quantized input and weight as an integer GEMM per patch
+    (``integer_linear``): (B, O, H/kh, W/kw), the exact sums a float convolution only approximates."""
+    k = tuple(w_codes.shape[2:])
+    y = integer_linear([(to_patches(c, k), e) for c, e in x_parts], w_codes.flatten(1), x_scale, w_scale, bias)
+    return y.reshape(y.shape[0], *out_hw, y.shape[-1]).permute(0, 3, 1, 2)
+
+
 def fake_quant_onnx(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     """``fake_quant`` written with the op the ONNX exporter turns into QuantizeLinear -> DequantizeLinear.
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import integer_linear, weight_codes
+from .functional import integer_linear, integer_patchify, is_patchify, weight_codes
 from .observers import RangeObserver
 from .quantizers import FORMATS, Parts, Quantizer, TwoScaleQ, UniformQ, fit
 from .schemes import Scheme
@@ -72,8 +72,9 @@ class QuantWeighted(nn.Module):
     """A Linear or Conv2d with a quantized input, weight (symmetric per output channel) and optional output.
 
     A Linear whose input is written as integer codes (one grid, or V-2SF's two) runs as an integer GEMM
-    (``integer_linear``), the arithmetic of the deployed kernels; otherwise (PTF-scaled inputs, Conv2d) the
-    layer runs in float on the dequantized values."""
+    (``integer_linear``), the arithmetic of the deployed kernels, and so does a patch embedding's Conv2d
+    (``integer_patchify``); otherwise (PTF-scaled inputs, other convolutions) the layer runs in float on the
+    dequantized values."""
 
     def __init__(self, layer: nn.Module, block: int | None, in_quant: ActQuant, out_quant: ActQuant | None = None):
         super().__init__()
@@ -110,17 +111,24 @@ class QuantWeighted(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: one the caller computed (BEiT's q/k/v biases), instead of the layer's own."""
         bias = self.layer.bias if bias is None else bias
-        y = self._integer(x, bias) if isinstance(self.layer, nn.Linear) else None
+        y = self._integer(x, bias)
         if y is None:
             y = self._float(self.in_quant(x), bias)
         return self.out_quant(y) if self.out_quant is not None else y
 
     def _integer(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """The Linear as an integer GEMM, when its input is written as codes and its weight is quantized."""
-        parts = self.in_quant.parts(x) if self.weight_bits is not None else None
+        """The Linear (or patchify Conv2d) as an integer GEMM, when its input is written as codes and its weight
+        is quantized."""
+        conv = isinstance(self.layer, nn.Conv2d)
+        if self.weight_bits is None or (conv and not is_patchify(self.layer, x.shape[-2:])):
+            return None
+        parts = self.in_quant.parts(x)
         if parts is None:
             return None
         w_codes, w_scale = self.weight_codes(self.weight_bits)
+        if conv:
+            kh, kw = self.layer.kernel_size
+            return integer_patchify(parts[1], w_codes, parts[0], w_scale, bias, (x.shape[-2] // kh, x.shape[-1] // kw))
         return integer_linear(parts[1], w_codes, parts[0], w_scale, bias)
 
     def _float(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

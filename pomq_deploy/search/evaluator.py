@@ -1,9 +1,10 @@
 """Measure one plan the way the search sees it: build it, run it, time it against the baselines.
 
 Every candidate is exported, built by the backend and measured for real: top-1 on the evaluation subset
-through the backend, artifact size, and latency as a *ratio* to the FP32 model's (and to uniform 8-bit's),
-timed interleaved with both in the same rounds (:mod:`pomq_deploy.timing`), so that a busy moment of a shared host
-falls on all three alike. The two baselines are built once per process and kept for the whole search.
+through the backend, artifact size, and latency as a *ratio* to the FP32 model's, timed interleaved with it in
+the same rounds (:mod:`pomq_deploy.timing`), so that a busy moment of a shared host falls on both alike.
+Uniform 8-bit is timed against FP32 once, with the baselines: no decision reads a candidate's ratio to it, and
+timing it beside every candidate cost a third of each plan's rounds. The two baselines are built once per process and kept for the whole search.
 Calibration comes from the on-disk cache (one pass per recipe/scheme), and ratios are cached by the exported
 graph's *structure* (op types, wiring, initializer types and shapes, constants left out): two plans whose
 artifacts differ only in constant values run the same kernels.
@@ -15,9 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..backends import Artifact, Backend
-from ..measure import Measured, evaluate_artifact, graph_signature, measure
+from ..measure import Measured, graph_signature, measure
 from ..plan import Plan, uniform_plan
+from ..progress import Phases
 from ..recipe import Recipe
 from ..timing import Ratio, backend_ratios
 
@@ -26,8 +30,7 @@ from ..timing import Ratio, backend_ratios
 class Measurement:
     top1: float
     images: int
-    ratio: Ratio | None  # latency / FP32's, interleaved; None when not timed (full-split re-measures)
-    ratio_uniform8: float | None  # latency / uniform 8-bit's, from the same rounds
+    ratio: Ratio | None  # latency / FP32's, interleaved; None for FP32 itself
     size_bytes: int  # the backend's artifact
     latency_key: str
     latency_cached: bool  # the ratio is another plan's with the same graph structure
@@ -77,7 +80,10 @@ class PlanEvaluator:
         return self.refs[name]
 
     def _time(self, artifacts: dict[str, Artifact], candidates: list[str], **rounds) -> dict[str, Ratio]:
-        artifacts = {"fp32": self._reference("fp32").artifact, "uniform8": self._reference("uniform8").artifact} | artifacts
+        """Ratios to FP32 of ``candidates`` (names in ``artifacts``, or "uniform8"), timed interleaved with FP32."""
+        artifacts = {"fp32": self._reference("fp32").artifact} | artifacts
+        if "uniform8" in candidates:
+            artifacts["uniform8"] = self._reference("uniform8").artifact
         return backend_ratios(self.backend, artifacts, self.batch, candidates, runs=self.runs, **rounds)
 
     def time_together(self, plans: list[Plan], max_rounds: int = 20, tolerance: float = 0.02) -> list[Ratio]:
@@ -90,53 +96,82 @@ class PlanEvaluator:
                             names, max_rounds=max_rounds, tolerance=tolerance)
         return [ratios[n] for n in names]
 
-    def baselines(self) -> dict:
+    def baselines(self, on_round=None) -> dict:
         """FP32 and uniform 8-bit: top-1, size, and their latencies from interleaved rounds (FP32's median in ms
         is the scale every ratio is reported in)."""
-        u8 = self._time({}, ["uniform8"])["uniform8"]
+        u8 = self._time({}, ["uniform8"], on_round=on_round)["uniform8"]
         out = {}
         for name, ratio in (("fp32", None), ("uniform8", u8)):
             m = self._reference(name)
-            out[name] = Measurement(m.accuracy.top1, m.accuracy.images, ratio, None if ratio is None else 1.0,
-                                    m.artifact.size_bytes, graph_signature(m.onnx_path), False).attrs()
+            out[name] = Measurement(m.accuracy.top1, m.accuracy.images, ratio, m.artifact.size_bytes,
+                                    graph_signature(m.onnx_path), False).attrs()
             out[name] |= {"latency_ms": u8.reference_ms * (1.0 if ratio is None else ratio.ratio)}
         return out
 
-    def measure(self, plan: Plan | None, full_test: bool = False, time_it: bool = True) -> Measurement:
-        """Build ``plan`` and measure it; the build is kept until ``close``. ``full_test``: top-1 on the whole
-        evaluation split, untimed, on the plan's kept build if this process made one (None: FP32's)."""
-        if full_test and (plan is None or plan.blocks == self.uniform8().blocks or plan.plan_id in self.kept):
-            m = self._reference("fp32") if plan is None else self.kept.get(plan.plan_id) or self._reference("uniform8")
-            top1 = evaluate_artifact(self.backend, m.artifact, self.full_recipe)
-            return Measurement(top1.top1, top1.images, None, None, m.artifact.size_bytes, graph_signature(m.onnx_path), False)
+    def measure(self, plan: Plan) -> Measurement:
+        """Build ``plan`` and measure it on the evaluation subset, its latency ratio timed (or taken from a plan
+        with the same graph structure); the build is kept until ``close``."""
         out = self.work / f"build-{self.builds}"  # unique: every build counts
         out.mkdir()
-        m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target,
-                    eval_recipe=self.full_recipe if full_test else self.recipe)
+        m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target, eval_recipe=self.recipe)
         self.builds += 1
         self.kept[plan.plan_id] = m  # kept for the front's re-measure on the full split: no second build
         key = graph_signature(m.onnx_path)
-        cached = time_it and key in self.ratio_cache
-        ratio = u8 = None
+        cached = key in self.ratio_cache
         if cached:
-            ratio, u8 = Ratio(**self.ratio_cache[key]["ratio"]), self.ratio_cache[key]["uniform8"]
-        elif time_it:
-            r = self._time({"candidate": m.artifact}, ["candidate"])
-            ratio, u8 = r["candidate"], r["candidate"].ratio / r["uniform8"].ratio
-            self.ratio_cache[key] = {"ratio": ratio.as_dict(), "uniform8": u8}
-        return Measurement(m.accuracy.top1, m.accuracy.images, ratio, u8, m.artifact.size_bytes, key, cached)
+            ratio = Ratio(**self.ratio_cache[key])
+        else:
+            ratio = self._time({"candidate": m.artifact}, ["candidate"])["candidate"]
+            self.ratio_cache[key] = ratio.as_dict()
+        return Measurement(m.accuracy.top1, m.accuracy.images, ratio, m.artifact.size_bytes, key, cached)
 
-    def confirm(self, plan: Plan) -> Ratio:
+    def confirm(self, plan: Plan, on_round=None) -> Ratio:
         """``plan``'s ratio to FP32 timed again, in fresh rounds: the plan a search selects for the lowest latency
         among close ones is, more often than not, one whose first timing came out low (the winner's curse); an
         independent timing is what a rebuild will see."""
-        m = self.kept.get(plan.plan_id)
-        if m is None:  # measured by another worker or an earlier run
+        return self._time({"candidate": self._built(plan).artifact}, ["candidate"], on_round=on_round)["candidate"]
+
+    def full_top1(self, plans: list[Plan | None], phases: Phases) -> list[float]:
+        """Top-1 of each plan (None: FP32) on the whole evaluation split, in one pass over it (a phase of
+        ``phases``): each batch read once and run through every plan's artifact (the build this process made,
+        else one made now). Where every plan was measured on the evaluation subset in this process, its hits
+        there are known and only the images after it are run."""
+        from torch.utils.data import Subset
+
+        from ..data import eval_dataset, eval_loader
+        from ..evaluate import topk_correct
+        from ..models.loading import data_model
+
+        built = [self._built(p) for p in plans]
+        known = {b.accuracy.images if b.accuracy is not None else None for b in built}
+        start = known.pop() if len(known) == 1 and None not in known else 0
+        hits = [round(b.accuracy.top1 * start) if start else 0 for b in built]
+        r = self.full_recipe
+        data = eval_dataset(r.data, data_model(r.model))
+        n = len(data)
+        loader = eval_loader(Subset(data, range(start, n)), r.eval.batch_size, None, r.data.workers)
+        names = ["FP32" if p is None else "uniform 8/8/8" if p.blocks == self.uniform8().blocks else f"plan {p.plan_id}"
+                 for p in plans]
+        with phases(f"top-1 on the full evaluation split of {', '.join(names)} ({n} images, the first {start} known "
+                    "from the search)", total=len(loader)) as step:
+            for images, labels in loader:
+                x = images.numpy()
+                for i, b in enumerate(built):
+                    hits[i] += topk_correct(torch.from_numpy(self.backend.run(b.artifact, x)), labels, 1)
+                step()
+        return [h / n for h in hits]
+
+    def _built(self, plan: Plan | None) -> Measured:
+        """``plan``'s build (None: FP32's), made now when this process has none (a plan another worker or an
+        earlier run measured)."""
+        if plan is None or plan.blocks == self.uniform8().blocks:
+            return self._reference("fp32" if plan is None else "uniform8")
+        if plan.plan_id not in self.kept:
             out = self.work / f"build-{self.builds}"
             out.mkdir()
-            m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target)
+            self.kept[plan.plan_id] = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target)
             self.builds += 1
-        return self._time({"candidate": m.artifact}, ["candidate"])["candidate"]
+        return self.kept[plan.plan_id]
 
     def fp_model(self):
         from ..models.loading import load_model

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import Trial, TrialState
 
 from ..plan import Plan
+from ..progress import Phases
+from ._progress import trial_step
 from .evaluator import PlanEvaluator
 from .models import AccuracyModel, AdditiveModel, block_groups, design_plans, errors, kl_sensitivities
 from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, measure_plans, plan_from_params
@@ -53,7 +55,7 @@ def measured_on(evaluator: PlanEvaluator) -> dict:
     return {"backend": evaluator.backend.name, "machine": machine, "batch": evaluator.batch}
 
 
-def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, log) -> list[dict]:
+def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, phases: Phases) -> list[dict]:
     """Per-gene KL sensitivities, measured once per study (kept in it)."""
     key = f"kl_sensitivity_{images}"
     if key not in study.user_attrs:
@@ -62,13 +64,14 @@ def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, l
 
         data = eval_dataset(evaluator.recipe.data, data_model(evaluator.recipe.model))
         x = torch.stack([data[i][0] for i in range(min(images, len(data)))])
-        log(f"per-block sensitivities: {3 * evaluator.num_blocks} one-gene-4-bit runs of the PyTorch model on {len(x)} images")
-        cfg = study.user_attrs
-        study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"]))
+        cfg, steps = study.user_attrs, 3 * evaluator.num_blocks
+        with phases(f"per-block sensitivities: {steps} one-gene-4-bit runs of the PyTorch model on {len(x)} images",
+                    total=steps) as step:
+            study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"], on_step=step))
     return study.user_attrs[key]
 
 
-def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_images: int, log) -> Models:
+def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_images: int, phases: Phases) -> Models:
     """Fit the models on the study's design trials and the uniform 8-bit baseline."""
     n, recipe, scheme = evaluator.num_blocks, study.user_attrs["recipe"], study.user_attrs["scheme"]
     here = measured_on(evaluator)
@@ -83,12 +86,13 @@ def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_i
     ratios = [t.user_attrs["ratio"]["ratio"] for t in design] + [base["uniform8"]["ratio"]["ratio"]]
     sizes = [t.user_attrs["size_bytes"] for t in design] + [base["uniform8"]["size_bytes"]]
     groups = block_groups(evaluator.qmodel.blocks)
-    accuracy = AccuracyModel(base["uniform8"]["top1"], _sensitivities(study, evaluator, sensitivity_images, log))
+    accuracy = AccuracyModel(base["uniform8"]["top1"], _sensitivities(study, evaluator, sensitivity_images, phases))
     accuracy.fit(plans[:-1], [t.user_attrs["top1"] for t in design])
     return Models(AdditiveModel.fit(plans, ratios, groups), AdditiveModel.fit(plans, sizes, groups), accuracy, here)
 
 
-def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict) -> list[dict]:
+def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict,
+                    on_trial: Callable[[], None] | None = None) -> list[dict]:
     """NSGA-II on the models alone (an in-memory study): the feasible plans no other predicted plan dominates."""
     study = optuna.create_study(directions=list(DIRECTIONS),
                                 sampler=optuna.samplers.NSGAIISampler(population_size=MODEL_POPULATION, seed=cfg.seed))
@@ -102,7 +106,7 @@ def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict
             trial.set_constraint(name, value)
         return p["top1"], p["latency_ms"], p["size_bytes"]
 
-    study.optimize(objective, n_trials=MODEL_TRIALS)
+    study.optimize(objective, n_trials=MODEL_TRIALS, callbacks=[lambda *_: on_trial()] if on_trial else None)
     front = {}
     for t in study.best_trials:
         plan = plan_from_params(t.params, n_blocks, cfg.recipe, cfg.scheme)
@@ -127,22 +131,22 @@ def pick(front: list[dict], k: int, base: dict, measured: set[str]) -> list[dict
 
 
 def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict, builds: int,
-               sensitivity_images: int, log: Callable[[str], None],
-               on_trial: Callable[[FrozenTrial], None] | None = None) -> GuidedResult:
+               sensitivity_images: int, phases: Phases) -> GuidedResult:
     """Design set -> models -> NSGA-II on the models -> the predicted front measured, within ``builds`` real builds
-    of this process (the baselines' two included)."""
+    of this process (the baselines' two included); each a phase of ``phases``."""
     groups = block_groups(evaluator.qmodel.blocks)
     design = design_plans(groups, cfg.recipe, cfg.scheme)
-    log(f"design set: {len(design)} plans built and measured ({len(set(groups))} group(s) of same-shaped blocks)")
-    measure_plans(study, evaluator, base, design, "design", on_trial=on_trial)
-    models = fit(study, evaluator, base, sensitivity_images, log)
-    log(f"NSGA-II on the models: {MODEL_TRIALS} predicted plans")
-    front = predicted_front(models, cfg, evaluator.num_blocks, base)
+    with phases(f"design set: {len(design)} plans built and measured ({len(set(groups))} group(s) of same-shaped blocks)",
+                total=len(design)) as step:
+        measure_plans(study, evaluator, base, design, "design", on_trial=trial_step(step))
+    models = fit(study, evaluator, base, sensitivity_images, phases)
+    with phases(f"NSGA-II on the models: {MODEL_TRIALS} predicted plans", total=MODEL_TRIALS) as step:
+        front = predicted_front(models, cfg, evaluator.num_blocks, base, on_trial=step)
     done = {t.user_attrs.get("plan_id") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     picks = pick(front, builds - evaluator.builds, base, done)
-    log(f"predicted front: {len(front)} plans; measuring {len(picks)} of them for real")
-    measure_plans(study, evaluator, base, [p["plan"] for p in picks], "front",
-                  predicted=[p["predicted"] for p in picks], on_trial=on_trial)
+    with phases(f"predicted front: {len(front)} plans, {len(picks)} of them built and measured", total=len(picks)) as step:
+        measure_plans(study, evaluator, base, [p["plan"] for p in picks], "front",
+                      predicted=[p["predicted"] for p in picks], on_trial=trial_step(step))
     trials = {t.user_attrs.get("plan_id"): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     for p in front:
         t = trials.get(p["plan"].plan_id)

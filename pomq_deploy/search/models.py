@@ -121,21 +121,23 @@ class AccuracyModel:
 
 
 @torch.no_grad()
-def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, progress=None) -> list[dict[str, float]]:
+def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, on_step=None) -> list[dict[str, float]]:
     """Per block and gene, the mean KL(FP32 || quantized) of the logits on ``images`` when only that gene of that
-    block is 4-bit and the rest of the model runs in FP32 (``QuantModel.isolate``)."""
+    block is 4-bit and the rest of the model runs in FP32 (``QuantModel.isolate``); ``on_step`` after each."""
     qmodel.apply(None)
     ref = torch.log_softmax(qmodel(images), dim=-1)
     n = qmodel.num_blocks
     out = [{} for _ in range(n)]
     steps = [(i, g) for i in range(n) for g in GENES]
-    for i, g in progress(steps) if progress is not None else steps:
+    for i, g in steps:
         bits = [EIGHT] * n
         bits[i] = tuple(4 if gene == g else 8 for gene in GENES)
         qmodel.apply(plan_of(bits, recipe, scheme))
         qmodel.isolate(i, g)
         logp = torch.log_softmax(qmodel(images), dim=-1)
         out[i][g] = float(torch.sum(ref.exp() * (ref - logp), dim=-1).mean())
+        if on_step is not None:
+            on_step()
     qmodel.apply(None)
     return out
 

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,22 +77,45 @@ def hypervolume(rows: list[Row], base: dict) -> float:
     return float(moocore.hypervolume(np.minimum(pts, 1.0), ref=np.ones(3)))
 
 
-def select(front: list[Row], base: dict, rule: str) -> Row | None:
-    """The plan ``rule`` (one of ``SELECT_RULES``) picks from the front; None when the front is empty."""
+def select(front: list[Row], base: dict, rule: str, full: Callable[[Row | None], float] | None = None) -> Row | None:
+    """The plan ``rule`` (one of ``SELECT_RULES``) picks from the front; None when the front is empty.
+
+    ``full(row)`` (``None``: uniform 8-bit) is a plan's top-1 on the whole evaluation split, asked for only where
+    the rule's answer depends on it, once per plan, in the order that settles it soonest: a search scores plans
+    on demand, each costing a pass over the split. Without it, the top-1 the rows and ``base`` hold (the full
+    split's where known)."""
     if rule not in SELECT_RULES:
         raise ValueError(f"unknown selection rule {rule!r}; allowed: {', '.join(SELECT_RULES)}")
     if not front:
         return None
-    top1 = lambda r: r.top1_full if r.top1_full is not None else r.top1  # noqa: E731
+    asked: dict[int, float] = {}
+
+    def top1(r: Row | None) -> float:
+        if id(r) not in asked:
+            if full is not None:
+                asked[id(r)] = full(r)
+            elif r is None:
+                asked[id(r)] = base["uniform8"].get("top1_full", base["uniform8"]["top1"])
+            else:
+                asked[id(r)] = r.top1 if r.top1_full is None else r.top1_full
+        return asked[id(r)]
+
     if rule == "max-top1":
         return max(front, key=lambda r: (top1(r), -r.latency_ms))
-    if rule == "min-latency":
-        return min(front, key=lambda r: (r.latency_ms, -top1(r)))
-    if rule == "min-size":
-        return min(front, key=lambda r: (r.size_bytes, -top1(r)))
-    floor = base["uniform8"].get("top1_full", base["uniform8"]["top1"]) - 0.01
-    close = [r for r in front if top1(r) >= floor]
-    return min(close, key=lambda r: (r.latency_ms, -top1(r))) if close else max(front, key=top1)
+    order = {"min-latency": lambda r: r.latency_ms, "min-size": lambda r: r.size_bytes,
+             "top1-within-1pt": lambda r: r.latency_ms}[rule]
+    groups: dict[float, list[Row]] = {}  # plans tied on the rule's measure (one cached ratio) go by top-1
+    for r in front:
+        groups.setdefault(order(r), []).append(r)
+    floor = top1(None) - 0.01 if rule == "top1-within-1pt" else None
+    for key in sorted(groups):
+        group = groups[key]
+        if floor is None:
+            return group[0] if len(group) == 1 else max(group, key=top1)
+        passing = [r for r in group if top1(r) >= floor]
+        if passing:
+            return max(passing, key=top1)
+    return max(front, key=top1)  # none within a point of uniform 8-bit: the most accurate
 
 
 def plot(rows: list[Row], base: dict, path: Path, predicted: list[dict] | None = None) -> None:
@@ -149,6 +173,13 @@ def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, 
     write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows, guided))
 
 
+def _full_or_subset(baseline: dict, meta: dict) -> str:
+    """A baseline's top-1 on the full split, or on the search's subset (said so) where it was not scored."""
+    if baseline.get("top1_full") is not None:
+        return f"{baseline['top1_full']:.4f}"
+    return f"{baseline['top1']:.4f} (first {meta['eval_images']} images)"
+
+
 def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict], guided=None) -> str:
     front = [r for r in rows if r.on_front]
     feasible = sum(r.feasible for r in rows)
@@ -165,13 +196,14 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
     u8 = base["uniform8"]
     lines = [first, "", f"# Search report: {meta['recipe']} ({meta['scheme']}, {meta['algorithm']}, study {meta['study']})", "",
              f"Backend {meta['backend']}, latency batch {meta['batch']}; top-1 during the search on the first "
-             f"{meta['eval_images']} evaluation images, the front re-measured on the full split ('top-1 full'). "
+             f"{meta['eval_images']} evaluation images; 'top-1 full' on the whole split, scored for the plans the "
+             f"selection needed (every front plan and FP32 with --full-front). "
              f"Selection rule `{meta['select']}`: {SELECT_RULES[meta['select']]}. Hypervolume of the feasible front "
              f"(normalised to FP32 latency and uniform-8 size, reference point 1,1,1): {meta['hypervolume']:.4f}.", "",
              "## In the paper's form", "", "| method | top-1 | latency (ms) | size (MB) |", "| --- | --- | --- | --- |",
-             f"| FP32 | {base['fp32'].get('top1_full', base['fp32']['top1']):.4f} | {base['fp32']['latency_ms']:.2f} | "
+             f"| FP32 | {_full_or_subset(base['fp32'], meta)} | {base['fp32']['latency_ms']:.2f} | "
              f"{base['fp32']['size_bytes'] / 1e6:.2f} |",
-             f"| uniform 8-bit | {u8.get('top1_full', u8['top1']):.4f} | {u8['latency_ms']:.2f} | {u8['size_bytes'] / 1e6:.2f} |"]
+             f"| uniform 8-bit | {_full_or_subset(u8, meta)} | {u8['latency_ms']:.2f} | {u8['size_bytes'] / 1e6:.2f} |"]
     for p in paper_rows:
         lines.append(f"| {p['method']} | {p['top1']:.4f} | {p['latency_ms']:.2f} | {p['size_bytes'] / 1e6:.2f} |")
     lines += ["", "## Pareto front (measured)", "",
@@ -184,8 +216,8 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
         lines.append(f"| {r.number}{' (best)' if best is r else ''} | {r.source} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | "
                      f"{full} | {r.latency_ms:.2f} | {ratio} | {r.size_bytes / 1e6:.2f} |")
     lines += ["", "Widths are per block, first to last (4 or 8). Every trial, feasible or not, is in pareto.json. Latency is "
-              "the ratio to FP32 measured interleaved with it (and with uniform 8-bit) until its 90% interval is within "
-              "+-3%, shown in the study's FP32 milliseconds.", ""]
+              "the ratio to FP32 measured interleaved with it until its 90% interval is within +-3%, shown in the study's "
+              "FP32 milliseconds. An empty 'top-1 full' is a plan the selection did not need scored on the whole split.", ""]
     if guided is not None:
         e = guided.errors
         sources = {s: sum(r.source == s for r in rows) for s in ("design", "front", "search")}
@@ -203,6 +235,10 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
                   *_spans([r for r in rows if r.source != "design"], meta["eval_images"]),
                   "The predicted front and the models' coefficients are in pareto.json and models.json; best.yaml comes "
                   "only from measured plans.", ""]
+    if meta.get("phases"):
+        lines += ["## Where the time went (this process)", "", "| phase | seconds |", "| --- | --- |",
+                  *[f"| {name} | {seconds:.1f} |" for name, seconds in meta["phases"].items()],
+                  f"| total (the search's wall clock) | {meta['seconds']:.1f} |", ""]
     return "\n".join(lines)
 
 

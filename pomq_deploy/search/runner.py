@@ -7,6 +7,8 @@ from pathlib import Path
 import optuna
 
 from ..backends import Backend
+from ..plan import Plan
+from ..progress import Phases
 from ..recipe import Recipe
 from .evaluator import PlanEvaluator
 from .guided import run_guided
@@ -34,6 +36,7 @@ class SearchOptions:
     mode: str = "model"  # model: guided by the latency/accuracy models; measured: every trial built
     builds: int = 20  # model mode: real builds of this process, the baselines' included
     sensitivity_images: int = 32  # model mode: images of the per-gene sensitivity runs
+    full_front: bool = False  # top-1 on the full split for every front plan and FP32, not only what the selection needs
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,40 @@ class SearchResult:
     seconds: float
 
 
-def _full_top1(study: optuna.Study, evaluator: PlanEvaluator, rows: list[Row], base: dict) -> None:
-    """Re-measure the front (and the baselines) on the full evaluation split, once per plan per study."""
+def _choose(study: optuna.Study, evaluator: PlanEvaluator, front: list[Row], base: dict, rule: str, full_front: bool,
+            phases: Phases) -> Row | None:
+    """``select`` with top-1 on the whole evaluation split, scored only for the plans the rule needs and the chosen
+    one (each a pass over the split: for the whole front and FP32 the search's costliest phase, 144 of 305 s on
+    the reference model, docs/search.md), kept in the study. ``full_front``: every front plan and FP32 too, in one
+    pass."""
     full = dict(study.user_attrs.get("top1_full", {}))
-    for r in rows:
-        if r.plan.plan_id not in full:
-            full[r.plan.plan_id] = evaluator.measure(r.plan, full_test=True).top1
-        r.top1_full = full[r.plan.plan_id]
-    if "top1_full" not in base["fp32"]:
-        from ..plan import uniform_plan
+    u8 = evaluator.uniform8()
 
-        base["fp32"]["top1_full"] = evaluator.measure(None, full_test=True).top1
-        base["uniform8"]["top1_full"] = evaluator.measure(
-            uniform_plan("8/8/8", evaluator.num_blocks, evaluator.recipe.name, evaluator.qmodel.scheme), full_test=True).top1
-        study.set_user_attr("baselines", base)
-    study.set_user_attr("top1_full", full)
+    def score(plans: list[Plan | None]) -> None:
+        todo = [p for p in plans if ("fp32" if p is None else p.plan_id) not in full]
+        if todo:
+            for p, top1 in zip(todo, evaluator.full_top1(todo, phases), strict=True):
+                full["fp32" if p is None else p.plan_id] = top1
+            study.set_user_attr("top1_full", full)
+
+    if full_front:
+        score([None, u8, *[r.plan for r in front]])
+
+    def top1(r: Row | None) -> float:
+        plan = u8 if r is None else r.plan
+        score([plan])
+        return full[plan.plan_id]
+
+    best = select(front, base, rule, top1)
+    if best is not None:
+        top1(best)  # best.yaml always carries the chosen plan's full-split top-1
+    for r in front:
+        r.top1_full = full.get(r.plan.plan_id)
+    for name, key in (("fp32", "fp32"), ("uniform8", u8.plan_id)):
+        if key in full and base[name].get("top1_full") != full[key]:
+            base[name]["top1_full"] = full[key]
+            study.set_user_attr("baselines", base)
+    return best
 
 
 def _paper_rows(storage: str, recipe: str, scheme: str, n_blocks: int, rule: str, base: dict) -> list[dict]:
@@ -85,32 +107,33 @@ def _paper_rows(storage: str, recipe: str, scheme: str, n_blocks: int, rule: str
 
 
 def run_search(opts: SearchOptions, console) -> SearchResult:
-    from ._progress import trial_progress
+    from ..timing import MAX_ROUNDS
+    from ._progress import trial_step
 
     cfg = SearchConfig(opts.recipe.name, opts.scheme, opts.algorithm, opts.population, opts.trials, opts.seed,
                        opts.storage, opts.study)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)  # fails fast (bad URL, another recipe's study) before any calibration
-    evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
-                              ratio_cache=warm_ratio_cache(study))
+    phases = Phases(console)
     start, guided = time.perf_counter(), None
+    evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
+                              ratio_cache=warm_ratio_cache(study), track=phases.track)
     try:
-        log = lambda s: console.print(f"[dim]{s}[/dim]")  # noqa: E731
-        base = baselines(study, evaluator, cfg, log)
-        total = opts.trials if opts.mode == "measured" else opts.builds - 2  # model mode: at most this many plans
-        with trial_progress(console, study, total) as on_trial:
-            if opts.mode == "model":
-                guided = run_guided(study, evaluator, cfg, base, opts.builds, opts.sensitivity_images, log, on_trial)
-            else:
-                run_trials(study, evaluator, cfg, base, on_trial)
+        base = baselines(study, evaluator, cfg, phases)
+        if opts.mode == "model":
+            guided = run_guided(study, evaluator, cfg, base, opts.builds, opts.sensitivity_images, phases)
+        else:
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            with phases(f"measured search: {opts.trials} plans built and measured", total=opts.trials,
+                        completed=min(done, opts.trials)) as step:
+                run_trials(study, evaluator, cfg, base, trial_step(step))
         rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme)
         front = mark_front(rows, study)
-        log(f"re-measuring the {len(front)} plans of the front on the full evaluation split")
-        _full_top1(study, evaluator, front, base)
-        best = select(front, base, opts.select)
+        best = _choose(study, evaluator, front, base, opts.select, opts.full_front, phases)
         if best is not None:
-            log(f"timing the chosen plan {best.plan.plan_id} against FP32 again, in fresh rounds")
-            best.ratio_confirmed = evaluator.confirm(best.plan).as_dict()
+            with phases(f"timing the chosen plan {best.plan.plan_id} against FP32 again, in fresh rounds",
+                        total=MAX_ROUNDS) as step:
+                best.ratio_confirmed = evaluator.confirm(best.plan, on_round=step).as_dict()
     finally:
         evaluator.close()
     hv = hypervolume(rows, base)
@@ -118,7 +141,8 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     meta = {"recipe": opts.recipe.name, "scheme": opts.scheme, "algorithm": opts.algorithm, "mode": opts.mode,
             "study": opts.study, "storage": opts.storage, "backend": opts.backend.name, "batch": opts.batch,
             "eval_images": opts.eval_images, "trials": len(rows), "select": opts.select, "hypervolume": hv, "seed": opts.seed,
-            "population": opts.population, "builds": evaluator.builds, "seconds": round(seconds, 1)}
+            "population": opts.population, "builds": evaluator.builds, "seconds": round(seconds, 1),
+            "phases": dict(phases.table())}
     paper = _paper_rows(opts.storage, opts.recipe.name, opts.scheme, evaluator.num_blocks, opts.select, base)
     write_outputs(opts.out, rows, base, best, meta, paper, guided)
     first = (f"NO FEASIBLE PLAN among {len(rows)}: none beats FP32 latency and uniform 8-bit size on {opts.backend.name}"

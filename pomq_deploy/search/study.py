@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..errors import PomqError
 from ..plan import BlockBits, Plan
+from ..progress import Phases
+from ..timing import MAX_ROUNDS
 from .evaluator import PlanEvaluator
 
 GENES = ("w", "a", "attn")
@@ -107,12 +109,12 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     return study
 
 
-def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, log: Callable[[str], None]) -> dict:
+def baselines(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, phases: Phases) -> dict:
     """FP32 and uniform 8-bit top-1, size and latency, measured once per study and kept in it."""
     if "baselines" in study.user_attrs:
         return study.user_attrs["baselines"]
-    log("measuring the baselines: FP32 and uniform 8/8/8, timed interleaved")
-    out = evaluator.baselines()
+    with phases("the baselines: FP32 and uniform 8/8/8 built, evaluated and timed interleaved (rounds)", total=MAX_ROUNDS) as step:
+        out = evaluator.baselines(on_round=step)
     stored = study.user_attrs.get("baselines")  # read from the storage again
     if stored is not None:  # a worker started beside this one measured them first: all share one reference
         return stored
@@ -129,7 +131,8 @@ def record(trial: Trial, plan: Plan, evaluator: PlanEvaluator, study: optuna.Stu
     latency = m.ratio.ratio * ref["fp32"]["latency_ms"]  # the ratio, measured interleaved, in the study's FP32 ms
     constraints = [0.0 if plan.is_mixed else 1.0, latency - ref["fp32"]["latency_ms"],
                    float(m.size_bytes - ref["uniform8"]["size_bytes"])]
-    for k, v in (m.attrs() | {"latency_ms": latency, "constraints": constraints}).items():
+    ratio_uniform8 = m.ratio.ratio / ref["uniform8"]["ratio"]["ratio"]  # via FP32: uniform 8-bit's from the baselines
+    for k, v in (m.attrs() | {"latency_ms": latency, "ratio_uniform8": ratio_uniform8, "constraints": constraints}).items():
         trial.set_user_attr(k, v)
     for name, value in zip(CONSTRAINTS, constraints, strict=True):
         trial.set_constraint(name, value)
@@ -217,5 +220,5 @@ def warm_ratio_cache(study: optuna.Study) -> dict:
     cache = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.user_attrs.get("ratio") is not None and not t.user_attrs.get("latency_cached"):
-            cache[t.user_attrs["latency_key"]] = {"ratio": t.user_attrs["ratio"], "uniform8": t.user_attrs["ratio_uniform8"]}
+            cache[t.user_attrs["latency_key"]] = t.user_attrs["ratio"]
     return cache
