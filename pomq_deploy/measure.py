@@ -40,7 +40,7 @@ def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, trac
 
     loader = eval_loader(eval_dataset(recipe.data, data_model(recipe.model)), recipe.eval.batch_size,
                          recipe.eval.limit, recipe.data.workers)
-    batches = track(loader, len(loader), f"eval {artifact.path.parent.name}") if track else loader
+    batches = track(loader, len(loader), f"top-1 through {backend.name} on {len(loader.dataset)} images") if track else loader
     return evaluate(lambda x: torch.from_numpy(backend.run(artifact, x.numpy())), batches)
 
 

@@ -51,10 +51,16 @@ def completed_count(db: Path) -> int:
 
 def test_search_writes_report_front_and_best_plan(recipe, tmp_path, capsys):
     out = tmp_path / "s"
-    assert main(["search", "--recipe", str(recipe), "--out", str(out), "--generations", "2", "--allow-infeasible", "--json"]) == 0
+    assert main(["search", "--recipe", str(recipe), "--out", str(out), "--generations", "2", "--allow-infeasible", "--json",
+                 "--full-front"]) == 0
     best = json.loads(capsys.readouterr().out)
     doc = json.loads((out / "pareto.json").read_text())
     assert len(doc["trials"]) == 8 and len({t["plan_id"] for t in doc["trials"]}) == 8
+    # --full-front: every front plan and both baselines scored on the whole split (16 images: multiples of 1/16)
+    scored = [t["top1_full"] for t in doc["trials"] if t["on_front"]] + [doc["baselines"][b]["top1_full"] for b in ("fp32", "uniform8")]
+    assert all(v is not None and (v * 16).is_integer() for v in scored)
+    names = ", ".join(["FP32", "uniform 8/8/8", *(f"plan {t['plan_id']}" for t in doc["trials"] if t["on_front"])])
+    assert f"top-1 on the full evaluation split of {names} (16 images, the first 16 known from the search)" in doc["meta"]["phases"]
     assert all(set(t) >= {"top1", "latency_ms", "size_bytes", "feasible", "constraints", "on_front"} for t in doc["trials"])
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
