@@ -113,6 +113,12 @@ class Graph:
             self._constants.pop(o, None)
         self.graph.node.remove(node)
 
+    def remove_unread(self, *nodes: onnx.NodeProto) -> None:
+        """Remove each of ``nodes``, in order, that nothing reads any more (a graph output is read)."""
+        for node in nodes:
+            if not self.consumers(node.output[0]) and node.output[0] not in self.outputs:
+                self.remove(node)
+
     def replace_initializer(self, old: str | None, tensor: onnx.TensorProto) -> None:
         if old is not None and old in self.inits:
             self.graph.initializer.remove(self.inits.pop(old))

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm
-from bench_ort import plans
+from bench_ort import PHASES, plans
 
 from pomq_deploy.backends import BackendError
 from pomq_deploy.backends.tensorrt import machine, require_gpu_stack
@@ -37,7 +37,7 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel, args, work: Path) -> li
     def run(what: str, plan, fp16: bool):
         """One row: an engine per batch (TensorRT's optimisation profile is built for one), the ONNX exported once."""
         stats, size, onnx_path = {}, 0, None
-        for batch in BATCHES:
+        for batch in PHASES.track(BATCHES, len(BATCHES), f"{label} {what}: an engine per batch, built and timed"):
             backend = TensorRTBackend(batch=batch, fp16=fp16, timing_cache=cache)
             out = work / f"{label}_{len(rows)}_b{batch}"
             out.mkdir()

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import timm
 import torch
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pomq_deploy.atomic import write_generated
@@ -23,6 +24,7 @@ from pomq_deploy.export import export_quantized
 from pomq_deploy.export.graph import matmuls_on_codes
 from pomq_deploy.export.trt_rules import check_tensorrt
 from pomq_deploy.plan import uniform_plan
+from pomq_deploy.progress import Phases
 from pomq_deploy.quant.adapters import ModelError, adapter_for
 from pomq_deploy.quant.model import QuantModel
 from pomq_deploy.verify import agreement
@@ -106,7 +108,8 @@ def main() -> None:
              "| family | timm model (small, random weights) | adapter | blocks | MatMuls on Q/DQ inputs (8/8/8) | "
              "8/8/8 ORT agree / cosine | 4/4/4 ORT agree / cosine | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, (arch, kwargs) in FAMILIES.items():
+    phases = Phases(Console(stderr=True), quiet=not sys.stderr.isatty())  # a bar on a terminal; the log has the rows
+    for label, (arch, kwargs) in phases.track(FAMILIES.items(), len(FAMILIES), "block families: wrap, calibrate, export, run"):
         lines.append(row(label, arch, kwargs, work))
         print(lines[-1], file=sys.stderr, flush=True)
     write_generated(args.out, "\n".join(lines) + "\n")

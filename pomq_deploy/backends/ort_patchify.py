@@ -52,9 +52,7 @@ def patchify_convs(g: Graph) -> int:
                   helper.make_node("Transpose", [f"{stem}_grid_y"], [stem], perm=[0, 3, 1, 2], name=f"{stem}/NCHW")]
         g.remove(conv)
         g.add(*nodes)
-        for old in (w_dq, x_dq, q):  # the old pair stays where something else reads it
-            if not g.consumers(old.output[0]) and old.output[0] not in g.outputs:
-                g.remove(old)
+        g.remove_unread(w_dq, x_dq, q)  # the old pair stays where something else reads it
         done += 1
     if done:
         g.finish()

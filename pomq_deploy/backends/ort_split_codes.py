@@ -46,9 +46,7 @@ def split_code_matmuls(g: Graph) -> int:
         g.remove(mm)
         g.add(*nodes)
         # the sum and its DequantizeLinears stay where something else reads them (a graph output: compare marks it)
-        for old in [add, *[g.producer(i) for i in add.input], b_dq]:
-            if not g.consumers(old.output[0]) and old.output[0] not in g.outputs:
-                g.remove(old)
+        g.remove_unread(add, *[g.producer(i) for i in add.input], b_dq)
         done += 1
     if done:
         g.finish()
