@@ -5,13 +5,14 @@ becomes one line naming the file, the key path (``blocks[3].w``) and what is all
 """
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, ValidationError
 
 from .errors import PomqError
 
@@ -19,6 +20,21 @@ T = TypeVar("T")
 
 # Unknown keys are errors, and instances are immutable.
 STRICT = ConfigDict(extra="forbid")
+
+# a name that becomes a file or folder name (a recipe's, a study's): no separator, no '..', no leading dot or dash
+NAME_RULE = "letters, digits, '.', '_', '+' and '-', at most 64, starting with a letter or digit, no '..'"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def check_name(value: str) -> str:
+    """``value`` if it is safe as one path component (``NAME_RULE``), else ValueError saying what is allowed.
+    Checked once, where a name is read: a recipe is a file a user may receive from someone else."""
+    if not _NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"not allowed as a name, which becomes a file name ({NAME_RULE})")
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 def read_yaml(path: Path, error: type[PomqError]) -> dict:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic.dataclasses import dataclass
 
-from ._schema import STRICT, parse, read_yaml
+from ._schema import STRICT, Name, parse, read_yaml
 from .errors import RecipeError
 from .quant.schemes import DEFAULT_SCHEME, SchemeName
 
@@ -78,7 +78,7 @@ class SearchSpec:
 
 @dataclass(frozen=True, config=STRICT)
 class Recipe:
-    name: str
+    name: Name  # names the engines/ folder, the calibration cache file and the default study
     model: ModelSpec
     data: DataSpec
     eval: EvalSpec = EvalSpec()

@@ -51,6 +51,12 @@ BASE = "name: x\nmodel: {arch: deit_fmnist}\ndata: {kind: fashion_mnist}\n"
         ("- a\n- b\n", r"expected a mapping of keys at the top level, got list"),
         ("name: [x\n", r"line 2 not valid YAML"),
         (BASE.replace("deit_fmnist", "no_such_net"), r"model.arch 'no_such_net' is not a timm model name"),
+        # the name becomes the engines/ folder, the calibration cache file and the study: one path component only
+        (BASE.replace("name: x", "name: ../../tmp/x/escape"), r"'name': not allowed as a name, which becomes a file name .*"
+                                                               r"\(got '../../tmp/x/escape'\)"),
+        (BASE.replace("name: x", "name: a/b"), r"'name': not allowed as a name"),
+        (BASE.replace("name: x", "name: .hidden"), r"'name': not allowed as a name"),
+        (BASE.replace("name: x", "name: a..b"), r"'name': not allowed as a name"),
     ],
 )
 def test_bad_recipes_name_file_and_key(tmp_path, text, message):

@@ -139,6 +139,17 @@ def test_storage_that_cannot_be_opened(recipe, tmp_path, capsys):
     assert "--storage nosuchdb://x/y: cannot open the study storage" in err
 
 
+def test_a_study_name_that_would_leave_the_searches_folder(recipe, tmp_path, capsys, monkeypatch):
+    """--study names the default output folder (searches/<study>): one path component, checked before anything."""
+    monkeypatch.chdir(tmp_path)
+    for bad in ("../../escape", "a/b", ".."):
+        with pytest.raises(SystemExit) as e:  # argparse's own exit: its usage, then the one error line
+            main(["search", "--recipe", str(recipe), "--study", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "argument --study" in err and "not allowed as a name" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_study_of_another_recipe(recipe, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
     s = optuna.create_study(study_name="taken", storage=storage, directions=["maximize", "minimize", "minimize"])

@@ -38,6 +38,16 @@ examples:
 """
 
 
+def study_name(text: str) -> str:
+    """--study: it names the default output folder, so it is checked as a name (no separator, no '..')."""
+    from .._schema import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..backends import add_backend_arguments
     from ..search import SELECT_RULES
@@ -68,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--batch", type=positive_int, help="latency batch size (and the tensorrt engine's batch)")
     b = p.add_argument_group("storage")
     b.add_argument("--storage", metavar="URL", help="optuna storage URL (default: sqlite:///DIR/study.db)")
-    b.add_argument("--study", metavar="NAME", help="study name (default: <recipe>-<scheme>-<algorithm>-s<seed>)")
+    b.add_argument("--study", metavar="NAME", type=study_name,
+                   help="study name (default: <recipe>-<scheme>-<algorithm>-s<seed>); names the default --out folder")
     p.add_argument("--out", metavar="DIR", type=Path, help="output directory (default: searches/<study>)")
     p.add_argument("--json", action="store_true", help="print the chosen plan and its measurements as JSON")
 
