@@ -33,8 +33,9 @@ class Phases:
         live = not self.quiet and self.console.is_terminal
         if not live and not self.quiet:
             self.console.print(f"[dim]{name}{f' ({total} steps)' if total else ''} ...[/dim]", soft_wrap=True)
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        counted = (BarColumn(), MofNCompleteColumn()) if total else ()  # a phase of no known length: its time alone
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), *counted, TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn())
         start = time.perf_counter()
         with Progress(*columns, console=self.console, transient=True, disable=not live) as progress:
             task = progress.add_task(name, total=total, completed=completed, info="")
