@@ -8,9 +8,10 @@ build happens in a temporary sibling directory that is renamed into place only w
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,18 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 
 @contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it on success and vanishes on failure."""
+def staging_dir(final: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[Path]:
+    """A temporary directory beside ``final`` that replaces it on success and vanishes on failure. Its name holds
+    this process's id, ``.<final>.<pid>-<random>.tmp``: one left by a process that is gone (a build killed with
+    SIGKILL, which no ``except`` sees) is removed by the next build into the same place, which ``say``s so."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    stale = left_by_dead_processes(final)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        say(f"removed {len(stale)} staging folder(s) of {final} left by killed builds: {', '.join(p.name for p in stale)}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -61,11 +69,32 @@ def staging_dir(final: Path) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.{os.getpid()}.old")
+        old = final.with_name(f".{final.name}.{os.getpid()}-replaced.tmp")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def left_by_dead_processes(final: Path) -> list[Path]:
+    """The staging folders of ``final`` (see ``staging_dir``) whose process no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)-[^./]+\.tmp")
+    out = []
+    for path in sorted(final.parent.iterdir()):
+        m = pattern.fullmatch(path.name)
+        if m and path.is_dir() and not _running(int(m.group(1))):
+            out.append(path)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
         reference = model if model is not None else quant_model(recipe, plan.scheme, opts.observer)
         plan.check_blocks(reference.num_blocks)
         calibrate_cached(reference, recipe, track=phases.track if phases else None)
-    with staging_dir(final) as tmp:
+    with staging_dir(final, say=(phases or Phases(None)).note) as tmp:
         m = measure(opts.backend, tmp, model=reference, plan=plan, target=opts.target,
                     verify_recipe=recipe if opts.verify else None, eval_recipe=recipe, batches=(opts.batch,),
                     runs=opts.runs, phases=phases)

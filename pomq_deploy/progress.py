@@ -49,6 +49,11 @@ class Phases:
         if not self.quiet:
             self.console.print(f"[dim]{name}: {seconds:.1f} s[/dim]", soft_wrap=True)
 
+    def note(self, text: str) -> None:
+        """A line between phases (something the job did that the user should know of)."""
+        if not self.quiet:
+            self.console.print(text, soft_wrap=True)
+
     def track(self, items: Iterable[T], total: int | None, name: str) -> Iterator[T]:
         """``items`` yielded inside a phase of their own, one step each (the ``track`` argument of calibration
         and evaluation)."""

@@ -1,3 +1,5 @@
+import os
+
 from pomq_deploy.atomic import NOTES_MARKER, write_generated
 
 
@@ -9,3 +11,27 @@ def test_regenerated_document_keeps_the_notes_below_the_marker(tmp_path):
     write_generated(doc, "# Table\n\n| b |")
     assert doc.read_text() == f"# Table\n\n| b |\n\n{NOTES_MARKER}\n## Earlier machine\n\n| old |\n"
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temporary file left
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_into_the_same_place(tmp_path):
+    """SIGKILL leaves ``.<plan-id>.<pid>-<random>.tmp`` behind (no except runs): the next build of that plan removes it
+    and says so, while a staging folder of a process still running (a parallel build) stays."""
+    import subprocess
+    import sys
+
+    from pomq_deploy.artifact import staging_dir
+
+    final = tmp_path / "deit_fmnist" / "0123abcd4567"
+    final.parent.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = final.parent / f".{final.name}.{int(gone.stdout)}-k1ll3d.tmp"
+    live = final.parent / f".{final.name}.{os.getpid()}-busy.tmp"
+    other = final.parent / f".abcdef012345.{int(gone.stdout)}-k1ll3d.tmp"  # another plan's: not this build's to judge
+    for d in (dead, live, other):
+        (d / "model.onnx").parent.mkdir()
+        (d / "model.onnx").write_bytes(b"x" * 100)
+    said = []
+    with staging_dir(final, say=said.append) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not dead.exists() and live.exists() and other.exists() and (final / "manifest.json").is_file()
+    assert said == [f"removed 1 staging folder(s) of {final} left by killed builds: {dead.name}"]
