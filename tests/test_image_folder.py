@@ -47,3 +47,36 @@ def test_missing_folder(tmp_path, model):
 def test_no_folder_given(model):
     with pytest.raises(DataError, match="pass --data DIR"):
         eval_dataset(DataSpec(kind="image_folder"), model)
+
+
+def test_a_corrupt_image_stops_with_its_name_instead_of_being_replaced(tmp_path, model):
+    """timm would log a warning and return the next image in its place (top-1 over the wrong images, exit 0)."""
+    root = make_folder(tmp_path / "val")
+    broken = root / "dog" / "1.JPEG"
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated JPEG: its header reads, its pixels do not
+    (root / "cat" / "9.JPEG").write_bytes(b"not an image at all")
+    ds = eval_dataset(DataSpec(kind="image_folder", root=str(root)), model)
+    assert ds[0][0].shape == (3, 160, 160)
+    for name in ("cat/9.JPEG", "dog/1.JPEG"):
+        index = [str(p) for p in ds.filenames(absolute=True)].index(str(root / name))
+        with pytest.raises(DataError, match=rf"^{root / name}: not a readable image \(") as e:
+            ds[index]
+        assert "\n" not in str(e.value)
+
+
+def test_grey_images_for_a_grey_model_and_rgb_for_rgb(tmp_path):
+    """The images' channels follow the model's data config (timm's conversion): a 1-channel model reads grey
+    images from RGB files, and a 3-channel one RGB from grey files."""
+    from PIL import Image
+
+    import pomq_deploy.models  # noqa: F401  (registers deit_fmnist)
+
+    grey_root = tmp_path / "grey"
+    for c in ("a", "b"):
+        (grey_root / c).mkdir(parents=True)
+        Image.new("L", (40, 30), 200).save(grey_root / c / "0.png")
+    grey_model = timm.create_model("deit_fmnist").eval()  # 1 x 28 x 28
+    x, _ = eval_dataset(DataSpec(kind="image_folder", root=str(make_folder(tmp_path / "rgb"))), grey_model)[0]
+    assert x.shape == (1, 28, 28)
+    x, _ = eval_dataset(DataSpec(kind="image_folder", root=str(grey_root)), timm.create_model("test_vit").eval())[0]
+    assert x.shape == (3, 160, 160) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey copied to R, G, B

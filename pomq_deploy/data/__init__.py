@@ -30,17 +30,28 @@ def _fashion_mnist(spec: DataSpec, model: nn.Module, split: str) -> Dataset:
     return ArrayImageDataset(images, labels, mean=cfg["mean"][0], std=cfg["std"][0])
 
 
+# PIL's mode for the number of input channels a model's data config asks for (timm converts every image to it)
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
 def _image_folder(root: str | None, model: nn.Module, what: str) -> Dataset:
-    """An ImageNet-style folder (<class>/<image>) with the model's own timm eval transform."""
-    from timm.data import ImageDataset, create_transform
+    """An ImageNet-style folder (<class>/<image>) with the model's own timm eval transform, each image converted to
+    the model's channels (grey to RGB and back, as timm does)."""
+    from timm.data import create_transform
+
+    from .image_folder import StrictImageDataset
 
     if root is None:
         raise DataError(f"no {what} folder: pass --data DIR or set data.root in the recipe")
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"{path}: no such {what} folder")
+    cfg = _data_config(model)
+    channels = cfg["input_size"][0]
+    if channels not in IMAGE_MODES:
+        raise DataError(f"{path}: the model takes {channels}-channel images; an image folder gives 1 (grey) or 3 (RGB)")
     try:
-        dataset = ImageDataset(str(path), transform=create_transform(**_data_config(model)))
+        dataset = StrictImageDataset(str(path), transform=create_transform(**cfg), input_img_mode=IMAGE_MODES[channels])
     except RuntimeError as e:  # timm's reader raises this for a folder without images
         raise DataError(f"{path}: empty {what} folder: {e}") from None
     if len(dataset) == 0:
