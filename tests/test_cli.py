@@ -111,3 +111,29 @@ def test_bad_uniform_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--uniform", "8/8/2"])
     assert e.value.code == 2 and "expected W/A/ATTN" in capsys.readouterr().err
+
+
+def test_an_output_the_machine_refuses_is_one_line(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """--out under a file (exit 2: a wrong argument), a full disk (exit 1): one line naming the path, nothing left."""
+    import errno
+
+    a_file = tmp_path / "engines"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before any work
+        main(["build", "--recipe", str(tiny_recipe), "--uniform", "8/8/8", "--out", str(a_file)])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"--out: {a_file} is a file, not a folder")
+    (tmp_path / "eng").mkdir()
+    (tmp_path / "eng" / "tiny").write_text("a file where the recipe's folder goes")
+    assert main(["build", "--recipe", str(tiny_recipe), "--uniform", "8/8/8", "--out", str(tmp_path / "eng"), "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"pomq-deploy build: error: {tmp_path / 'eng' / 'tiny'}: cannot write: a file stands where a folder")
+    assert sorted(p.name for p in (tmp_path / "eng").iterdir()) == ["tiny"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pomq_deploy.export.export_quantized", full)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--recipe", str(tiny_recipe), "--uniform", "8/8/8", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"pomq-deploy export: error: {out}: cannot write: No space left on device" and not out.exists()

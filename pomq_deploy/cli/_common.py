@@ -10,6 +10,14 @@ from ..recipe import Recipe, load_recipe
 __all__ = ["positive_int"]  # shared by the subcommands with the backends' options
 
 
+def output_folder(text: str) -> Path:
+    """An --out that names a folder (made when missing): refused at once, before any work, when it is a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (override the recipe)")
     g.add_argument("--recipe", metavar="R", help="recipe YAML path or name in recipes/ (default: deit_fmnist, the embedded reference model)")

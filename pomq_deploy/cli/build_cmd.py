@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_eval_arguments, add_quant_arguments, add_recipe_arguments, positive_int
+from ._common import add_eval_arguments, add_quant_arguments, add_recipe_arguments, output_folder, positive_int
 
 HELP = "build a plan into a deployable artifact and measure its accuracy, latency and size"
 DESCRIPTION = """\
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = add_backend_arguments(p)
     g.add_argument("--batch", type=positive_int, default=8, help="batch size the latency is measured at (default 8)")
     g.add_argument("--runs", type=positive_int, default=50, help="timed runs after warm-up (default 50; tensorrt times at least 200)")
-    p.add_argument("--out", metavar="DIR", type=Path, default=Path("engines"), help="output root (default: engines)")
+    p.add_argument("--out", metavar="DIR", type=output_folder, default=Path("engines"), help="output root (default: engines)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 

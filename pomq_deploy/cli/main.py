@@ -1,6 +1,7 @@
 """Entry point: parse arguments, dispatch to a subcommand, turn user errors into one line and exit 2."""
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -11,6 +12,10 @@ from ..errors import PomqError
 
 # name -> module; each module has HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
 # Modules import their heavy dependencies (torch, timm, onnxruntime) inside run(), so --help stays fast.
+# what the machine answers about an output path, not a bug of ours: one line naming the path, never a traceback
+# (outputs are written through staging folders and atomic renames, so nothing half-written is left)
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                 errno.EISDIR}
 COMMANDS = {
     "inspect": "pomq_deploy.cli.inspect_cmd",
     "calibrate": "pomq_deploy.cli.calibrate_cmd",
@@ -77,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     except PomqError as e:
         print(f"pomq-deploy {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        where = e.filename or getattr(args, "out", None)  # the path at fault, else the output the user asked for
+        wrong_kind = e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)  # a file where a folder goes, or back
+        why = "a file stands where a folder goes, or a folder where a file goes" if wrong_kind else e.strerror or str(e)
+        print(f"pomq-deploy {args.command}: error: {f'{where}: ' if where else ''}cannot write: {why}", file=sys.stderr)
+        return 2 if wrong_kind else 1  # a wrong --out is a usage error; a full or read-only disk is not
     except KeyboardInterrupt:
         print("pomq-deploy: interrupted", file=sys.stderr)
         return 130

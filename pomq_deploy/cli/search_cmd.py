@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_recipe_arguments, add_scheme_argument, positive_int
+from ._common import add_recipe_arguments, add_scheme_argument, output_folder, positive_int
 
 HELP = "search per-block 4/8-bit plans for the Pareto front of top-1, latency and size"
 DESCRIPTION = """\
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--storage", metavar="URL", help="optuna storage URL (default: sqlite:///DIR/study.db)")
     b.add_argument("--study", metavar="NAME", type=study_name,
                    help="study name (default: <recipe>-<scheme>-<algorithm>-s<seed>); names the default --out folder")
-    p.add_argument("--out", metavar="DIR", type=Path, help="output directory (default: searches/<study>)")
+    p.add_argument("--out", metavar="DIR", type=output_folder, help="output directory (default: searches/<study>)")
     p.add_argument("--json", action="store_true", help="print the chosen plan and its measurements as JSON")
 
 
