@@ -62,6 +62,7 @@ def staging_dir(final: Path, say: Callable[[str], None] = lambda _: None) -> Ite
     if stale:
         say(f"removed {len(stale)} staging folder(s) of {final} left by killed builds: {', '.join(p.name for p in stale)}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
+    tmp.chmod(_folder_mode())  # mkdtemp's 0700 would stay on the artifact: an ordinary folder's mode instead
     try:
         yield tmp
     except BaseException:
@@ -85,6 +86,13 @@ def left_by_dead_processes(final: Path) -> list[Path]:
         if m and path.is_dir() and not _running(int(m.group(1))):
             out.append(path)
     return out
+
+
+def _folder_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _running(pid: int) -> bool:

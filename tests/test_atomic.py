@@ -34,4 +34,7 @@ def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_into_the_sa
     with staging_dir(final, say=said.append) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert not dead.exists() and live.exists() and other.exists() and (final / "manifest.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder's usual mode, not mkdtemp's 0700
     assert said == [f"removed 1 staging folder(s) of {final} left by killed builds: {dead.name}"]

@@ -32,8 +32,26 @@ def test_loads_each_format(tmp_path, weights, kind):
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "m.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a module, not tensors: weights_only refuses it
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="refused: it holds Python objects besides tensors"):
         read_state_dict(path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_torchs_advice_to_unpickle_it(tmp_path, capsys):
+    """torch's message says rerunning with weights_only=False 'will likely succeed': never advice for a file of
+    unknown origin. The one line names what the file would have called instead."""
+    path = tmp_path / "evil.pth"
+    torch.save({"w": _RunsCode()}, path)
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(path)
+    msg = str(e.value)
+    assert msg == f"{path}: refused: it holds Python objects besides tensors (print); a checkpoint is only " \
+                  "read as tensors, never unpickled"
+    assert "weights_only" not in msg and "this must never run" not in capsys.readouterr().out
 
 
 def test_shape_mismatch_is_one_line(tmp_path, weights):

@@ -137,3 +137,10 @@ def test_an_output_the_machine_refuses_is_one_line(tiny_recipe, tmp_path, capsys
     assert main(["export", "--recipe", str(tiny_recipe), "--uniform", "8/8/8", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"pomq-deploy export: error: {out}: cannot write: No space left on device" and not out.exists()
+
+
+def test_a_plan_naming_a_missing_recipe_names_the_plan_file(tmp_path, capsys):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("recipe: no_such_recipe\nscheme: fqvit\nblocks:\n" + "  - {w: 8, a: 8, attn: 8}\n" * 12)
+    err = user_error(["eval", "--plan", str(plan)], capsys)
+    assert err.startswith(f"pomq-deploy eval: error: {plan}: its recipe no_such_recipe: no such recipe file or recipe name")

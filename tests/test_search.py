@@ -113,7 +113,9 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(recipe, tmp_pa
     proc.wait()
     before = {t.number: (t.user_attrs["plan_id"], t.values) for t in complete_trials(out, study)}
     assert 2 <= len(before) < 6 and not (out / "report.md").exists()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    resumed = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert f"resuming study {study} in sqlite:///" in resumed.stderr
+    assert f": {len(before)} measured plan(s) kept, none measured again" in resumed.stderr
     after = complete_trials(out, study)
     assert len(after) == 6
     assert all(before[t.number] == (t.user_attrs["plan_id"], t.values) for t in after if t.number in before)

@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from ..backends.args import positive_int
+from ..errors import RecipeError
 from ..recipe import Recipe, load_recipe
 
 __all__ = ["positive_int"]  # shared by the subcommands with the backends' options
@@ -98,6 +99,12 @@ def load_plan_arg(args: argparse.Namespace):
         return None
     plan = load_plan(args.plan)
     if args.recipe is None:
+        from ..recipe import find_recipe
+
+        try:
+            find_recipe(plan.recipe)
+        except RecipeError as e:  # the plan file is what named it
+            raise RecipeError(f"{args.plan}: its recipe {e} (or give --recipe)") from None
         args.recipe = plan.recipe
     return plan
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights-only loading met code: say what, never torch's advice to rerun
+        blocked = re.search(r"GLOBAL (\S+)", str(e))  # without weights_only (that would run the code)
+        what = f"Python objects besides tensors ({blocked.group(1)})" if blocked else "Python objects besides tensors"
+        raise CheckpointError(f"{path}: refused: it holds {what}; a checkpoint is only read as tensors, never unpickled") from None
     except Exception as e:  # the readers raise many types for a corrupt file; all mean the same here
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm / DeiT training checkpoints

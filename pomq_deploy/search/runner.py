@@ -115,6 +115,9 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)  # fails fast (bad URL, another recipe's study) before any calibration
     phases = Phases(console)
+    kept = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if kept:
+        phases.note(f"resuming study {opts.study} in {opts.storage}: {kept} measured plan(s) kept, none measured again")
     start, guided = time.perf_counter(), None
     evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
                               ratio_cache=warm_ratio_cache(study), track=phases.track)
@@ -123,9 +126,8 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
         if opts.mode == "model":
             guided = run_guided(study, evaluator, cfg, base, opts.builds, opts.sensitivity_images, phases)
         else:
-            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
             with phases(f"measured search: {opts.trials} plans built and measured", total=opts.trials,
-                        completed=min(done, opts.trials)) as step:
+                        completed=min(kept, opts.trials)) as step:
                 run_trials(study, evaluator, cfg, base, trial_step(step))
         rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme)
         front = mark_front(rows, study)
