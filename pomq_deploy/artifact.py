@@ -8,7 +8,6 @@ build happens in a temporary sibling directory that is renamed into place only w
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._schema import parse
-from .atomic import write_text
+from .atomic import remove_dead_processes_folders, write_text
 from .backends import Artifact
 from .errors import PomqError
 from .manifest import MANIFEST_FORMAT, Manifest
@@ -56,9 +55,7 @@ def staging_dir(final: Path, say: Callable[[str], None] = lambda _: None) -> Ite
     SIGKILL, which no ``except`` sees) is removed by the next build into the same place, which ``say``s so."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stale = left_by_dead_processes(final)
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+    stale = remove_dead_processes_folders(final.parent, f".{final.name}.", ".tmp")
     if stale:
         say(f"removed {len(stale)} staging folder(s) of {final} left by killed builds: {', '.join(p.name for p in stale)}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
@@ -77,32 +74,11 @@ def staging_dir(final: Path, say: Callable[[str], None] = lambda _: None) -> Ite
         shutil.rmtree(old, ignore_errors=True)
 
 
-def left_by_dead_processes(final: Path) -> list[Path]:
-    """The staging folders of ``final`` (see ``staging_dir``) whose process no longer runs."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)-[^./]+\.tmp")
-    out = []
-    for path in sorted(final.parent.iterdir()):
-        m = pattern.fullmatch(path.name)
-        if m and path.is_dir() and not _running(int(m.group(1))):
-            out.append(path)
-    return out
-
-
 def _folder_mode() -> int:
     """The mode ``mkdir`` gives a new folder under this process's umask."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o777 & ~umask
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Write files whole or not at all: into a temporary name beside the target, then rename over it."""
 
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,27 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_dead_processes_folders(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the folders ``<prefix><pid>-<random><suffix>`` in ``parent`` whose process no longer runs (work or
+    staging folders of a process killed with SIGKILL, which no ``except`` or ``finally`` saw); return them. A
+    running process's folder stays."""
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-[^./]+{re.escape(suffix)}")
+    gone = [p for p in sorted(Path(parent).iterdir()) if p.is_dir() and (m := pattern.fullmatch(p.name)) and not _running(int(m[1]))]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> None:

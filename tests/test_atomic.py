@@ -38,3 +38,21 @@ def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_into_the_sa
     os.umask(umask)
     assert final.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder's usual mode, not mkdtemp's 0700
     assert said == [f"removed 1 staging folder(s) of {final} left by killed builds: {dead.name}"]
+
+
+def test_a_killed_searchs_work_folder_is_removed_by_the_next_one(tmp_path):
+    """A search keeps its builds in <tmp>/pomq-search-<pid>-<random>; SIGKILL leaves it (12 MB and more per plan
+    there): the next search removes those whose process is gone, and keeps a running search's."""
+    import subprocess
+    import sys
+
+    from pomq_deploy.atomic import remove_dead_processes_folders
+    from pomq_deploy.search.evaluator import WORK_PREFIX
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    dead, live = tmp_path / f"{WORK_PREFIX}{gone}-abc", tmp_path / f"{WORK_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / f"{WORK_PREFIX}notapid"
+    for d in (dead, live, unrelated):
+        d.mkdir()
+    assert remove_dead_processes_folders(tmp_path, WORK_PREFIX) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])

@@ -11,19 +11,24 @@ artifacts differ only in constant values run the same kernels.
 """
 
 import dataclasses
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import remove_dead_processes_folders
 from ..backends import Artifact, Backend
 from ..measure import Measured, graph_signature, measure
 from ..plan import Plan, uniform_plan
 from ..progress import Phases
 from ..recipe import Recipe
 from ..timing import Ratio, backend_ratios
+
+WORK_PREFIX = "pomq-search-"  # the builds of a search live in <tmp>/pomq-search-<pid>-<random> until it ends
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,8 @@ class PlanEvaluator:
     objectives."""
 
     def __init__(self, recipe: Recipe, scheme: str, backend: Backend, target: str, eval_images: int, batch: int,
-                 runs: int = 5, observer: str = "minmax", ratio_cache: dict | None = None, track=None):
+                 runs: int = 5, observer: str = "minmax", ratio_cache: dict | None = None, track=None,
+                 say: Callable[[str], None] = lambda _: None):
         from ..quant.calibration import calibrated_model
 
         self.recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=eval_images))
@@ -55,7 +61,10 @@ class PlanEvaluator:
         self.qmodel, _ = calibrated_model(recipe, scheme, observer, track=track)
         self.backend, self.target, self.batch, self.runs = backend, target, batch, runs  # runs: per artifact per round
         self.ratio_cache: dict[str, dict] = dict(ratio_cache or {})  # graph signature -> Ratio.as_dict()
-        self.work = Path(tempfile.mkdtemp(prefix="pomq-search-"))
+        stale = remove_dead_processes_folders(Path(tempfile.gettempdir()), WORK_PREFIX)
+        if stale:
+            say(f"removed {len(stale)} work folder(s) of killed searches: {', '.join(str(p) for p in stale)}")
+        self.work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-"))
         self.refs: dict[str, Measured] = {}
         self.kept: dict[str, Measured] = {}  # plan_id -> its build, while the search runs
         self.builds = 0  # real builds this process made (baselines included)

@@ -120,7 +120,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
         phases.note(f"resuming study {opts.study} in {opts.storage}: {kept} measured plan(s) kept, none measured again")
     start, guided = time.perf_counter(), None
     evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
-                              ratio_cache=warm_ratio_cache(study), track=phases.track)
+                              ratio_cache=warm_ratio_cache(study), track=phases.track, say=phases.note)
     try:
         base = baselines(study, evaluator, cfg, phases)
         if opts.mode == "model":
