@@ -37,6 +37,15 @@ def check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(check_name)]
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]  # a path read from a file: the OS refuses NUL in one
+
+
 def read_yaml(path: Path, error: type[PomqError]) -> dict:
     """The top-level mapping of a YAML file, or ``error`` naming the file and what is wrong."""
     path = Path(path)
@@ -47,7 +56,8 @@ def read_yaml(path: Path, error: type[PomqError]) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise error(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        why = " ".join(str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).split())  # PyYAML's span lines
+        raise error(f"{path}:{where} not valid YAML ({why})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):

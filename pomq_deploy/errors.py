@@ -11,6 +11,11 @@ class PomqError(Exception):
 
     exit_code = 2  # usage or input error
 
+    def __str__(self) -> str:
+        """One line, whatever it quotes: a key or value read from a file may hold newlines or control characters
+        (found by tests/test_fuzz.py), shown escaped."""
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
+
 
 class RecipeError(PomqError):
     """A recipe file is missing, unreadable or does not fit the schema."""

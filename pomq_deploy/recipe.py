@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic.dataclasses import dataclass
 
-from ._schema import STRICT, Name, parse, read_yaml
+from ._schema import STRICT, Name, PathText, parse, read_yaml
 from .errors import RecipeError
 from .quant.schemes import DEFAULT_SCHEME, SchemeName
 
@@ -33,7 +33,7 @@ class DataConfig:
 @dataclass(frozen=True, config=STRICT)
 class ModelSpec:
     arch: str  # a timm model name, e.g. deit_tiny_patch16_224 (deit_fmnist is registered by pomq_deploy)
-    checkpoint: str | None = None  # .safetensors or .pth state dict in timm's key format
+    checkpoint: PathText | None = None  # .safetensors or .pth state dict in timm's key format
     # keyword arguments of timm.create_model for a fine-tuned model: num_classes, img_size, in_chans, patch_size, ...
     kwargs: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig = DataConfig()
@@ -43,9 +43,9 @@ class ModelSpec:
 class DataSpec:
     kind: Literal["fashion_mnist", "image_folder"]
     # fashion_mnist: the folder holding the four IDX files; image_folder: the evaluation folder (<class>/<image>).
-    root: str | None = None
+    root: PathText | None = None
     # image_folder only: the folder calibration images come from (ImageNet's train/); default: root.
-    calib_root: str | None = None
+    calib_root: PathText | None = None
     calib_images: PositiveInt = 1000  # FQ-ViT: 10 batches x 100 shuffled training images
     calib_batch: PositiveInt = 100
     seed: int = 0

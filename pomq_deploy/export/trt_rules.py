@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from ..errors import PomqError
 from ..onnx_graph import Graph, node_attr
@@ -78,6 +78,13 @@ def load_model(source: "onnx.ModelProto | Path | str") -> onnx.ModelProto:
         raise PomqError(f"{path}: not a readable ONNX model ({e})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise PomqError(f"{path}: not an ONNX model (no graph or no opset)")
+    constants = [*model.graph.initializer, *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+                                             if a.name == "value")]
+    for t in constants:  # a tensor whose bytes do not fill its shape (found by tests/test_fuzz.py): one line, not a crash later
+        try:
+            numpy_helper.to_array(t)
+        except (ValueError, TypeError, KeyError) as e:  # KeyError: a data type ONNX does not know
+            raise PomqError(f"{path}: not a valid ONNX model (tensor '{t.name}': {type(e).__name__} {str(e)[:200]})") from None
     return model
 
 
@@ -87,7 +94,12 @@ def check_tensorrt(model: "onnx.ModelProto | Path | str") -> list[Finding]:
     g = Graph(model)
     findings = list(_check_opset(model))
     for node in model.graph.node:
-        findings += _check_node(node, g)
+        try:
+            findings += _check_node(node, g)
+        except (IndexError, KeyError, TypeError, ValueError, ArithmeticError) as e:  # ONNX's checker passes it; its fields do not fit
+            findings.append(Finding("malformed", node.name or "(unnamed)", f"the node's inputs or attributes do not "
+                                    f"fit its op ({type(e).__name__}: {str(e)[:120]}); TensorRT's parser would not read "
+                                    "it either", ERROR))
     return findings
 
 

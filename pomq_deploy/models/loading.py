@@ -36,7 +36,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         what = f"Python objects besides tensors ({blocked.group(1)})" if blocked else "Python objects besides tensors"
         raise CheckpointError(f"{path}: refused: it holds {what}; a checkpoint is only read as tensors, never unpickled") from None
     except Exception as e:  # the readers raise many types for a corrupt file; all mean the same here
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "no detail"  # an empty file: EOFError()
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm / DeiT training checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
