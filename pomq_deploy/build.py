@@ -99,14 +99,15 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
     from .quant.calibration import calibrate_cached, quant_model
     from .timing import MAX_ROUNDS
 
+    phases = phases or Phases(None)
     final = opts.out_root / recipe.name / (plan.plan_id if plan is not None else "fp32")
     if plan is None:
         reference = load_model(recipe.model)
     else:
         reference = model if model is not None else quant_model(recipe, plan.scheme, opts.observer)
         plan.check_blocks(reference.num_blocks)
-        calibrate_cached(reference, recipe, track=phases.track if phases else None)
-    with staging_dir(final, say=(phases or Phases(None)).note) as tmp:
+        calibrate_cached(reference, recipe, track=phases.track)
+    with staging_dir(final, say=phases.note) as tmp:
         m = measure(opts.backend, tmp, model=reference, plan=plan, target=opts.target,
                     verify_recipe=recipe if opts.verify else None, eval_recipe=recipe, batches=(opts.batch,),
                     runs=opts.runs, phases=phases)
@@ -130,8 +131,7 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
             "versions": versions(),
         }
         if opts.vs_fp32 and plan is not None:
-            with (phases or Phases(None))("latency / FP32: the FP32 model built and timed interleaved (rounds)",
-                                          total=MAX_ROUNDS) as step:
+            with phases("latency / FP32: the FP32 model built and timed interleaved (rounds)", total=MAX_ROUNDS) as step:
                 manifest["latency_vs_fp32"] = ratio_to_fp32(opts, recipe, artifact, tmp, on_round=step).as_dict()
         extra = getattr(opts.backend, "manifest_extra", None)  # optional Backend hook, see pomq_deploy.backends
         if extra is not None:

@@ -57,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
         recipe, plan, model, target, backend, onnx_path = (_from_artifact(args) if args.artifact is not None
                                                            else _from_plan(args, Path(tmp) / "model.onnx"))
         images = _images(recipe, model, args.images, args.noise)
+        deployed = onnx.load(str(onnx_path))  # read once: prepare rewrites a copy in place
         prepare = getattr(backend, "prepare", None)  # ort-cpu: the integer formats its runs use, said below
-        formats = prepare(onnx.load(str(onnx_path))) if prepare is not None else None
+        formats = prepare(onnx.ModelProto.FromString(deployed.SerializeToString())) if prepare is not None else None
         try:
-            result = compare(backend.run_onnx, onnx.load(str(onnx_path)), model, plan, get_target(target).act_format, images,
+            result = compare(backend.run_onnx, deployed, model, plan, get_target(target).act_format, images,
                              backend.name, "noise" if args.noise else "eval", tensors=args.tensors)
         except ValueError as e:  # blocks the exported graph does not delimit by scope (pomq_deploy.verify.block_boundaries)
             raise PomqError(f"{recipe.name}: cannot compare block by block: {e}") from None

@@ -10,12 +10,12 @@ from types import ModuleType
 from .. import __version__
 from ..errors import PomqError
 
-# name -> module; each module has HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
-# Modules import their heavy dependencies (torch, timm, onnxruntime) inside run(), so --help stays fast.
 # what the machine answers about an output path, not a bug of ours: one line naming the path, never a traceback
 # (outputs are written through staging folders and atomic renames, so nothing half-written is left)
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
                  errno.EISDIR}
+# name -> module; each module has HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
+# Modules import their heavy dependencies (torch, timm, onnxruntime) inside run(), so --help stays fast.
 COMMANDS = {
     "inspect": "pomq_deploy.cli.inspect_cmd",
     "calibrate": "pomq_deploy.cli.calibrate_cmd",

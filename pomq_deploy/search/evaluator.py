@@ -4,7 +4,8 @@ Every candidate is exported, built by the backend and measured for real: top-1 o
 through the backend, artifact size, and latency as a *ratio* to the FP32 model's, timed interleaved with it in
 the same rounds (:mod:`pomq_deploy.timing`), so that a busy moment of a shared host falls on both alike.
 Uniform 8-bit is timed against FP32 once, with the baselines: no decision reads a candidate's ratio to it, and
-timing it beside every candidate cost a third of each plan's rounds. The two baselines are built once per process and kept for the whole search.
+timing it beside every candidate cost a third of each plan's rounds. The two baselines are built once per
+process and kept for the whole search.
 Calibration comes from the on-disk cache (one pass per recipe/scheme), and ratios are cached by the exported
 graph's *structure* (op types, wiring, initializer types and shapes, constants left out): two plans whose
 artifacts differ only in constant values run the same kernels.
@@ -80,13 +81,18 @@ class PlanEvaluator:
         """The FP32 or uniform 8-bit build (top-1 on the subset measured), made once and kept for the rounds every
         candidate is timed in."""
         if name not in self.refs:
-            out = self.work / name
-            out.mkdir()
-            plan = None if name == "fp32" else self.uniform8()
-            self.refs[name] = measure(self.backend, out, model=self.fp_model() if plan is None else self.qmodel, plan=plan,
-                                      target=self.target, eval_recipe=self.recipe)
-            self.builds += 1
+            self.refs[name] = self._build(None if name == "fp32" else self.uniform8(), evaluate=True, folder=name)
         return self.refs[name]
+
+    def _build(self, plan: Plan | None, evaluate: bool, folder: str | None = None) -> Measured:
+        """Export and build ``plan`` (None: the FP32 model) in a folder of its own under the work folder, with top-1
+        on the evaluation subset if ``evaluate``; every build counts."""
+        out = self.work / (folder or f"build-{self.builds}")
+        out.mkdir()
+        m = measure(self.backend, out, model=self.fp_model() if plan is None else self.qmodel, plan=plan, target=self.target,
+                    eval_recipe=self.recipe if evaluate else None)
+        self.builds += 1
+        return m
 
     def _time(self, artifacts: dict[str, Artifact], candidates: list[str], **rounds) -> dict[str, Ratio]:
         """Ratios to FP32 of ``candidates`` (names in ``artifacts``, or "uniform8"), timed interleaved with FP32."""
@@ -120,10 +126,7 @@ class PlanEvaluator:
     def measure(self, plan: Plan) -> Measurement:
         """Build ``plan`` and measure it on the evaluation subset, its latency ratio timed (or taken from a plan
         with the same graph structure); the build is kept until ``close``."""
-        out = self.work / f"build-{self.builds}"  # unique: every build counts
-        out.mkdir()
-        m = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target, eval_recipe=self.recipe)
-        self.builds += 1
+        m = self._build(plan, evaluate=True)
         self.kept[plan.plan_id] = m  # kept for the front's re-measure on the full split: no second build
         key = graph_signature(m.onnx_path)
         cached = key in self.ratio_cache
@@ -176,10 +179,7 @@ class PlanEvaluator:
         if plan is None or plan.blocks == self.uniform8().blocks:
             return self._reference("fp32" if plan is None else "uniform8")
         if plan.plan_id not in self.kept:
-            out = self.work / f"build-{self.builds}"
-            out.mkdir()
-            self.kept[plan.plan_id] = measure(self.backend, out, model=self.qmodel, plan=plan, target=self.target)
-            self.builds += 1
+            self.kept[plan.plan_id] = self._build(plan, evaluate=False)
         return self.kept[plan.plan_id]
 
     def fp_model(self):
