@@ -50,10 +50,12 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 @contextmanager
 def staging_dir(final: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it on success and vanishes on failure. Its name holds
+    """A temporary directory beside ``final`` that replaces it on success and vanishes on failure (with the folders
+    made to hold it, when they are empty). Its name holds
     this process's id, ``.<final>.<pid>-<random>.tmp``: one left by a process that is gone (a build killed with
     SIGKILL, which no ``except`` sees) is removed by the next build into the same place, which ``say``s so."""
     final = Path(final)
+    made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # deepest first
     final.parent.mkdir(parents=True, exist_ok=True)
     stale = remove_dead_processes_folders(final.parent, f".{final.name}.", ".tmp")
     if stale:
@@ -64,6 +66,11 @@ def staging_dir(final: Path, say: Callable[[str], None] = lambda _: None) -> Ite
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # and the folders made for it, when nothing else went into them
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     old = None
     if final.exists():

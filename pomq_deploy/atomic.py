@@ -1,10 +1,24 @@
-"""Write files whole or not at all: into a temporary name beside the target, then rename over it."""
+"""Outputs: each under the folder it was meant for, written whole or not at all (into a temporary name beside
+the target, then renamed over it)."""
 
 import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import PomqError
+
+
+def inside(folder: Path, *names: str) -> Path:
+    """``folder / names...``, refused in one line unless it resolves (``..``, symbolic links followed) to a path
+    under ``folder``'s own resolution. Names are checked where they are read (``_schema.Name``); this holds for
+    every name, wherever it came from, at the join that makes it an output."""
+    folder = Path(folder)
+    path = folder.joinpath(*names)
+    if not path.resolve().is_relative_to(folder.resolve()) or path.resolve() == folder.resolve():
+        raise PomqError(f"{path}: resolves to {path.resolve()}, not under {folder}; refusing to write there")
+    return path
 
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:

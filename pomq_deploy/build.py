@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from ._schema import parse, to_plain
 from .artifact import MANIFEST, ArtifactError, BuiltArtifact, seal, staging_dir, write_json_atomic
+from .atomic import inside
 from .backends import Backend
 from .manifest import MANIFEST_FORMAT, Manifest
 from .measure import measure
@@ -100,7 +101,7 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
     from .timing import MAX_ROUNDS
 
     phases = phases or Phases(None)
-    final = opts.out_root / recipe.name / (plan.plan_id if plan is not None else "fp32")
+    final = inside(opts.out_root, recipe.name, plan.plan_id if plan is not None else "fp32")
     if plan is None:
         reference = load_model(recipe.model)
     else:

@@ -56,3 +56,30 @@ def test_a_killed_searchs_work_folder_is_removed_by_the_next_one(tmp_path):
         d.mkdir()
     assert remove_dead_processes_folders(tmp_path, WORK_PREFIX) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])
+
+
+def test_an_output_must_resolve_under_its_folder(tmp_path):
+    import pytest
+
+    from pomq_deploy.atomic import inside
+    from pomq_deploy.errors import PomqError
+
+    assert inside(tmp_path, "deit", "ab12") == tmp_path / "deit" / "ab12"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "elsewhere")
+    for names in (("..", "x"), ("a/../../x",), ("/etc",), (".",), ("link", "x")):
+        with pytest.raises(PomqError, match="not under .*out; refusing to write there"):
+            inside(tmp_path / "out", *names)
+
+
+def test_a_failed_build_leaves_neither_its_staging_folder_nor_the_folders_made_for_it(tmp_path):
+    import pytest
+
+    from pomq_deploy.artifact import staging_dir
+
+    (tmp_path / "engines").mkdir()
+    with pytest.raises(OSError), staging_dir(tmp_path / "engines" / "deit" / "ab12") as tmp:
+        (tmp / "model.onnx").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+    assert list((tmp_path / "engines").iterdir()) == []  # "deit", made for it, went with it; "engines" was there

@@ -115,6 +115,38 @@ def test_corrupt_onnx_file(tmp_path, capsys):
     assert "bad.onnx: not a readable ONNX model" in user_error(["bench", "--onnx", str(bad)], capsys)
 
 
+def _onnx_with_inputs(path, *inputs) -> None:
+    import onnx
+    from onnx import helper as h
+
+    ins = [h.make_tensor_value_info(name, getattr(onnx.TensorProto, kind), shape) for name, kind, shape in inputs]
+    node = h.make_node("Add" if len(ins) == 2 else "Identity", [i.name for i in ins], ["y"]) if ins else h.make_node(
+        "Constant", [], ["y"], value=h.make_tensor("c", onnx.TensorProto.FLOAT, [1], [1.0]))
+    out = ins[0].type.tensor_type.elem_type if ins else onnx.TensorProto.FLOAT
+    graph = h.make_graph([node], "g", ins, [h.make_tensor_value_info("y", out, None)])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("inputs, said", [
+    ([("x", "FLOAT", ["b", "h"])], "m.onnx (optimised): input 'x' has dimension(s) [1] of no fixed size (['h'])"),
+    ([("x", "FLOAT", [4, 3])], "input 'x' has a fixed batch of 4; time it with --batch 4"),
+    ([("x", "FLOAT", ["b", 100_000, 100_000])], "its inputs at batch 2 take more than 2 GiB (input 'x' is [2, 100000, 100000])"),
+    ([("x", "STRING", ["b"])], "input 'x' is a tensor(string); timing feeds tensors of float, float16"),
+    ([("x", "FLOAT", None)], "input 'x' has no dimensions in the model"),
+    ([], "the model has no inputs to feed"),
+    ([("x", "FLOAT", ["b", 3]), ("z", "FLOAT", [5, 3])], "ONNX Runtime cannot run this model at the fed shapes"),
+])
+def test_bench_onnx_feeds_what_the_model_declares_or_says_why_not(tmp_path, capsys, inputs, said):
+    _onnx_with_inputs(tmp_path / "m.onnx", *inputs)
+    assert said in user_error(["bench", "--onnx", str(tmp_path / "m.onnx"), "--batch", "2", "--runs", "1"], capsys)
+
+
+def test_bench_onnx_feeds_every_input_in_its_type(tmp_path, capsys):
+    _onnx_with_inputs(tmp_path / "m.onnx", ("x", "FLOAT16", ["b", 3]), ("z", "FLOAT16", [2, 3]))
+    assert main(["bench", "--onnx", str(tmp_path / "m.onnx"), "--batch", "2", "--runs", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == 2
+
+
 def test_plan_block_count_must_fit_the_model(tiny_recipe, tmp_path, capsys):
     plan = tmp_path / "p.yaml"
     plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n" + "  - {w: 8, a: 8, attn: 8}\n" * 5)

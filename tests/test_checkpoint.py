@@ -69,6 +69,32 @@ def test_missing_and_unexpected_keys(tmp_path, weights):
         create_model("test_vit", path)
 
 
+def test_numbers_of_another_kind_or_not_finite_are_refused(tmp_path, weights):
+    """An integer or complex tensor would be cast into a float weight, NaN would load: both refused, named."""
+    path = tmp_path / "m.safetensors"
+    save_file({**weights, "norm.weight": torch.ones(64, dtype=torch.int64), "head.bias": torch.full((1000,), float("nan"))},
+              str(path))
+    with pytest.raises(CheckpointError, match=r"1 of another kind of number, e.g. norm.weight torch.int64 vs model "
+                                              r"torch.float32; 1 holding NaN or infinity, e.g. head.bias"):
+        create_model("test_vit", path)
+
+
+def test_a_half_precision_release_loads(tmp_path, weights):
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.half() for k, v in weights.items()}, str(path))
+    model = create_model("test_vit", path)
+    assert torch.equal(model.state_dict()["head.weight"], weights["head.weight"].half().float())
+
+
+def test_hints_read_only_tensors_of_the_expected_rank(tmp_path, weights):
+    """A flattened patch embedding or position embedding is a mismatch, not a crash of the hint reader."""
+    path = tmp_path / "m.safetensors"
+    save_file({**weights, "patch_embed.proj.weight": weights["patch_embed.proj.weight"].flatten(),
+               "pos_embed": weights["pos_embed"].flatten()}, str(path))
+    with pytest.raises(CheckpointError, match=r"2 shape mismatch\(es\), e.g. pos_embed \(\d+,\) vs model"):
+        create_model("test_vit", path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         create_model("test_vit", tmp_path / "nope.safetensors")

@@ -1,8 +1,8 @@
 """The fuzzing suite (tests/test_fuzz.py) with many more examples than the test run's 100 per property, and random
-rather than fixed seeds: recipe and plan YAML, any text as either, checkpoint files, ONNX files for `check`, image
-files. Prints how many inputs each property tried and what failed, if anything.
+rather than fixed seeds: recipe and plan YAML, any text as either, checkpoint files and their tensors, ONNX files
+for `check` and `bench --onnx`, image files. Prints how many inputs each property tried and what failed, if anything.
 
-    python tools/fuzz.py                  # 2,000 examples per property: about a minute on 2 cores
+    python tools/fuzz.py                  # 2,000 examples per property: about 2 minutes on 2 cores
     python tools/fuzz.py --examples 20000 # longer
 """
 

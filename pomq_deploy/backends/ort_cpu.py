@@ -121,10 +121,9 @@ class OrtCpuBackend:
 
     def latency(self, artifact: Artifact, batch: int, runs: int = 50, warmup: int = 10) -> LatencyStats:
         sess = self._cached(artifact)
-        inp = sess.get_inputs()[0]
-        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
-        feed = {inp.name: x}
-        for _ in range(warmup):
+        feed = random_feeds(sess.get_inputs(), batch, artifact.path)
+        _run_once(sess, feed, artifact.path)
+        for _ in range(warmup - 1):
             sess.run(None, feed)
         times = []
         for _ in range(runs):
@@ -140,9 +139,9 @@ class OrtCpuBackend:
         run index (``pomq_deploy.profiling.ort_trace.summarize``)."""
         check_cpu(artifact, self.cpu)
         sess = self._session(artifact.path, options=artifact.options, profile_prefix=out_prefix)
-        inp = sess.get_inputs()[0]
-        feed = {inp.name: np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)}
-        for _ in range(warmup + runs):
+        feed = random_feeds(sess.get_inputs(), batch, artifact.path)
+        _run_once(sess, feed, artifact.path)
+        for _ in range(warmup + runs - 1):
             sess.run(None, feed)
         return Path(sess.end_profiling())
 
@@ -235,6 +234,60 @@ def int8_weight_readers(g) -> list:
     slots = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3)}
     return [(n, *slots[n.op_type]) for n in g.graph.node if n.op_type in slots and n.input[slots[n.op_type][0]] in g.inits
             and g.inits[n.input[slots[n.op_type][0]]].data_type == onnx.TensorProto.INT8]
+
+
+FEED_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
+               "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(uint32)": np.uint32,
+               "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+FEED_BYTES_MAX = 2 << 30  # what one timing run may feed: more is a model this tool cannot time on 24 GiB
+
+
+def random_feeds(inputs, batch: int, where: Path) -> dict[str, np.ndarray]:
+    """Seeded inputs for timing a model with ONNX Runtime ``inputs`` (``session.get_inputs()``) at ``batch``:
+    normal noise for float inputs, zeros for integer and boolean ones (an index input must stay in range). A
+    symbolic first dimension is the batch (a fixed one is kept: a table, or a model built for one batch, which
+    must then be ``batch``); any other dimension must be fixed in the model, and one line says which is not (a
+    model of any origin reaches ``bench --onnx``)."""
+    if not inputs:
+        raise BackendError(f"{where}: the model has no inputs to feed")
+    rng, feeds, total = np.random.default_rng(0), {}, 0
+    for inp in inputs:
+        dtype = FEED_DTYPES.get(inp.type)
+        if dtype is None:
+            raise BackendError(f"{where}: input {inp.name!r} is a {inp.type}; timing feeds tensors of "
+                               f"{', '.join(t[7:-1] for t in FEED_DTYPES)}")
+        shape = list(inp.shape or [])
+        if not shape:
+            raise BackendError(f"{where}: input {inp.name!r} has no dimensions in the model (a scalar, or its shape left unset): "
+                               f"no batch dimension to time")
+        if inp is inputs[0] and all(_fixed(i.shape[0]) for i in inputs if i.shape) and shape[0] != batch:
+            raise BackendError(f"{where}: input {inp.name!r} has a fixed batch of {shape[0]}; time it with --batch {shape[0]}")
+        free = [i for i, d in enumerate(shape[1:], 1) if not _fixed(d)]
+        if free:
+            raise BackendError(f"{where}: input {inp.name!r} has dimension(s) {free} of no fixed size "
+                               f"({[shape[i] for i in free]}); timing needs every dimension but the batch fixed")
+        shape[0] = shape[0] if _fixed(shape[0]) else batch
+        total += int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        if total > FEED_BYTES_MAX:
+            raise BackendError(f"{where}: its inputs at batch {batch} take more than {FEED_BYTES_MAX >> 30} GiB "
+                               f"(input {inp.name!r} is {shape}); timing feeds at most that")
+        feeds[inp.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype) if np.issubdtype(dtype, np.floating) \
+            else np.zeros(shape, dtype)
+    return feeds
+
+
+def _fixed(dim) -> bool:
+    return isinstance(dim, int) and dim >= 0
+
+
+def _run_once(sess, feed: dict[str, np.ndarray], where: Path) -> None:
+    """The first run, whose failure (a shape the model's own ops refuse, memory) is one line, not ORT's trace."""
+    try:
+        sess.run(None, feed)
+    except Exception as e:  # ORT raises Fail/InvalidArgument/RuntimeException/... for a model that cannot run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendError(f"{where}: ONNX Runtime cannot run this model at the fed shapes: {first}") from None
 
 
 def _load(path: Path):

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ..backends import get_backend
+    from ..backends import BackendError, get_backend
+    from ..backends.ort_cpu import ARTIFACT_NAME
     from ..errors import PomqError
     from ..measure import measure
     from ._common import open_artifact
@@ -45,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
             raise PomqError(f"{args.onnx}: no such ONNX file")
         backend = get_backend("ort-cpu", threads=args.threads)
         with tempfile.TemporaryDirectory() as tmp:
-            stats = measure(backend, Path(tmp), onnx_path=args.onnx, batches=(args.batch,), runs=args.runs).latency[args.batch]
+            try:
+                stats = measure(backend, Path(tmp), onnx_path=args.onnx, batches=(args.batch,), runs=args.runs).latency[args.batch]
+            except BackendError as e:  # name the user's file, not the optimised copy in a folder that is gone
+                raise BackendError(str(e).replace(str(Path(tmp) / ARTIFACT_NAME), f"{args.onnx} (optimised)")) from None
         what = str(args.onnx)
     out = {"what": what, "backend": backend.name, "batch": stats.batch, "runs": stats.runs,
            "median_ms": round(stats.median_ms, 4), "p90_ms": round(stats.p90_ms, 4)}

@@ -85,6 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import inside
     from ..backends import BACKENDS, backend_from_args
     from ..errors import PomqError
     from ..search.runner import SearchOptions, run_search
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     seed = spec.seed if args.seed is None else args.seed
     scheme = args.scheme or spec.scheme
     study = args.study or f"{recipe.name}-{scheme}-{algorithm}-s{seed}"
-    out = args.out or Path("searches") / study
+    out = args.out or inside(Path("searches"), study)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if args.storage is None:
         out.mkdir(parents=True, exist_ok=True)

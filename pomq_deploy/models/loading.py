@@ -54,14 +54,27 @@ def fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in state and state[k].shape != v.shape]
+    kinds = [f"{k} {state[k].dtype} vs model {v.dtype}"
+             for k, v in own.items() if k in state and _kind(state[k]) != _kind(v)]
+    bad = [k for k in own if k in state and state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
     out = []
     if shapes:
         out.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
+    if kinds:
+        out.append(f"{len(kinds)} of another kind of number, e.g. {kinds[0]}")
+    if bad:
+        out.append(f"{len(bad)} holding NaN or infinity, e.g. {bad[0]}")
     if missing:
         out.append(f"{len(missing)} missing, e.g. {missing[0]}")
     if unexpected:
         out.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
     return out
+
+
+def _kind(t: torch.Tensor) -> str:
+    """Float, complex, bool or integer: a tensor loads into another of its kind at any width (a float16 release
+    into a float32 model), never across kinds (an integer tensor where weights go, a complex one cast to real)."""
+    return "complex" if t.is_complex() else "float" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "int"
 
 
 def _depth(keys) -> int:
@@ -72,9 +85,10 @@ def fit_hints(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """The ``model.kwargs`` that would make a ViT-style checkpoint fit, read from its tensors' shapes."""
     own, hints = model.state_dict(), []
     head, conv = state.get("head.weight"), state.get("patch_embed.proj.weight")
-    if head is not None and "head.weight" in own and head.shape[0] != own["head.weight"].shape[0]:
+    if head is not None and head.dim() == 2 and "head.weight" in own and head.shape[0] != own["head.weight"].shape[0]:
         hints.append(f"num_classes: {head.shape[0]} (head.weight has {head.shape[0]} rows)")
-    if conv is not None and "patch_embed.proj.weight" in own and conv.shape != own["patch_embed.proj.weight"].shape:
+    if conv is not None and conv.dim() == 4 and "patch_embed.proj.weight" in own \
+            and conv.shape != own["patch_embed.proj.weight"].shape:
         embed, chans, ph, pw = conv.shape
         mine = own["patch_embed.proj.weight"].shape
         hints += [f"{k}: {v}" for k, v, m in (("embed_dim", embed, mine[0]), ("in_chans", chans, mine[1]),
@@ -83,7 +97,7 @@ def fit_hints(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     if depth and mine and depth != mine:
         hints.append(f"depth: {depth} (the checkpoint has blocks 0-{depth - 1})")
     pos = state.get("pos_embed")
-    if pos is not None and "pos_embed" in own and pos.shape[1] != own["pos_embed"].shape[1]:
+    if pos is not None and pos.dim() == 3 and "pos_embed" in own and pos.shape[1] != own["pos_embed"].shape[1]:
         hints.append(f"img_size (pos_embed has {pos.shape[1]} positions, the model {own['pos_embed'].shape[1]}: "
                      "image size / patch size decide them)")
     return hints

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..atomic import replace_atomically
+from ..atomic import inside, replace_atomically
 from ..recipe import Recipe
 from .model import QuantModel
 
@@ -57,7 +57,7 @@ def calibration_key(recipe: Recipe, scheme: str, observer: str) -> dict:
 
 def cache_path(recipe: Recipe, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "calib" / f"{recipe.name}-{key['scheme']}-{key['observer']}-{digest}.pt"
+    return inside(cache_root() / "calib", f"{recipe.name}-{key['scheme']}-{key['observer']}-{digest}.pt")
 
 
 Track = Callable[[Iterable, int, str], Iterable]
