@@ -105,7 +105,7 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
     if plan is None:
         reference = load_model(recipe.model)
     else:
-        reference = model if model is not None else quant_model(recipe, plan.scheme, opts.observer)
+        reference = model if model is not None else quant_model(recipe, plan.scheme, opts.observer, plan.rounding)
         plan.check_blocks(reference.num_blocks)
         calibrate_cached(reference, recipe, track=phases.track)
     with staging_dir(final, say=phases.note) as tmp:
@@ -118,7 +118,7 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
             "recipe": recipe.name, "arch": recipe.model.arch, "recipe_spec": to_plain(recipe),
             "plan": to_plain(plan) if plan is not None else None, "plan_id": plan.plan_id if plan is not None else "fp32",
             "scheme": plan.scheme if plan is not None else None, "observer": opts.observer if plan is not None else None,
-            "target": info.target,
+            "rounding": plan.rounding if plan is not None else None, "target": info.target,
             "onnx": {"file": info.path.name, "bytes": info.path.stat().st_size, "weight_bytes": info.weight_bytes,
                      "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8,
                      "weights_int4": info.weights_int4, "ops": info.ops},

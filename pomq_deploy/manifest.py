@@ -86,3 +86,4 @@ class Manifest:
     manifest_sha256: str
     tensorrt: dict[str, Any] | None = None  # the tensorrt backend's trtexec line and engine layer summary
     latency_vs_fp32: dict[str, Any] | None = None  # build --vs-fp32: pomq_deploy.timing.Ratio, timed interleaved
+    rounding: str | None = None  # the plan's rounding (quant.roundings); None: FP32, or built before roundings existed

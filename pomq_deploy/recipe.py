@@ -13,6 +13,7 @@ from pydantic.dataclasses import dataclass
 
 from ._schema import STRICT, Name, PathText, parse, read_yaml
 from .errors import RecipeError
+from .quant.roundings import DEFAULT_ROUNDING, RoundingName
 from .quant.schemes import DEFAULT_SCHEME, SchemeName
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -71,6 +72,7 @@ class SearchSpec:
     trials: PositiveInt | None = None  # random search: plans to evaluate (default population x generations)
     seed: int = 0
     scheme: SchemeName = DEFAULT_SCHEME
+    rounding: RoundingName = DEFAULT_ROUNDING  # how the search's plans round their weights (quant.roundings)
     eval_images: PositiveInt = 1000  # top-1 objective on the first N evaluation images; the front gets the full set
     batch: PositiveInt = 8  # latency batch size
     latency_runs: PositiveInt = 5  # timed runs per artifact in each interleaved round (pomq_deploy.timing)

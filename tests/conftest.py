@@ -115,6 +115,15 @@ def tiny_vit(**kwargs):
     return timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10, **kwargs).eval()  # 6 blocks, 64-d
 
 
+def run_ort(tmp_path, onnx_path, x, cpu=None):
+    """``x`` through ``onnx_path`` built by ort-cpu (as on ``cpu``: a CPU kind's formats, by default this one's)."""
+    from pomq_deploy.backends.ort_cpu import OrtCpuBackend
+
+    backend = OrtCpuBackend(threads=1, cpu=cpu)
+    art = backend.build(onnx_path, tmp_path)
+    return backend.run(art, x.numpy())
+
+
 def images(n_batches=3, batch=8, size=32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n_batches)]

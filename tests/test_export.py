@@ -8,7 +8,7 @@ import onnx
 import pytest
 import timm
 import torch
-from conftest import images, tiny_vit
+from conftest import images, run_ort, tiny_vit
 from cpu_kinds import KINDS
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -31,12 +31,6 @@ def calibrated(request):
 def mixed(n: int, scheme: str, four: set[int]) -> Plan:
     return Plan(recipe="t", scheme=scheme, blocks=tuple(BlockBits(w=4 if i in four else 8, a=4 if i in four else 8,
                                                                  attn=4 if i in four else 8) for i in range(n)))
-
-
-def run_ort(tmp_path, onnx_path, x, cpu=None):
-    backend = OrtCpuBackend(threads=1, cpu=cpu)
-    art = backend.build(onnx_path, tmp_path)
-    return backend.run(art, x.numpy())
 
 
 def test_integer_weights_by_hand():

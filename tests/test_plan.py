@@ -15,7 +15,7 @@ def test_yaml_roundtrip_and_format(tmp_path):
     path = tmp_path / "p.yaml"
     save_plan(plan, path)
     text = path.read_text()
-    assert "  - {w: 4, a: 8, attn: 4}\n" in text and text.startswith("recipe: deit_fmnist\nscheme: fqvit\nblocks:\n")
+    assert "  - {w: 4, a: 8, attn: 4}\n" in text and text.startswith("recipe: deit_fmnist\nscheme: fqvit\nrounding: nearest\nblocks:\n")
     assert load_plan(path) == plan
     assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]  # no temporary file left behind
 

@@ -286,7 +286,7 @@ def test_held_out_plans_are_scored_in_one_pass_and_timed_together(recipe):
     from pomq_deploy.recipe import load_recipe
     from pomq_deploy.search.evaluator import PlanEvaluator
 
-    ev = PlanEvaluator(load_recipe(str(recipe)), "fqvit", get_backend("ort-cpu"), "ort", 8, 1, runs=2)
+    ev = PlanEvaluator(load_recipe(str(recipe)), "fqvit", "nearest", get_backend("ort-cpu"), "ort", 8, 1, runs=2)
     try:
         plans = [uniform_plan(s, ev.num_blocks, "tiny", "fqvit") for s in ("4/8/8", "8/8/4")]
         phases = Phases(None)

@@ -44,9 +44,10 @@ def run(args, recipe, storage: str, method: str, seed: int, seconds: float | Non
     from pomq_deploy.search.evaluator import PlanEvaluator
 
     phases = Phases(Console(stderr=True))  # each phase shown on the terminal, its seconds in the log
-    evaluator = PlanEvaluator(recipe, args.scheme, OrtCpuBackend(threads=2), "ort", args.eval_images, args.batch,
+    evaluator = PlanEvaluator(recipe, args.scheme, args.rounding, OrtCpuBackend(threads=2), "ort", args.eval_images, args.batch,
                               args.latency_runs, track=phases.track)
-    cfg = SearchConfig(recipe.name, args.scheme, method, args.population, 10**6, seed, storage, f"{method}-s{seed}")
+    cfg = SearchConfig(recipe.name, args.scheme, method, args.population, 10**6, seed, storage, f"{method}-s{seed}",
+                       args.rounding)
     study = open_study(cfg)
     start = time.time()
     base = baselines(study, evaluator, cfg, phases)
@@ -59,19 +60,19 @@ def run(args, recipe, storage: str, method: str, seed: int, seconds: float | Non
             run_trials(study, evaluator, cfg, base, on_trial=lambda t: step(), seconds=max(1.0, seconds - (time.time() - start)))
     out["seconds"] = time.time() - start
     trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
-    rows = {r.number: r for r in rows_of(study, evaluator.num_blocks, recipe.name, args.scheme)}
+    rows = {r.number: r for r in rows_of(study, evaluator.num_blocks, recipe.name, args.scheme, args.rounding)}
     curve = [(t.datetime_complete.timestamp() - start, 2 + k, hypervolume([rows[x.number] for x in trials[:k]], base))
              for k, t in enumerate(trials, 1)]
     out |= {"curve": curve, "builds": evaluator.builds, "hypervolume": curve[-1][2] if curve else 0.0, "plans": len(trials)}
     if holdout and method == "model":  # the models against random mixed plans measured for real
         rng = random.Random(seed)
         plans = [plan_of([tuple(rng.choice((4, 8)) for _ in range(3)) for _ in range(evaluator.num_blocks)], recipe.name,
-                         args.scheme) for _ in range(holdout)]
+                         args.scheme, args.rounding) for _ in range(holdout)]
         top1 = evaluator.full_top1(plans, evaluator.full_loader())  # top-1 on the whole test split, builds untimed
         # the design set (and uniform 8-bit) in the same rounds too, up to 20: a latency model refitted on those
         # ratios has no drift between its fit and its check, so its error is the additive model's own
         groups = guided.models.latency.groups
-        design = [*design_plans(groups, recipe.name, args.scheme), evaluator.uniform8()]
+        design = [*design_plans(groups, recipe.name, args.scheme, args.rounding), evaluator.uniform8()]
         together = evaluator.time_together(design + plans)
         ratios = [r.ratio for r in together[len(design):]]
         refit = AdditiveModel.fit(design, [r.ratio for r in together[:len(design)]], groups)
@@ -116,6 +117,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="deit_fmnist")
     p.add_argument("--scheme", default="fqvit")
+    p.add_argument("--rounding", default="nearest")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--builds", type=int, default=20, help="the model-guided search's real builds")
     p.add_argument("--population", type=int, default=12, help="measured NSGA-II's population")

@@ -76,7 +76,17 @@ def add_scheme_argument(g, default_text: str, default: str | None = None) -> Non
                    + "; ".join(f"{s.name}: {s.summary}" for s in SCHEMES.values()))
 
 
+def add_rounding_argument(g, default_text: str, default: str | None = None) -> None:
+    """``--rounding``, its choices and help read from the rounding registry."""
+    from ..quant.roundings import ROUNDINGS
+
+    g.add_argument("--rounding", choices=ROUNDINGS, default=default, help=f"how weights are put on their grids (default: "
+                   f"{default_text}); " + "; ".join(f"{r.name}: {r.summary}" for r in ROUNDINGS.values())
+                   + ". A fitted rounding is fitted once per recipe, scheme and observer and cached beside the calibration")
+
+
 def add_quant_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from ..quant.roundings import DEFAULT_ROUNDING
     from ..quant.schemes import DEFAULT_SCHEME, OBSERVERS
     from ..targets import TARGETS
 
@@ -86,6 +96,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, required: bool = False) -> N
     which.add_argument("--uniform", metavar="W/A/ATTN", type=uniform_spec,
                        help="the same widths in every block, e.g. 8/8/8, 8/8/4, 4/4/4")
     add_scheme_argument(g, f"the plan's, else {DEFAULT_SCHEME}")
+    add_rounding_argument(g, f"the plan's, else {DEFAULT_ROUNDING}")
     g.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
     g.add_argument("--target", choices=TARGETS, help="ONNX export target (default: the backend's); "
                    + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
@@ -110,13 +121,13 @@ def load_plan_arg(args: argparse.Namespace):
 
 
 def resolve_plan(args: argparse.Namespace, plan, recipe: Recipe, n_blocks: int):
-    """The plan to apply: the --plan file (with --scheme overriding its scheme) or the --uniform widths."""
+    """The plan to apply: the --plan file (with --scheme and --rounding overriding its own) or the --uniform widths."""
     from ..plan import uniform_plan
 
-    scheme = scheme_of(args, plan)
+    scheme, rounding = scheme_of(args, plan), rounding_of(args, plan)
     if plan is None:
-        return uniform_plan(args.uniform, n_blocks, recipe.name, scheme)
-    plan = dataclasses.replace(plan, scheme=scheme, recipe=recipe.name)
+        return uniform_plan(args.uniform, n_blocks, recipe.name, scheme, rounding)
+    plan = dataclasses.replace(plan, scheme=scheme, recipe=recipe.name, rounding=rounding)
     plan.check_blocks(n_blocks, str(args.plan))
     return plan
 
@@ -125,6 +136,12 @@ def scheme_of(args: argparse.Namespace, plan) -> str:
     from ..quant.schemes import DEFAULT_SCHEME
 
     return args.scheme or (plan.scheme if plan is not None else DEFAULT_SCHEME)
+
+
+def rounding_of(args: argparse.Namespace, plan) -> str:
+    from ..quant.roundings import DEFAULT_ROUNDING
+
+    return getattr(args, "rounding", None) or (plan.rounding if plan is not None else DEFAULT_ROUNDING)
 
 
 def calib_track(items, total, description):
@@ -139,7 +156,7 @@ def calibrated_from_args(args: argparse.Namespace):
 
     plan = load_plan_arg(args)
     recipe = recipe_from_args(args)
-    model = quant_model(recipe, scheme_of(args, plan), args.observer)
+    model = quant_model(recipe, scheme_of(args, plan), args.observer, rounding_of(args, plan))
     plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a bad plan fails fast, before calibration
     calibrate_cached(model, recipe, track=calib_track)
     return recipe, plan, model

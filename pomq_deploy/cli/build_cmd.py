@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..build import BuildOptions, build
     from ..errors import PomqError
     from ..progress import Phases
-    from ._common import load_plan_arg, recipe_from_args, resolve_plan, scheme_of
+    from ._common import load_plan_arg, recipe_from_args, resolve_plan, rounding_of, scheme_of
     from ._console import stderr, stdout
 
     quantized = args.plan is not None or args.uniform is not None
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if quantized:
         from ..quant.calibration import quant_model
 
-        model = quant_model(recipe, scheme_of(args, plan), args.observer)  # loaded once: build() calibrates this one
+        model = quant_model(recipe, scheme_of(args, plan), args.observer, rounding_of(args, plan))  # build() calibrates it
         plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a plan that does not fit fails here
     target = BACKENDS[args.backend].default_target if args.target is None else args.target
     opts = BuildOptions(backend, target, args.out, args.batch, args.runs, args.observer, args.verify, args.vs_fp32)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(to_plain(m), indent=2))
         return 0
     lat, acc = m.latency, m.accuracy
-    stdout.print(f"built {built.directory}\n  plan {m.plan_id} ({m.scheme or 'fp32'}, target {m.target}) on {m.backend.name}\n"
+    stdout.print(f"built {built.directory}\n  plan {m.plan_id} ({f'{m.scheme}, {m.rounding} rounding' if m.scheme else 'fp32'}, target {m.target}) on {m.backend.name}\n"
                  f"  top-1 {acc.top1:.4f} on {acc.images} images; latency batch {lat.batch}: median "
                  f"{lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms\n  ONNX weights {m.onnx.weight_bytes / 1e6:.2f} MB, "
                  f"deployable size {m.artifact.size_bytes / 1e6:.2f} MB")

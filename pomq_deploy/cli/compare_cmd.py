@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:  # blocks the exported graph does not delimit by scope (pomq_deploy.verify.block_boundaries)
             raise PomqError(f"{recipe.name}: cannot compare block by block: {e}") from None
     if args.json:
-        print(json.dumps({"recipe": recipe.name, "plan_id": plan.plan_id, "scheme": plan.scheme, "target": target,
+        print(json.dumps({"recipe": recipe.name, "plan_id": plan.plan_id, "scheme": plan.scheme, "rounding": plan.rounding, "target": target,
                           "formats": formats} | result.to_json(), indent=2))
     else:
         _print(result, recipe.name, plan, target)
@@ -95,14 +95,14 @@ def _from_artifact(args):
     from ..quant.calibration import calibrate_cached, quant_model
     from ._common import calib_track, open_artifact, recipe_from_args
 
-    if args.plan is not None or args.uniform is not None or args.scheme is not None:
-        raise PomqError("--artifact compares what was built; it takes no --plan, --uniform or --scheme")
+    if args.plan is not None or args.uniform is not None or args.scheme is not None or args.rounding is not None:
+        raise PomqError("--artifact compares what was built; it takes no --plan, --uniform, --scheme or --rounding")
     built, backend = open_artifact(args.artifact)
     m = built.manifest
     if m.plan is None:
         raise PomqError(f"{args.artifact}: an FP32 build has no quantized model to compare; give a quantized artifact")
     recipe = recipe_from_args(args, m.recipe_spec)
-    model = quant_model(recipe, m.scheme, m.observer)
+    model = quant_model(recipe, m.scheme, m.observer, m.plan.rounding)
     m.plan.check_blocks(model.num_blocks, str(args.artifact))
     calibrate_cached(model, recipe, track=calib_track)
     return recipe, m.plan, model, m.target, backend, built.directory / m.onnx.file
@@ -130,7 +130,7 @@ def _print(result, recipe: str, plan, target: str) -> None:
 
     from ._console import stdout
 
-    t = Table(title=f"{recipe} plan {plan.plan_id} ({plan.scheme}, target {target}) on {result.backend}: "
+    t = Table(title=f"{recipe} plan {plan.plan_id} ({plan.scheme}, {plan.rounding} rounding, target {target}) on {result.backend}: "
                     f"{result.images} {result.inputs} images, cosine of each block's output", title_justify="left")
     for col in ("block", "bits w/a/attn", "ONNX node", "deployed vs fake-quant", "max error", "isolated", "deployed vs FP32",
                 "fake-quant vs FP32"):

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         target = args.target or "ort"
         recipe, plan, model = calibrated_from_args(args)
         model.apply(plan, get_target(target).act_format)
-        label = f"{plan.scheme} {args.uniform or plan.plan_id}"
+        label = f"{plan.scheme}/{plan.rounding} {args.uniform or plan.plan_id}"
     else:
         recipe = recipe_from_args(args)
         model, label = load_model(recipe.model), "FP32"
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = {"recipe": recipe.name, "top1": result.top1, "top5": result.top5, "images": result.images,
            "seconds": round(result.seconds, 3)}
     if quantized:
-        out |= {"scheme": plan.scheme, "observer": args.observer, "target": target, "plan_id": plan.plan_id,
+        out |= {"scheme": plan.scheme, "rounding": plan.rounding, "observer": args.observer, "target": target, "plan_id": plan.plan_id,
                 "plan": to_plain(plan.blocks)}
     emit(args.json, out, f"{recipe.name} ({label}) on {result.images} images: top-1 {result.top1:.4f}  "
                          f"top-5 {result.top5:.4f}  {result.images_per_s:.0f} images/s ({result.seconds:.1f} s)")

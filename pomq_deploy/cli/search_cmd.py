@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_recipe_arguments, add_scheme_argument, output_folder, positive_int
+from ._common import add_recipe_arguments, add_rounding_argument, add_scheme_argument, output_folder, positive_int
 
 HELP = "search per-block 4/8-bit plans for the Pareto front of top-1, latency and size"
 DESCRIPTION = """\
@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trials", type=positive_int, help="plans to evaluate (overrides population x generations)")
     g.add_argument("--seed", type=int, help="sampler seed")
     add_scheme_argument(g, "the recipe's search.scheme")
+    add_rounding_argument(g, "the recipe's search.rounding")
     g.add_argument("--eval-images", type=positive_int, help="top-1 objective on the first N evaluation images")
     g.add_argument("--select", choices=list(SELECT_RULES), default="top1-within-1pt",
                    help="rule that picks best.yaml from the front (default: top1-within-1pt = "
@@ -79,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("storage")
     b.add_argument("--storage", metavar="URL", help="optuna storage URL (default: sqlite:///DIR/study.db)")
     b.add_argument("--study", metavar="NAME", type=study_name,
-                   help="study name (default: <recipe>-<scheme>-<algorithm>-s<seed>); names the default --out folder")
+                   help="study name (default: <recipe>-<scheme>-<algorithm>-s<seed>, then -<rounding> unless nearest); names the "
+                   "default --out folder")
     p.add_argument("--out", metavar="DIR", type=output_folder, help="output directory (default: searches/<study>)")
     p.add_argument("--json", action="store_true", help="print the chosen plan and its measurements as JSON")
 
@@ -102,15 +104,15 @@ def run(args: argparse.Namespace) -> int:
     trials = args.trials or spec.trials if algorithm == "random" else args.trials  # model mode: unused
     trials = trials or population * (args.generations or spec.generations)
     seed = spec.seed if args.seed is None else args.seed
-    scheme = args.scheme or spec.scheme
-    study = args.study or f"{recipe.name}-{scheme}-{algorithm}-s{seed}"
+    scheme, rounding = args.scheme or spec.scheme, args.rounding or spec.rounding
+    study = args.study or f"{recipe.name}-{scheme}-{algorithm}-s{seed}" + ("" if rounding == "nearest" else f"-{rounding}")
     out = args.out or inside(Path("searches"), study)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if args.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     batch = args.batch or spec.batch
     backend = backend_from_args(args, batch, out)
-    opts = SearchOptions(recipe=recipe, scheme=scheme, algorithm=algorithm, population=population, trials=trials, seed=seed,
+    opts = SearchOptions(recipe=recipe, scheme=scheme, rounding=rounding, algorithm=algorithm, population=population, trials=trials, seed=seed,
                          storage=storage, study=study, out=out, backend=backend, target=BACKENDS[args.backend].default_target,
                          eval_images=args.eval_images or spec.eval_images, batch=batch,
                          runs=spec.latency_runs, select=args.select, mode=mode,

@@ -21,13 +21,16 @@ import torch
 from .. import __version__
 from ..atomic import inside, replace_atomically
 from ..recipe import Recipe
+from .fitting import FITTERS
 from .model import QuantModel
+from .roundings import DEFAULT_ROUNDING, get_rounding
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "POMQ_DEPLOY_CACHE"
 # Bump when the fitted state's meaning changes, so that old cache files are not reused.
 CALIB_FORMAT = 2  # 2: GELU correctly rounded while observing (quant.modules.PreciseGELU)
+FIT_FORMAT = 1  # the same for a fitted rounding's weights (quant.fitting)
 
 
 def cache_root() -> Path:
@@ -55,44 +58,72 @@ def calibration_key(recipe: Recipe, scheme: str, observer: str) -> dict:
             "scheme": scheme, "observer": observer, "data": dataclasses.asdict(recipe.data) | {"workers": None}}
 
 
-def cache_path(recipe: Recipe, key: dict) -> Path:
+def cache_path(recipe: Recipe, key: dict, suffix: str = "") -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return inside(cache_root() / "calib", f"{recipe.name}-{key['scheme']}-{key['observer']}-{digest}.pt")
+    return inside(cache_root() / "calib", f"{recipe.name}-{key['scheme']}-{key['observer']}{suffix}-{digest}.pt")
 
 
 Track = Callable[[Iterable, int, str], Iterable]
 
 
-def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax") -> QuantModel:
+def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax", rounding: str = DEFAULT_ROUNDING) -> QuantModel:
     """The recipe's model wrapped for ``scheme``, not yet calibrated (cheap: use it to check a plan first)."""
     from ..models.loading import load_model
 
-    return QuantModel(load_model(recipe.model), scheme, observer)
+    return QuantModel(load_model(recipe.model), scheme, observer, rounding)
 
 
 def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, track: Track | None = None) -> CalibInfo:
-    """Load ``qmodel``'s fitted quantizers from the cache, or calibrate now and store them."""
+    """Load ``qmodel``'s fitted quantizers from the cache, or calibrate now and store them. With a fitted
+    rounding, its weights are fitted (or read from their own cache file) per activation format when a plan
+    first needs them (``qmodel.fit_source``)."""
     from ..data import calibration_batches
 
     start = time.perf_counter()
     key = calibration_key(recipe, qmodel.scheme, qmodel.observer)
     path = cache_path(recipe, key)
+    batches: list[torch.Tensor] = []
     if path.is_file() and not force:
         qmodel.load_state(torch.load(path, weights_only=True)["points"])
         log.info("calibration loaded from %s", path)
-        return CalibInfo(path, True, time.perf_counter() - start)
-    batches = calibration_batches(recipe.data, qmodel)
-    progress = track(batches, len(batches), f"calibrate {qmodel.scheme}/{qmodel.observer}") if track else None
-    state = qmodel.calibrate(batches, progress)
-    replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "points": state}, tmp))
-    log.info("calibration saved to %s", path)
-    return CalibInfo(path, False, time.perf_counter() - start)
+        cached = True
+    else:
+        batches = calibration_batches(recipe.data, qmodel)
+        progress = track(batches, len(batches), f"calibrate {qmodel.scheme}/{qmodel.observer}") if track else None
+        state = qmodel.calibrate(batches, progress)
+        replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "points": state}, tmp))
+        log.info("calibration saved to %s", path)
+        cached = False
+    if get_rounding(qmodel.rounding).fitted:
+        qmodel.weight_fits.clear()
+        qmodel.fit_source = lambda fmt: _fits_cached(qmodel, recipe, key, fmt, batches, force, track)
+    return CalibInfo(path, cached, time.perf_counter() - start)
+
+
+def _fits_cached(qmodel: QuantModel, recipe: Recipe, calib_key: dict, fmt: str, batches: list[torch.Tensor],
+                 force: bool, track: Track | None) -> dict:
+    """``qmodel.rounding``'s fits in activation format ``fmt``: from the cache, or fitted on the calibration
+    images now (the calibration's own batches when it just ran) and stored."""
+    from ..data import calibration_batches
+
+    key = calib_key | {"rounding": qmodel.rounding, "format": fmt, "fit_format": FIT_FORMAT}
+    path = cache_path(recipe, key, f"-{qmodel.rounding}-{fmt}")
+    if path.is_file() and not force:
+        log.info("%s weights (%s) loaded from %s", qmodel.rounding, fmt, path)
+        return torch.load(path, weights_only=True)["fits"]
+    start = time.perf_counter()
+    fits = FITTERS[qmodel.rounding](qmodel, batches or calibration_batches(recipe.data, qmodel), fmt, track)
+    replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "fits": fits,
+                                                     "seconds": time.perf_counter() - start}, tmp))
+    log.info("%s weights (%s) fitted in %.1f s, saved to %s", qmodel.rounding, fmt, time.perf_counter() - start, path)
+    return fits
 
 
 def calibrated_model(recipe: Recipe, scheme: str, observer: str = "minmax", force: bool = False,
-                     track: Track | None = None) -> tuple[QuantModel, CalibInfo]:
-    """The recipe's model wrapped for ``scheme``, with its quantizers calibrated or loaded from the cache."""
+                     track: Track | None = None, rounding: str = DEFAULT_ROUNDING) -> tuple[QuantModel, CalibInfo]:
+    """The recipe's model wrapped for ``scheme``, with its quantizers (and a fitted rounding's weights)
+    calibrated or loaded from the cache."""
     start = time.perf_counter()
-    qmodel = quant_model(recipe, scheme, observer)
+    qmodel = quant_model(recipe, scheme, observer, rounding)
     info = calibrate_cached(qmodel, recipe, force, track)
     return qmodel, dataclasses.replace(info, seconds=time.perf_counter() - start)

@@ -6,7 +6,7 @@ outside the blocks (patch embedding, Swin's patch merging, the final norm and th
 """
 
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,10 +15,12 @@ from torch import nn
 from ..plan import Plan
 from .adapters import ADAPTERS, Form, ModelError, adapter_for, looks_like_block, replace, unsupported
 from .attention import integer_attention
+from .fitting import setting_key
 from .functional import weight_scale
 from .modules import ActQuant, PreciseGELU, QuantInput, QuantWeighted
 from .observers import RangeObserver
 from .quantizers import FORMATS, from_state, get_method, to_state
+from .roundings import DEFAULT_ROUNDING, get_rounding
 from .schemes import get_scheme
 
 OUTSIDE_BITS = 8
@@ -136,10 +138,12 @@ def _precise_gelus(model: nn.Module) -> None:
 class QuantModel(nn.Module):
     """The fake-quant reference model: wraps ``model`` in place; ``apply(plan)`` switches bit-widths."""
 
-    def __init__(self, model: nn.Module, scheme: str, observer: str = "minmax"):
+    def __init__(self, model: nn.Module, scheme: str, observer: str = "minmax", rounding: str = DEFAULT_ROUNDING):
         super().__init__()
         spec = get_scheme(scheme)
-        self.model, self.scheme, self.observer = model.eval(), scheme, observer
+        self.model, self.scheme, self.observer, self.rounding = model.eval(), scheme, observer, get_rounding(rounding).name
+        self.weight_fits: dict[str, dict[str, dict]] = {}  # format -> a fitted rounding's codes (quant.fitting)
+        self.fit_source: Callable[[str], dict] | None = None  # format -> its fits (calibrate_cached sets it)
         located = locate_blocks(model)
         self.blocks = [block for block, _ in located]
         self.block_layers = [paths for _, paths in located]  # per block: role -> the paths of its layers
@@ -199,13 +203,22 @@ class QuantModel(nn.Module):
             aq.fitted = {k: from_state(v) for k, v in state[name].items()}
 
     @contextmanager
+    @torch.no_grad()
     def onnx_mode(self) -> Iterator[None]:
-        """Forward through exportable Q/DQ ops (same values as the fake-quant path) while exporting."""
+        """Forward through exportable Q/DQ ops (same values as the fake-quant path) while exporting. A fitted
+        rounding's weights are exported as their dequantized codes on their own scales (the export's graph pass
+        reads the same codes back), in the layer's own parameter, which the graph pass finds by name."""
+        originals = {}
         for aq in self.act_quants.values():
             aq.exporting = True
         for w in self.weighted.values():
             # computed here, outside the trace, so that the exporter sees the scales as constants
             w.export_scale = None if w.weight_bits is None else weight_scale(w.layer.weight, w.weight_bits)
+            if w.weight_bits is not None and w.fitted is not None:
+                codes, scale = w.weight_codes(w.weight_bits)
+                originals[w] = w.layer.weight.detach().clone()
+                w.layer.weight.copy_(codes * scale.reshape(-1, *([1] * (codes.ndim - 1))))
+                w.export_scale = scale
         try:
             yield
         finally:
@@ -213,6 +226,8 @@ class QuantModel(nn.Module):
                 aq.exporting = False
             for w in self.weighted.values():
                 w.export_scale = None
+            for w, weight in originals.items():
+                w.layer.weight.copy_(weight)
 
     def isolate(self, block: int, gene: str) -> None:
         """After ``apply``: keep only ``gene`` ('w', 'a' or 'attn') of ``block`` quantized, everything else in FP32
@@ -233,7 +248,7 @@ class QuantModel(nn.Module):
         if plan is None:
             self._set_state("fp")
             for w in self.weighted.values():
-                w.weight_bits = None
+                w.weight_bits, w.fitted = None, None
             for link in self.norm_links:
                 link.apply(None)
             return
@@ -245,6 +260,22 @@ class QuantModel(nn.Module):
             aq.active = aq.fitted[f"{fmt}{bits}"]
         for link in self.norm_links:  # before the weights are quantized: RepQ-ViT quantizes the folded weights
             link.in_quant.active = link.apply(link.in_quant.active)
-        for w in self.weighted.values():
+        fits = self.fits(plan.rounding, fmt)
+        for name, w in self.weighted.items():
             w.weight_bits = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
+            w.fitted = None if w.block is None or fits is None else \
+                fits[setting_key(w.block, w.weight_bits, plan.blocks[w.block].a, plan.blocks[w.block].attn)][name]
         self._set_state("quant")
+
+    def fits(self, rounding: str, fmt: str) -> dict | None:
+        """The fitted rounding's codes in activation format ``fmt``, fitted (or read from the cache) the first time
+        a plan needs them; None for a rounding that fits nothing."""
+        if rounding != self.rounding:
+            raise ValueError(f"a plan with rounding {rounding!r} on a model prepared for {self.rounding!r}")
+        if not get_rounding(rounding).fitted:
+            return None
+        if fmt not in self.weight_fits:
+            if self.fit_source is None:
+                raise ValueError(f"rounding {rounding!r}: the weights are not fitted (quant.calibration.calibrate_cached fits them)")
+            self.weight_fits[fmt] = self.fit_source(fmt)
+        return self.weight_fits[fmt]

@@ -80,15 +80,20 @@ class QuantWeighted(nn.Module):
         super().__init__()
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
         self.weight_bits: int | None = None
-        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype) -> weight codes and scales
+        self.fitted: dict[str, torch.Tensor] | None = None  # codes and scales a fitted rounding gave (QuantModel.apply)
+        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype, fit) -> weight codes and scales
         self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
 
     def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Computed once per width and float type (a model moved to float64 gets float64 codes); ``weight_changed``
-        drops them."""
-        key = (bits, self.layer.weight.dtype)
+        """The fitted codes at ``weight_bits`` when a fitted rounding set them, else the nearest ones; computed
+        once per width, float type (a model moved to float64 gets float64 codes) and fit; ``weight_changed`` drops
+        them."""
+        fit = self.fitted if bits == self.weight_bits else None
+        key = (bits, self.layer.weight.dtype, id(fit))
         if key not in self._codes:
-            self._codes[key] = weight_codes(self.layer.weight.detach(), bits)
+            dtype = self.layer.weight.dtype
+            self._codes[key] = weight_codes(self.layer.weight.detach(), bits) if fit is None else (
+                fit["codes"].to(dtype), fit["scale"].to(dtype))
         return self._codes[key]
 
     def weight_changed(self) -> None:

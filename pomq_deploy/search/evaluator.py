@@ -52,14 +52,14 @@ class PlanEvaluator:
     """Holds the calibrated model, the backend and the baselines' artifacts; ``measure(plan)`` returns its
     objectives."""
 
-    def __init__(self, recipe: Recipe, scheme: str, backend: Backend, target: str, eval_images: int, batch: int,
+    def __init__(self, recipe: Recipe, scheme: str, rounding: str, backend: Backend, target: str, eval_images: int, batch: int,
                  runs: int = 5, observer: str = "minmax", ratio_cache: dict | None = None, track=None,
                  say: Callable[[str], None] = lambda _: None):
         from ..quant.calibration import calibrated_model
 
         self.recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=eval_images))
         self.full_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=None))
-        self.qmodel, _ = calibrated_model(recipe, scheme, observer, track=track)
+        self.qmodel, _ = calibrated_model(recipe, scheme, observer, track=track, rounding=rounding)
         self.backend, self.target, self.batch, self.runs = backend, target, batch, runs  # runs: per artifact per round
         self.ratio_cache: dict[str, dict] = dict(ratio_cache or {})  # graph signature -> Ratio.as_dict()
         stale = remove_dead_processes_folders(Path(tempfile.gettempdir()), WORK_PREFIX)
@@ -75,7 +75,7 @@ class PlanEvaluator:
         return self.qmodel.num_blocks
 
     def uniform8(self) -> Plan:
-        return uniform_plan("8/8/8", self.num_blocks, self.recipe.name, self.qmodel.scheme)
+        return uniform_plan("8/8/8", self.num_blocks, self.recipe.name, self.qmodel.scheme, self.qmodel.rounding)
 
     def _reference(self, name: str) -> Measured:
         """The FP32 or uniform 8-bit build (top-1 on the subset measured), made once and kept for the rounds every

@@ -15,7 +15,7 @@ from ..progress import Phases
 from ._progress import trial_step
 from .evaluator import PlanEvaluator
 from .models import AccuracyModel, AdditiveModel, block_groups, design_plans, errors, kl_sensitivities
-from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, measure_plans, plan_from_params
+from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, measure_plans, plan_from_params, study_rounding
 
 MODEL_TRIALS, MODEL_POPULATION = 3000, 60  # NSGA-II on the models: thousands of plans in seconds
 
@@ -74,6 +74,7 @@ def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, p
 def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_images: int, phases: Phases) -> Models:
     """Fit the models on the study's design trials and the uniform 8-bit baseline."""
     n, recipe, scheme = evaluator.num_blocks, study.user_attrs["recipe"], study.user_attrs["scheme"]
+    rounding = study_rounding(study.user_attrs)
     here = measured_on(evaluator)
     stored = study.user_attrs.get("models_measured_on")
     if stored is not None and stored != here:
@@ -82,7 +83,7 @@ def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_i
                           f"at batch {here['batch']}); pick another --study or --mode measured")
     study.set_user_attr("models_measured_on", here)
     design = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("source") == "design"]
-    plans = [plan_from_params(t.params, n, recipe, scheme) for t in design] + [evaluator.uniform8()]
+    plans = [plan_from_params(t.params, n, recipe, scheme, rounding) for t in design] + [evaluator.uniform8()]
     ratios = [t.user_attrs["ratio"]["ratio"] for t in design] + [base["uniform8"]["ratio"]["ratio"]]
     sizes = [t.user_attrs["size_bytes"] for t in design] + [base["uniform8"]["size_bytes"]]
     groups = block_groups(evaluator.qmodel.blocks)
@@ -98,7 +99,7 @@ def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict
                                 sampler=optuna.samplers.NSGAIISampler(population_size=MODEL_POPULATION, seed=cfg.seed))
 
     def objective(trial: Trial):
-        plan = _suggest(trial, n_blocks, cfg.recipe, cfg.scheme)
+        plan = _suggest(trial, n_blocks, cfg.recipe, cfg.scheme, cfg.rounding)
         p = models.predict(plan, base)
         constraints = [0.0 if plan.is_mixed else 1.0, p["latency_ms"] - base["fp32"]["latency_ms"],
                        p["size_bytes"] - base["uniform8"]["size_bytes"]]
@@ -109,7 +110,7 @@ def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict
     study.optimize(objective, n_trials=MODEL_TRIALS, callbacks=[lambda *_: on_trial()] if on_trial else None)
     front = {}
     for t in study.best_trials:
-        plan = plan_from_params(t.params, n_blocks, cfg.recipe, cfg.scheme)
+        plan = plan_from_params(t.params, n_blocks, cfg.recipe, cfg.scheme, cfg.rounding)
         front[plan.plan_id] = {"plan": plan, "predicted": dict(zip(("top1", "latency_ms", "size_bytes"), t.values, strict=True))}
     return sorted(front.values(), key=lambda p: p["predicted"]["latency_ms"])
 
@@ -135,7 +136,7 @@ def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
     """Design set -> models -> NSGA-II on the models -> the predicted front measured, within ``builds`` real builds
     of this process (the baselines' two included); each a phase of ``phases``."""
     groups = block_groups(evaluator.qmodel.blocks)
-    design = design_plans(groups, cfg.recipe, cfg.scheme)
+    design = design_plans(groups, cfg.recipe, cfg.scheme, cfg.rounding)
     with phases(f"design set: {len(design)} plans built and measured ({len(set(groups))} group(s) of same-shaped blocks)",
                 total=len(design)) as step:
         measure_plans(study, evaluator, base, design, "design", on_trial=trial_step(step))
@@ -153,7 +154,7 @@ def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
         p["trial"] = None if t is None else t.number
     held_out = [t for t in trials.values() if t.user_attrs.get("source") != "design"]
     n, recipe, scheme = evaluator.num_blocks, cfg.recipe, cfg.scheme
-    preds = [models.predict(plan_from_params(t.params, n, recipe, scheme), base) for t in held_out]
+    preds = [models.predict(plan_from_params(t.params, n, recipe, scheme, cfg.rounding), base) for t in held_out]
     errs = {"latency": errors([p["latency_ms"] for p in preds], [t.user_attrs["latency_ms"] for t in held_out], relative=True),
             "top1": errors([p["top1"] for p in preds], [t.user_attrs["top1"] for t in held_out], relative=False),
             "size": errors([p["size_bytes"] for p in preds], [t.user_attrs["size_bytes"] for t in held_out], relative=True)}

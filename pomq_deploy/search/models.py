@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..plan import BlockBits, Plan
+from ..quant.roundings import DEFAULT_ROUNDING
 from .study import GENES
 
 SETTINGS = tuple(itertools.product((4, 8), repeat=3))  # (w, a, attn)
@@ -40,11 +41,12 @@ def setting(b: BlockBits) -> tuple[int, int, int]:
     return b.w, b.a, b.attn
 
 
-def plan_of(settings: list[tuple[int, int, int]], recipe: str, scheme: str) -> Plan:
-    return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in settings))
+def plan_of(settings: list[tuple[int, int, int]], recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING) -> Plan:
+    return Plan(recipe=recipe, scheme=scheme, rounding=rounding,
+                blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in settings))
 
 
-def design_plans(groups: list[int], recipe: str, scheme: str) -> list[Plan]:
+def design_plans(groups: list[int], recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING) -> list[Plan]:
     """The plans measured to fit the models: each setting on every block (per group when blocks differ), and
     each probe setting on every other block of the largest group (the boundary cost). Uniform 8/8/8, the
     baseline, is measured anyway.
@@ -58,11 +60,11 @@ def design_plans(groups: list[int], recipe: str, scheme: str) -> list[Plan]:
         if s == EIGHT:
             continue
         for g in sorted(set(groups)) if len(set(groups)) > 1 else [None]:
-            out.append(plan_of([s if g is None or groups[i] == g else EIGHT for i in range(n)], recipe, scheme))
+            out.append(plan_of([s if g is None or groups[i] == g else EIGHT for i in range(n)], recipe, scheme, rounding))
     largest = max(set(groups), key=groups.count)
     members = [i for i in range(n) if groups[i] == largest]
     for s in PROBES:
-        out.append(plan_of([s if i in members[::2] else EIGHT for i in range(n)], recipe, scheme))
+        out.append(plan_of([s if i in members[::2] else EIGHT for i in range(n)], recipe, scheme, rounding))
     return out
 
 
@@ -122,6 +124,8 @@ class AccuracyModel:
 
 @torch.no_grad()
 def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, on_step=None) -> list[dict[str, float]]:
+    # the plans take the model's own rounding: a fitted one's codes are per (block, setting), so isolating one
+    # gene of one block keeps that block's fitted codes
     """Per block and gene, the mean KL(FP32 || quantized) of the logits on ``images`` when only that gene of that
     block is 4-bit and the rest of the model runs in FP32 (``QuantModel.isolate``); ``on_step`` after each."""
     qmodel.apply(None)
@@ -132,7 +136,7 @@ def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, on_
     for i, g in steps:
         bits = [EIGHT] * n
         bits[i] = tuple(4 if gene == g else 8 for gene in GENES)
-        qmodel.apply(plan_of(bits, recipe, scheme))
+        qmodel.apply(plan_of(bits, recipe, scheme, qmodel.rounding))
         qmodel.isolate(i, g)
         logp = torch.log_softmax(qmodel(images), dim=-1)
         out[i][g] = float(torch.sum(ref.exp() * (ref - logp), dim=-1).mean())

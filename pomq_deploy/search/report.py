@@ -45,11 +45,11 @@ class Row:
                 "on_front": self.on_front, "top1_full": self.top1_full}
 
 
-def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str) -> list[Row]:
+def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str, rounding: str) -> list[Row]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme), a["top1"], a["latency_ms"],
+        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme, rounding), a["top1"], a["latency_ms"],
                        a["size_bytes"], a["feasible"], a["constraints"], source=a.get("source", "search"),
                        ratio=a.get("ratio"), predicted=a.get("predicted")))
     return out
@@ -162,7 +162,7 @@ def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, 
     write_text(out_dir / "pareto.json", json.dumps(doc, indent=1) + "\n")
     plot(rows, base, out_dir / "pareto.png", predicted)
     if best is not None:
-        save_plan(Plan(recipe=best.plan.recipe, scheme=best.plan.scheme, blocks=best.plan.blocks,
+        save_plan(Plan(recipe=best.plan.recipe, scheme=best.plan.scheme, rounding=best.plan.rounding, blocks=best.plan.blocks,
                        measured={"top1_search_subset": best.top1, "top1_full": best.top1_full, "latency_ms": best.latency_ms,
                                  # the independent timing after selection (what a rebuild sees); the search's own beside it
                                  "latency_ratio_fp32": (best.ratio_confirmed or best.ratio or {}).get("ratio"),
@@ -194,7 +194,7 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
             first += (f" Its latency / FP32, timed again after the selection: {c['ratio']:.3f} ({c['low']:.3f}-{c['high']:.3f}; "
                       f"{best.ratio['ratio']:.3f} in the search).")
     u8 = base["uniform8"]
-    lines = [first, "", f"# Search report: {meta['recipe']} ({meta['scheme']}, {meta['algorithm']}, study {meta['study']})", "",
+    lines = [first, "", f"# Search report: {meta['recipe']} ({meta['scheme']}, {meta['rounding']} rounding, {meta['algorithm']}, study {meta['study']})", "",
              f"Backend {meta['backend']}, latency batch {meta['batch']}; top-1 during the search on the first "
              f"{meta['eval_images']} evaluation images; 'top-1 full' on the whole split, scored for the plans the "
              f"selection needed (every front plan and FP32 with --full-front). "

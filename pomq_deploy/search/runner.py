@@ -13,13 +13,14 @@ from ..recipe import Recipe
 from .evaluator import PlanEvaluator
 from .guided import run_guided
 from .report import Row, hypervolume, mark_front, rows_of, select, write_outputs
-from .study import SearchConfig, baselines, open_study, run_trials, warm_ratio_cache
+from .study import SearchConfig, baselines, open_study, run_trials, study_rounding, warm_ratio_cache
 
 
 @dataclass(frozen=True)
 class SearchOptions:
     recipe: Recipe
     scheme: str
+    rounding: str
     algorithm: str
     population: int
     trials: int
@@ -85,15 +86,15 @@ def _choose(study: optuna.Study, evaluator: PlanEvaluator, front: list[Row], bas
     return best
 
 
-def _paper_rows(storage: str, recipe: str, scheme: str, n_blocks: int, rule: str, base: dict) -> list[dict]:
-    """The chosen plan of every study of this recipe and scheme in the storage (e.g. NSGA-II and random)."""
+def _paper_rows(storage: str, recipe: str, scheme: str, rounding: str, n_blocks: int, rule: str, base: dict) -> list[dict]:
+    """The chosen plan of every study of this recipe, scheme and rounding in the storage (e.g. NSGA-II and random)."""
     out = []
     for summary in optuna.get_all_study_summaries(storage):
         attrs = summary.user_attrs
-        if attrs.get("recipe") != recipe or attrs.get("scheme") != scheme:
+        if attrs.get("recipe") != recipe or attrs.get("scheme") != scheme or study_rounding(attrs) != rounding:
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        rows = rows_of(study, n_blocks, recipe, scheme)
+        rows = rows_of(study, n_blocks, recipe, scheme, rounding)
         front = mark_front(rows, study)
         full = study.user_attrs.get("top1_full", {})
         for r in front:
@@ -111,7 +112,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     from ._progress import trial_step
 
     cfg = SearchConfig(opts.recipe.name, opts.scheme, opts.algorithm, opts.population, opts.trials, opts.seed,
-                       opts.storage, opts.study)
+                       opts.storage, opts.study, opts.rounding)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)  # fails fast (bad URL, another recipe's study) before any calibration
     phases = Phases(console)
@@ -119,7 +120,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     if kept:
         phases.note(f"resuming study {opts.study} in {opts.storage}: {kept} measured plan(s) kept, none measured again")
     start, guided = time.perf_counter(), None
-    evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
+    evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.rounding, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
                               ratio_cache=warm_ratio_cache(study), track=phases.track, say=phases.note)
     try:
         base = baselines(study, evaluator, cfg, phases)
@@ -129,7 +130,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
             with phases(f"measured search: {opts.trials} plans built and measured", total=opts.trials,
                         completed=min(kept, opts.trials)) as step:
                 run_trials(study, evaluator, cfg, base, trial_step(step))
-        rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme)
+        rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme, opts.rounding)
         front = mark_front(rows, study)
         best = _choose(study, evaluator, front, base, opts.select, opts.full_front, phases)
         if best is not None:
@@ -140,12 +141,12 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
         evaluator.close()
     hv = hypervolume(rows, base)
     seconds = time.perf_counter() - start
-    meta = {"recipe": opts.recipe.name, "scheme": opts.scheme, "algorithm": opts.algorithm, "mode": opts.mode,
+    meta = {"recipe": opts.recipe.name, "scheme": opts.scheme, "rounding": opts.rounding, "algorithm": opts.algorithm, "mode": opts.mode,
             "study": opts.study, "storage": opts.storage, "backend": opts.backend.name, "batch": opts.batch,
             "eval_images": opts.eval_images, "trials": len(rows), "select": opts.select, "hypervolume": hv, "seed": opts.seed,
             "population": opts.population, "builds": evaluator.builds, "seconds": round(seconds, 1),
             "phases": dict(phases.table())}
-    paper = _paper_rows(opts.storage, opts.recipe.name, opts.scheme, evaluator.num_blocks, opts.select, base)
+    paper = _paper_rows(opts.storage, opts.recipe.name, opts.scheme, opts.rounding, evaluator.num_blocks, opts.select, base)
     write_outputs(opts.out, rows, base, best, meta, paper, guided)
     first = (f"NO FEASIBLE PLAN among {len(rows)}: none beats FP32 latency and uniform 8-bit size on {opts.backend.name}"
              if best is None else f"{sum(r.feasible for r in rows)} of {len(rows)} plans feasible, {len(front)} on the front, "

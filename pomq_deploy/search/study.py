@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from ..errors import PomqError
 from ..plan import BlockBits, Plan
 from ..progress import Phases
+from ..quant.roundings import DEFAULT_ROUNDING
 from ..timing import MAX_ROUNDS
 from .evaluator import PlanEvaluator
 
@@ -52,16 +53,22 @@ class SearchConfig:
     seed: int
     storage: str
     study_name: str
+    rounding: str = DEFAULT_ROUNDING
 
 
-def plan_from_params(params: dict, n_blocks: int, recipe: str, scheme: str) -> Plan:
-    return Plan(recipe=recipe, scheme=scheme,
+def plan_from_params(params: dict, n_blocks: int, recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING) -> Plan:
+    return Plan(recipe=recipe, scheme=scheme, rounding=rounding,
                 blocks=tuple(BlockBits(**{g: int(params[f"b{i}_{g}"]) for g in GENES}) for i in range(n_blocks)))
 
 
-def _suggest(trial: Trial, n_blocks: int, recipe: str, scheme: str) -> Plan:
+def _suggest(trial: Trial, n_blocks: int, recipe: str, scheme: str, rounding: str) -> Plan:
     params = {f"b{i}_{g}": trial.suggest_categorical(f"b{i}_{g}", [4, 8]) for i in range(n_blocks) for g in GENES}
-    return plan_from_params(params, n_blocks, recipe, scheme)
+    return plan_from_params(params, n_blocks, recipe, scheme, rounding)
+
+
+def study_rounding(attrs: dict) -> str:
+    """A study's rounding (studies from before roundings existed used nearest)."""
+    return attrs.get("rounding", DEFAULT_ROUNDING)
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
@@ -82,7 +89,7 @@ def _schema_race(e: Exception) -> bool:
 
 
 def open_study(cfg: SearchConfig) -> optuna.Study:
-    """Create or load the study; refuse one that belongs to another recipe or scheme."""
+    """Create or load the study; refuse one that belongs to another recipe, scheme or rounding."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
     for attempt in range(STORAGE_ATTEMPTS):
         try:
@@ -102,10 +109,12 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     if owner is None:
         study.set_user_attr("recipe", cfg.recipe)
         study.set_user_attr("scheme", cfg.scheme)
+        study.set_user_attr("rounding", cfg.rounding)
         study.set_user_attr("algorithm", cfg.algorithm)
-    elif owner != cfg.recipe or study.user_attrs.get("scheme") != cfg.scheme:
-        raise SearchError(f"--study {cfg.study_name}: belongs to recipe {owner!r} (scheme "
-                          f"{study.user_attrs.get('scheme')!r}), not {cfg.recipe!r} ({cfg.scheme!r}); pick another --study")
+    elif owner != cfg.recipe or study.user_attrs.get("scheme") != cfg.scheme or study_rounding(study.user_attrs) != cfg.rounding:
+        raise SearchError(f"--study {cfg.study_name}: belongs to recipe {owner!r} (scheme {study.user_attrs.get('scheme')!r}, "
+                          f"rounding {study_rounding(study.user_attrs)!r}), not {cfg.recipe!r} ({cfg.scheme!r}, "
+                          f"{cfg.rounding!r}); pick another --study")
     return study
 
 
@@ -159,7 +168,7 @@ def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
     n = evaluator.num_blocks
 
     def objective(trial: Trial):
-        plan = _suggest(trial, n, cfg.recipe, cfg.scheme)
+        plan = _suggest(trial, n, cfg.recipe, cfg.scheme, cfg.rounding)
         trial.set_user_attr("source", "search")
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= cfg.trials:
             study.stop()
@@ -203,7 +212,7 @@ def measure_plans(study: optuna.Study, evaluator: PlanEvaluator, base: dict, pla
         if "source" not in trial.user_attrs:  # not a queued plan: the queue is empty, other workers took the rest
             study.stop()
             raise optuna.TrialPruned("no queued plan left")
-        return _measure_new(trial, _suggest(trial, n, study.user_attrs["recipe"], study.user_attrs["scheme"]), evaluator,
+        return _measure_new(trial, _suggest(trial, n, study.user_attrs["recipe"], study.user_attrs["scheme"], study_rounding(study.user_attrs)), evaluator,
                             study, base)
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -1,0 +1,53 @@
+"""Roundings: how a weight's values are put on its grid, beside the scheme that chose the activations' grids.
+
+The grid itself does not change with the rounding (symmetric per output channel, min/max scale, int8 or int4),
+so the export stores codes and scales exactly as before; only which code each weight gets does.
+
+- ``nearest``: each weight to its nearest code (what every scheme did so far; nothing is fitted).
+- ``gptq``: GPTQ (Frantar et al., ICLR 2023): each Linear's columns quantized in turn, each column's rounding
+  error fed back onto the columns not yet quantized through the inverse Hessian ``X^T X`` of that Linear's
+  inputs on the calibration images, collected under the plan's own activation quantizers (see
+  :mod:`.fitting`). Closed form, seconds.
+
+Data only (no torch), like :mod:`.schemes`: the command line and the plan schema read it cheaply.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+DEFAULT_ROUNDING = "nearest"
+
+
+@dataclass(frozen=True)
+class Rounding:
+    name: str
+    summary: str  # one line, for --help and the docs
+    fitted: bool  # fitted to calibration data per (block, block setting): cached beside the calibration
+
+
+ROUNDINGS: dict[str, Rounding] = {}
+
+
+def register_rounding(rounding: Rounding) -> Rounding:
+    ROUNDINGS[rounding.name] = rounding
+    return rounding
+
+
+def get_rounding(name: str) -> Rounding:
+    if name not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {name!r}; allowed: {', '.join(ROUNDINGS)}")
+    return ROUNDINGS[name]
+
+
+def _known(name: str) -> str:
+    get_rounding(name)
+    return name
+
+
+RoundingName = Annotated[str, AfterValidator(_known)]  # a schema field holding a registered rounding's name
+
+register_rounding(Rounding("nearest", "each weight to its nearest code (no fitting)", fitted=False))
+register_rounding(Rounding("gptq", "GPTQ: columns in turn, rounding errors fed forward through each Linear's "
+                           "inverse input Hessian on the calibration images (seconds per model)", fitted=True))
