@@ -60,6 +60,20 @@ class EvalSpec:
 
 
 @dataclass(frozen=True, config=STRICT)
+class FitSpec:
+    """The block reconstruction's settings (``--rounding adaround`` / ``qdrop``, quant.reconstruction): per block
+    setting, ``iterations`` Adam steps on minibatches of ``batch`` calibration images. The defaults fit every
+    (block, setting) of the reference model in about 15 minutes on 2 CPU cores."""
+
+    iterations: PositiveInt = 200
+    batch: PositiveInt = 32
+    lr: PositiveFloat = 1e-2  # AdaRound's 1e-3 is for 20,000 iterations; 200 need larger steps to move a rounding
+    weight: PositiveFloat = 0.01  # the rounding regulariser's weight (AdaRound's lambda)
+    drop: float = Field(default=0.5, ge=0.0, lt=1.0)  # qdrop: the probability an activation element stays float
+    seed: int = 0
+
+
+@dataclass(frozen=True, config=STRICT)
 class SearchSpec:
     """Defaults of ``pomq-deploy search`` (PoMQ-ViT's NSGA-II), each overridable on the command line."""
 
@@ -85,6 +99,7 @@ class Recipe:
     data: DataSpec
     eval: EvalSpec = EvalSpec()
     search: SearchSpec = SearchSpec()
+    fit: FitSpec = FitSpec()
 
 
 def find_recipe(spec: str | None) -> Path:

@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..atomic import inside, replace_atomically
 from ..recipe import Recipe
+from . import reconstruction  # noqa: F401  (registers the adaround and qdrop fitters)
 from .fitting import FITTERS
 from .model import QuantModel
 from .roundings import DEFAULT_ROUNDING, get_rounding
@@ -107,12 +108,14 @@ def _fits_cached(qmodel: QuantModel, recipe: Recipe, calib_key: dict, fmt: str, 
     from ..data import calibration_batches
 
     key = calib_key | {"rounding": qmodel.rounding, "format": fmt, "fit_format": FIT_FORMAT}
+    if get_rounding(qmodel.rounding).reads_fit_spec:
+        key["fit"] = dataclasses.asdict(recipe.fit)
     path = cache_path(recipe, key, f"-{qmodel.rounding}-{fmt}")
     if path.is_file() and not force:
         log.info("%s weights (%s) loaded from %s", qmodel.rounding, fmt, path)
         return torch.load(path, weights_only=True)["fits"]
     start = time.perf_counter()
-    fits = FITTERS[qmodel.rounding](qmodel, batches or calibration_batches(recipe.data, qmodel), fmt, track)
+    fits = FITTERS[qmodel.rounding](qmodel, batches or calibration_batches(recipe.data, qmodel), fmt, track, recipe.fit)
     replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "fits": fits,
                                                      "seconds": time.perf_counter() - start}, tmp))
     log.info("%s weights (%s) fitted in %.1f s, saved to %s", qmodel.rounding, fmt, time.perf_counter() - start, path)

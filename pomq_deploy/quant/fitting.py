@@ -124,4 +124,17 @@ def _collect_hessians(qmodel, batches: list[torch.Tensor], fmt: str, track: Trac
     return hessians
 
 
-FITTERS = {"gptq": fit_gptq}
+Fitter = Callable[..., dict[str, dict[str, dict]]]  # (qmodel, batches, fmt, track, fit spec) -> fits
+FITTERS: dict[str, Fitter] = {}
+
+
+def register_fitter(name: str):
+    def register(fn: Fitter) -> Fitter:
+        FITTERS[name] = fn
+        return fn
+    return register
+
+
+@register_fitter("gptq")
+def _gptq(qmodel, batches, fmt, track, spec):
+    return fit_gptq(qmodel, batches, fmt, track)

@@ -7,6 +7,7 @@ forward code is copied: the wrappers replace child modules, and the post-Softmax
 place of the attention's ``attn_drop`` (timm applies it right after Softmax on the explicit path).
 """
 
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,19 @@ class ActQuant(nn.Module):
         self.exporting = False  # forward through the ops the ONNX exporter maps to Q/DQ (QuantModel.onnx_mode)
         self.keep_last = False  # keep (input, output) of the last call in ``last`` (IntegerAttention reads it)
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        # while a block's weights are fitted by gradient (quant.reconstruction): gradients pass the rounding
+        # straight through, and with ``drop`` > 0 each element keeps its float value with that probability (QDrop)
+        self.straight_through = False
+        self.drop = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "quant":
             if self.exporting:
                 return x if self.active is None else self.active.onnx(x)
             y = x if self.active is None else self.active(x)
+            if self.straight_through:
+                y = x + (y - x).detach()
+                return torch.where(torch.rand_like(x) < self.drop, x, y) if self.drop else y
             if self.keep_last:
                 self.last = (x, y)
             return y
@@ -52,7 +60,8 @@ class ActQuant(nn.Module):
     def uniform(self) -> UniformQ | None:
         """The quantizer now applied, when it puts the whole tensor on one uniform grid (one scale, zero point)."""
         q = self.active
-        if self.state == "quant" and not self.exporting and isinstance(q, UniformQ) and q.shift is None:
+        if self.state == "quant" and not self.exporting and not self.straight_through and isinstance(q, UniformQ) \
+                and q.shift is None:
             return q
         return None
 
@@ -60,7 +69,7 @@ class ActQuant(nn.Module):
         """``x`` as the integer codes the quantizer now applied writes (see ``Parts``), when it writes codes that a
         GEMM can read (one grid, or V-2SF's two grids): then the GEMM reading this activation runs on them."""
         q = self.active
-        if self.state != "quant" or self.exporting or not isinstance(q, (UniformQ, TwoScaleQ)):
+        if self.state != "quant" or self.exporting or self.straight_through or not isinstance(q, (UniformQ, TwoScaleQ)):
             return None
         return q.parts(x)
 
@@ -83,6 +92,7 @@ class QuantWeighted(nn.Module):
         self.fitted: dict[str, torch.Tensor] | None = None  # codes and scales a fitted rounding gave (QuantModel.apply)
         self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype, fit) -> weight codes and scales
         self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
+        self.soft: Callable[[], torch.Tensor] | None = None  # a weight being fitted by gradient (quant.reconstruction)
 
     def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fitted codes at ``weight_bits`` when a fitted rounding set them, else the nearest ones; computed
@@ -138,7 +148,9 @@ class QuantWeighted(nn.Module):
 
     def _float(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer in float on the (already quantized) input ``x``."""
-        if self.weight_bits is None:
+        if self.soft is not None:
+            w = self.soft()
+        elif self.weight_bits is None:
             w = self.layer.weight
         elif self.export_scale is not None:  # Q/DQ on the float weight; the export's graph pass stores the codes
             zero = torch.zeros_like(self.export_scale, dtype=torch.int32)

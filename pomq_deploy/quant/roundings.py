@@ -8,6 +8,11 @@ so the export stores codes and scales exactly as before; only which code each we
   error fed back onto the columns not yet quantized through the inverse Hessian ``X^T X`` of that Linear's
   inputs on the calibration images, collected under the plan's own activation quantizers (see
   :mod:`.fitting`). Closed form, seconds.
+- ``adaround``: each block's weights rounded up or down as learned against the block's FP32 output (AdaRound
+  at BRECQ's block granularity, :mod:`.reconstruction`), under the block's own activation quantizers.
+  Minutes; the recipe's ``fit`` section sets iterations, batch and learning rate.
+- ``qdrop``: ``adaround`` with QDrop's random dropping of activation quantization while fitting
+  (probability ``fit.drop``).
 
 Data only (no torch), like :mod:`.schemes`: the command line and the plan schema read it cheaply.
 """
@@ -25,6 +30,7 @@ class Rounding:
     name: str
     summary: str  # one line, for --help and the docs
     fitted: bool  # fitted to calibration data per (block, block setting): cached beside the calibration
+    reads_fit_spec: bool = False  # the recipe's ``fit`` section changes its result (part of its cache key)
 
 
 ROUNDINGS: dict[str, Rounding] = {}
@@ -50,4 +56,10 @@ RoundingName = Annotated[str, AfterValidator(_known)]  # a schema field holding 
 
 register_rounding(Rounding("nearest", "each weight to its nearest code (no fitting)", fitted=False))
 register_rounding(Rounding("gptq", "GPTQ: columns in turn, rounding errors fed forward through each Linear's "
-                           "inverse input Hessian on the calibration images (seconds per model)", fitted=True))
+                           "inverse input Hessian on the calibration images (about a minute for the reference model)",
+                           fitted=True))
+register_rounding(Rounding("adaround", "block reconstruction: each block's roundings learned against its FP32 output "
+                           "(AdaRound at block granularity; about 15 minutes for the reference model)", fitted=True,
+                           reads_fit_spec=True))
+register_rounding(Rounding("qdrop", "adaround with QDrop's random dropping of activation quantization while fitting",
+                           fitted=True, reads_fit_spec=True))
