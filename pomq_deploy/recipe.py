@@ -63,7 +63,7 @@ class EvalSpec:
 class FitSpec:
     """The block reconstruction's settings (``--rounding adaround`` / ``qdrop``, quant.reconstruction): per block
     setting, ``iterations`` Adam steps on minibatches of ``batch`` calibration images. The defaults fit every
-    (block, setting) of the reference model in about 15 minutes on 2 CPU cores."""
+    (block, setting) of the reference model (one activation format) in about 20 minutes on 2 CPU cores."""
 
     iterations: PositiveInt = 200
     batch: PositiveInt = 32

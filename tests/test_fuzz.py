@@ -36,8 +36,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=10), inner, max_size=4)),
                       max_leaves=12)
-RECIPE = {"name": "fuzz", "model": {"arch": "deit_fmnist"}, "data": {"kind": "fashion_mnist"}}
-PLAN = {"recipe": "deit_fmnist", "scheme": "fqvit", "blocks": [{"w": 8, "a": 8, "attn": 8}] * 12}
+RECIPE = {"name": "fuzz", "model": {"arch": "deit_fmnist"}, "data": {"kind": "fashion_mnist"}, "fit": {"iterations": 200, "drop": 0.5}}
+PLAN = {"recipe": "deit_fmnist", "scheme": "fqvit", "rounding": "gptq", "blocks": [{"w": 8, "a": 8, "attn": 8}] * 12}
 
 
 def _mutated(base: dict, paths: list[tuple], data) -> dict:
@@ -68,7 +68,7 @@ def test_recipe_yaml(tmp_path_factory, data):
 
     folder = tmp_path_factory.mktemp("recipe")
     paths = [("name",), ("model",), ("model", "arch"), ("data",), ("data", "kind"), ("data", "root"), ("eval",),
-             ("search",)]
+             ("search",), ("fit",), ("fit", "iterations"), ("fit", "drop")]
     (folder / "r.yaml").write_text(yaml.safe_dump(_mutated(RECIPE, paths, data), allow_unicode=True), encoding="utf-8")
     _only_one_line_or_accepted(lambda: load_recipe(str(folder / "r.yaml")))
     assert sorted(p.name for p in folder.iterdir()) == ["r.yaml"]
@@ -91,7 +91,7 @@ def test_plan_yaml(tmp_path_factory, data):
     from pomq_deploy.plan import load_plan
 
     folder = tmp_path_factory.mktemp("plan")
-    paths = [("recipe",), ("scheme",), ("blocks",), ("blocks", 0), ("blocks", 3, "w"), ("blocks", 11, "attn")]
+    paths = [("recipe",), ("scheme",), ("rounding",), ("blocks",), ("blocks", 0), ("blocks", 3, "w"), ("blocks", 11, "attn")]
     (folder / "p.yaml").write_text(yaml.safe_dump(_mutated(PLAN, paths, data), allow_unicode=True), encoding="utf-8")
     _only_one_line_or_accepted(lambda: load_plan(folder / "p.yaml").check_blocks(12))
 

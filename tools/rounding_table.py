@@ -11,6 +11,7 @@ calibration too), then every plan is evaluated as the PyTorch fake-quant model o
 import argparse
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -72,7 +73,7 @@ def main() -> None:
              f"Recipe `{recipe.name}`, PyTorch fake-quant model in the `ort` target's format, first {rows[0][4]} test images; "
              f"FP32 top-1 {fp32.top1:.4f}. Fit settings: the recipe's `fit` section ({recipe.fit}). "
              f"CPU: {cpu.model} ({platform.machine()}: {', '.join(cpu.flags)}), {os.cpu_count()} threads.", "",
-             "Regenerate with `.venv/bin/python tools/rounding_table.py` (about an hour on 2 cores).", "",
+             f"Regenerate with `.venv/bin/python {shlex.join(sys.argv)}`.", "",
              "| scheme | rounding | " + " | ".join(PLANS) + " |", "| --- | --- | " + " | ".join("---" for _ in PLANS) + " |"]
     for scheme in args.schemes:
         for rounding in args.roundings:

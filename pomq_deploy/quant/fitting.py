@@ -11,8 +11,8 @@ calibration images; inside the block, its activations are quantized as the setti
 activation quantizers a plan applies, RepQ-ViT's reparameterization folded in) and its weights are FP32 while
 the inputs are collected, as GPTQ's reference code collects one transformer block's inputs at a time. So a
 block's fit does not depend on the other blocks' settings: that is what makes it composable. Fitting the
-blocks in sequence under the plan itself would feed each block its quantized predecessors' outputs instead
-(``tools/fitting_context.py`` measures what the difference costs).
+blocks in sequence under the plan itself would feed each block its quantized predecessors' outputs instead;
+what that difference costs is not measured yet.
 
 One pass over the calibration images collects every (block, setting) Hessian: the FP32 forward runs as
 usual, and on entering each block a hook runs that block once more per (a, attn), quantized, on the same

@@ -19,7 +19,7 @@ Where ours departs from the papers' code (BRECQ's and QDrop's public repositorie
 - activation step sizes are not learned (QDrop learns them with LSQ): our activation quantizers keep the
   calibration's fitted grids, which the export and the TensorRT rules rely on;
 - iterations default to hundreds, not their 20,000: a block setting must fit in seconds on 2 CPU cores
-  (recipe ``fit``), and the model-wide fit within 15 minutes;
+  (recipe ``fit``); every block setting of the reference model took 22 minutes (docs/roundings.md);
 - the loss is the plain output MSE (BRECQ's Fisher-weighted variant needs the task loss's gradients).
 """
 
@@ -80,9 +80,16 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
     g = torch.Generator().manual_seed(seed)
     steps = track(settings, len(settings), f"block reconstruction ({fmt}): {iterations} iterations per block setting") \
         if track else settings
-    for block, a, attn, w in steps:
-        fits[setting_key(block, w, a, attn)] = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs[block], outputs[block],
-                                                            iterations, batch, lr, weight, drop, g)
+    frozen = [p for p in qmodel.parameters() if p.requires_grad]  # only the roundings learn: no gradients for the rest
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for block, a, attn, w in steps:
+            fits[setting_key(block, w, a, attn)] = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs[block],
+                                                                     outputs[block], iterations, batch, lr, weight, drop, g)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return fits
 
 

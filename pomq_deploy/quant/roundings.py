@@ -18,9 +18,8 @@ Data only (no torch), like :mod:`.schemes`: the command line and the plan schema
 """
 
 from dataclasses import dataclass
-from typing import Annotated
 
-from pydantic import AfterValidator
+from .registry import Registry
 
 DEFAULT_ROUNDING = "nearest"
 
@@ -33,33 +32,17 @@ class Rounding:
     reads_fit_spec: bool = False  # the recipe's ``fit`` section changes its result (part of its cache key)
 
 
-ROUNDINGS: dict[str, Rounding] = {}
-
-
-def register_rounding(rounding: Rounding) -> Rounding:
-    ROUNDINGS[rounding.name] = rounding
-    return rounding
-
-
-def get_rounding(name: str) -> Rounding:
-    if name not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {name!r}; allowed: {', '.join(ROUNDINGS)}")
-    return ROUNDINGS[name]
-
-
-def _known(name: str) -> str:
-    get_rounding(name)
-    return name
-
-
-RoundingName = Annotated[str, AfterValidator(_known)]  # a schema field holding a registered rounding's name
+ROUNDINGS: Registry[Rounding] = Registry("rounding")
+register_rounding = ROUNDINGS.register
+get_rounding = ROUNDINGS.lookup
+RoundingName = ROUNDINGS.name_field()  # a schema field holding a registered rounding's name
 
 register_rounding(Rounding("nearest", "each weight to its nearest code (no fitting)", fitted=False))
 register_rounding(Rounding("gptq", "GPTQ: columns in turn, rounding errors fed forward through each Linear's "
                            "inverse input Hessian on the calibration images (about a minute for the reference model)",
                            fitted=True))
 register_rounding(Rounding("adaround", "block reconstruction: each block's roundings learned against its FP32 output "
-                           "(AdaRound at block granularity; about 15 minutes for the reference model)", fitted=True,
+                           "(AdaRound at block granularity; about 20 minutes for the reference model)", fitted=True,
                            reads_fit_spec=True))
 register_rounding(Rounding("qdrop", "adaround with QDrop's random dropping of activation quantization while fitting",
                            fitted=True, reads_fit_spec=True))

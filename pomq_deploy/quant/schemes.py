@@ -18,9 +18,8 @@ it names are fitted by the functions registered in :mod:`.quantizers`.
 """
 
 from dataclasses import dataclass, field
-from typing import Annotated
 
-from pydantic import AfterValidator
+from .registry import Registry
 
 ROLES = ("act", "ln_in", "ln_out", "attn", "gelu")
 OBSERVERS = ("minmax", "ema", "percentile", "omse")
@@ -48,27 +47,10 @@ class Scheme:
         return {self.method(role, b) for b in (4, 8)}
 
 
-SCHEMES: dict[str, Scheme] = {}
-
-
-def register_scheme(scheme: Scheme) -> Scheme:
-    SCHEMES[scheme.name] = scheme
-    return scheme
-
-
-def get_scheme(name: str) -> Scheme:
-    if name not in SCHEMES:
-        raise ValueError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")
-    return SCHEMES[name]
-
-
-def _known(name: str) -> str:
-    get_scheme(name)
-    return name
-
-
-SchemeName = Annotated[str, AfterValidator(_known)]  # a schema field holding a registered scheme's name
-
+SCHEMES: Registry[Scheme] = Registry("scheme")
+register_scheme = SCHEMES.register
+get_scheme = SCHEMES.lookup
+SchemeName = SCHEMES.name_field()  # a schema field holding a registered scheme's name
 
 register_scheme(Scheme("fqvit", "FQ-ViT: PTF LayerNorm inputs, LIS (log2) attention at 4 bits",
                        {"ln_in": "ptf", "attn": ("log2", "uniform")}))
