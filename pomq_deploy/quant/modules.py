@@ -90,20 +90,20 @@ class QuantWeighted(nn.Module):
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
         self.weight_bits: int | None = None
         self.fitted: dict[str, torch.Tensor] | None = None  # codes and scales a fitted rounding gave (QuantModel.apply)
-        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype, fit) -> weight codes and scales
+        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype) -> nearest codes and scales
         self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
         self.soft: Callable[[], torch.Tensor] | None = None  # a weight being fitted by gradient (quant.reconstruction)
 
     def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fitted codes at ``weight_bits`` when a fitted rounding set them, else the nearest ones; computed
-        once per width, float type (a model moved to float64 gets float64 codes) and fit; ``weight_changed`` drops
-        them."""
-        fit = self.fitted if bits == self.weight_bits else None
-        key = (bits, self.layer.weight.dtype, id(fit))
+        """The fitted codes at ``weight_bits`` when a fitted rounding set them (in the weight's float type), else
+        the nearest ones, computed once per width and float type (a model moved to float64 gets float64 codes);
+        ``weight_changed`` drops those."""
+        dtype = self.layer.weight.dtype
+        if self.fitted is not None and bits == self.weight_bits:
+            return self.fitted["codes"].to(dtype), self.fitted["scale"].to(dtype)
+        key = (bits, dtype)
         if key not in self._codes:
-            dtype = self.layer.weight.dtype
-            self._codes[key] = weight_codes(self.layer.weight.detach(), bits) if fit is None else (
-                fit["codes"].to(dtype), fit["scale"].to(dtype))
+            self._codes[key] = weight_codes(self.layer.weight.detach(), bits)
         return self._codes[key]
 
     def weight_changed(self) -> None:
