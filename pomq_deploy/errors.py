@@ -17,6 +17,13 @@ class PomqError(Exception):
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
 
 
+def first_line(e: BaseException) -> str:
+    """What a one-line error quotes of a library's exception: its message's first line, or its type's name when
+    it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class RecipeError(PomqError):
     """A recipe file is missing, unreadable or does not fit the schema."""
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import replace_atomically
+from ..errors import first_line
 from . import Artifact, BackendError, LatencyStats
 from .cpu import CpuFacts, detect
 
@@ -70,7 +71,7 @@ class OrtCpuBackend:
             return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=options.get("disabled_optimizers") or [])
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types for a bad file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise BackendError(f"{name or model}: ONNX Runtime cannot load this model: {first}") from None
 
     def build(self, onnx_path: Path, out_dir: Path) -> Artifact:
@@ -286,7 +287,7 @@ def _run_once(sess, feed: dict[str, np.ndarray], where: Path) -> None:
     try:
         sess.run(None, feed)
     except Exception as e:  # ORT raises Fail/InvalidArgument/RuntimeException/... for a model that cannot run
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BackendError(f"{where}: ONNX Runtime cannot run this model at the fed shapes: {first}") from None
 
 

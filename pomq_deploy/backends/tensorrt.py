@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import replace_atomically, write_text
+from ..errors import first_line
 from ..plan import Plan
 from . import Artifact, BackendError, LatencyStats
 from .trt_inspect import read_layer_info, summarise
@@ -174,7 +175,7 @@ def _polygraphy_errors(what: str) -> Iterator[None]:
     try:
         yield
     except PolygraphyException as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BackendError(f"{what}: {first} (TensorRT's messages are in the log above; -v shows more)") from None
 
 

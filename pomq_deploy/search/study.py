@@ -21,7 +21,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from ..errors import PomqError
+from ..errors import PomqError, first_line
 from ..plan import BlockBits, Plan
 from ..progress import Phases
 from ..quant.roundings import DEFAULT_ROUNDING
@@ -100,7 +100,7 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
         except SearchError:
             raise
         except Exception as e:  # sqlalchemy's ArgumentError/OperationalError, a missing driver, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             if _schema_race(e) and attempt + 1 < STORAGE_ATTEMPTS:
                 time.sleep(1.0 + attempt)
                 continue
