@@ -56,19 +56,12 @@ def fit_gptq(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None 
     return fits
 
 
-def _block_layers(qmodel, block: int) -> dict[str, object]:
-    return {n: w for n, w in qmodel.weighted.items() if w.block == block}
-
-
 def _enter(qmodel, block: int, fmt: str, a: int, attn: int) -> None:
     """Block ``block``'s activations quantized at (``a``, ``attn``) in ``fmt``, its weights FP32; the rest untouched."""
+    qmodel.quantize_activations(block, fmt, a, attn)
     for aq in qmodel.act_quants.values():
         if aq.block == block:
-            aq.active = aq.fitted[f"{fmt}{attn if aq.role == 'attn' else a}"]
             aq.state = "quant"
-    for link in qmodel.norm_links:
-        if link.in_quant.block == block:
-            link.in_quant.active = link.apply(link.in_quant.active)
 
 
 def _leave(qmodel, block: int) -> None:

@@ -255,17 +255,26 @@ class QuantModel(nn.Module):
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
         plan.check_blocks(self.num_blocks)
-        for aq in self.act_quants.values():
-            bits = OUTSIDE_BITS if aq.block is None else getattr(plan.blocks[aq.block], "attn" if aq.role == "attn" else "a")
-            aq.active = aq.fitted[f"{fmt}{bits}"]
-        for link in self.norm_links:  # before the weights are quantized: RepQ-ViT quantizes the folded weights
-            link.in_quant.active = link.apply(link.in_quant.active)
+        self.quantize_activations(None, fmt, OUTSIDE_BITS, OUTSIDE_BITS)
+        for i, b in enumerate(plan.blocks):  # before the weights are quantized: RepQ-ViT quantizes the folded weights
+            self.quantize_activations(i, fmt, b.a, b.attn)
         fits = self.fits(plan.rounding, fmt)
         for name, w in self.weighted.items():
             w.weight_bits = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
             w.fitted = None if w.block is None or fits is None else \
                 fits[setting_key(w.block, w.weight_bits, plan.blocks[w.block].a, plan.blocks[w.block].attn)][name]
         self._set_state("quant")
+
+    def quantize_activations(self, block: int | None, fmt: str, a: int, attn: int) -> None:
+        """Put the activations of ``block`` (None: the layers outside the blocks) on their fitted quantizers at
+        width ``a`` (post-Softmax: ``attn``) in ``fmt``, and fold RepQ-ViT's factors into its LayerNorms and Linears
+        for them; their state is left as it is (``apply`` switches the whole model, the fitting one block)."""
+        for aq in self.act_quants.values():
+            if aq.block == block:
+                aq.active = aq.fitted[f"{fmt}{attn if aq.role == 'attn' else a}"]
+        for link in self.norm_links:
+            if link.in_quant.block == block:
+                link.in_quant.active = link.apply(link.in_quant.active)
 
     def fits(self, rounding: str, fmt: str) -> dict | None:
         """The fitted rounding's codes in activation format ``fmt``, fitted (or read from the cache) the first time
