@@ -25,6 +25,7 @@ from pomq_deploy.atomic import write_generated
 from pomq_deploy.backends.cpu import detect
 from pomq_deploy.data import eval_dataset, eval_loader
 from pomq_deploy.evaluate import evaluate
+from pomq_deploy.models.loading import load_model
 from pomq_deploy.plan import paper_plan, uniform_plan
 from pomq_deploy.progress import Phases
 from pomq_deploy.quant.calibration import CACHE_ENV, calibrated_model
@@ -67,7 +68,7 @@ def main() -> None:
                 with phases(f"{scheme}/{rounding} {name}: top-1"):
                     r = evaluate(qmodel, eval_loader(data, recipe.eval.batch_size, args.limit))
                 rows.append((scheme, rounding, name, r.top1, r.images))
-    fp32 = evaluate(_fp32(recipe), eval_loader(data, recipe.eval.batch_size, args.limit))
+    fp32 = evaluate(load_model(recipe.model), eval_loader(data, recipe.eval.batch_size, args.limit))
     cpu = detect()
     lines = ["# Roundings: weights fitted to the calibration data", "",
              f"Recipe `{recipe.name}`, PyTorch fake-quant model in the `ort` target's format, first {rows[0][4]} test images; "
@@ -86,12 +87,6 @@ def main() -> None:
     lines += [f"| {s} | {r} | {t:.0f} |" for s, r, t in times if t is not None]
     write_generated(args.out, "\n".join(lines) + "\n")
     print(args.out.read_text())
-
-
-def _fp32(recipe):
-    from pomq_deploy.models.loading import load_model
-
-    return load_model(recipe.model)
 
 
 if __name__ == "__main__":
