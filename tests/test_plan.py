@@ -47,7 +47,7 @@ def test_bad_rows_name_the_file_and_block(tmp_path, row, message):
 def test_bad_scheme_and_unknown_top_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: m\nscheme: awq\nblocks: [{w: 4, a: 8, attn: 4}]\n")
-    with pytest.raises(PlanError, match=r"'scheme': unknown scheme 'awq'; allowed: fqvit, tsptq, repq, minmax \(got 'awq'\)$"):
+    with pytest.raises(PlanError, match=r"'scheme': unknown scheme 'awq'; allowed: fqvit, tsptq, repq, repq_smooth, minmax \(got 'awq'\)$"):
         load_plan(path)
     path.write_text("model: m\nscheme: fqvit\nblocks: [{w: 4, a: 8, attn: 4}]\nbits: 3\n")
     with pytest.raises(PlanError, match="unknown key 'bits'; allowed keys here: recipe, scheme, blocks, measured"):

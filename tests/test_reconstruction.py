@@ -8,7 +8,8 @@ from conftest import images, tiny_vit
 from pomq_deploy.plan import BlockBits, Plan
 from pomq_deploy.quant.fitting import setting_key
 from pomq_deploy.quant.model import QuantModel
-from pomq_deploy.quant.reconstruction import SoftWeight, _block_io, fit_adaround, initial_v, reconstruct_block, rectified_sigmoid, rounding_loss
+from pomq_deploy.quant.quantizers import UniformQ, from_state
+from pomq_deploy.quant.reconstruction import LearnedStep, SoftWeight, _block_io, fit_adaround, initial_v, reconstruct_block, rectified_sigmoid, rounding_loss
 
 
 def test_the_soft_weight_starts_at_the_float_weight():
@@ -23,6 +24,25 @@ def test_the_soft_weight_starts_at_the_float_weight():
     assert soft.codes().tolist() == [[3.0, -7.0, 0.0], [7.0, 1.0, -3.0]]  # h >= 0.5 rounds up: nearest at the start
 
 
+def test_the_learned_step_size_by_hand():
+    """LSQ's gradient: d y / d s = round(x/s) - x/s inside the range (x 0.26, s 0.1: 3 - 2.6 = 0.4) and the clipped
+    code outside it (x 2.0: 15); learned on log s, so times s: 0.04 and 1.5."""
+    step = LearnedStep(UniformQ(0.1, 0, 0, 15))
+    y = step(torch.tensor([0.26, 2.0]))
+    assert torch.allclose(y, torch.tensor([0.3, 1.5]))
+    y[0].backward()
+    assert math.isclose(step.log_scale.grad.item(), 0.04, rel_tol=1e-5)
+    step.log_scale.grad = None
+    step(torch.tensor([2.0]))[0].backward()
+    assert math.isclose(step.log_scale.grad.item(), 1.5, rel_tol=1e-5)
+    with torch.no_grad():
+        step.log_scale.fill_(math.log(0.2))
+    frozen = step.frozen()
+    assert type(frozen) is UniformQ and math.isclose(frozen.scale, 0.2, rel_tol=1e-6) and (frozen.zero_point, frozen.qmax) == (0, 15)
+    shifted = LearnedStep(UniformQ(0.1, 0, 0, 15, shift=torch.tensor([0, 2], dtype=torch.int8)))  # PTF: channel 1 at 4 s
+    assert torch.allclose(shifted(torch.tensor([[0.26, 0.26]])), torch.tensor([[0.3, 0.4]]))
+
+
 def test_the_rounding_regulariser_by_hand():
     """1 - |2h - 1|^beta: 0 at h in {0, 1}; at h = 0.5, 1; at h = 0.75 with beta 2, 1 - 0.25."""
     h = torch.tensor([0.0, 1.0, 0.5, 0.75])
@@ -35,7 +55,8 @@ def test_every_block_setting_is_fitted():
     qm.calibrate(batches)
     fits = fit_adaround(qm, batches, "asym", iterations=2, batch=4)
     assert sorted(fits) == sorted(setting_key(b, w, a, t) for b in range(qm.num_blocks) for w in (4, 8) for a in (4, 8) for t in (4, 8))
-    assert all(f["codes"].dtype == torch.int8 for per_layer in fits.values() for f in per_layer.values())
+    assert all(f["codes"].dtype == torch.int8 for fit in fits.values() for f in fit["weights"].values())
+    assert all(fit["acts"] == {} for fit in fits.values())  # act_lr 0: the calibrated activation quantizers kept
 
 
 def test_fitted_blocks_stay_on_the_grid_and_follow_their_fp32_outputs_closer_than_nearest():
@@ -46,7 +67,7 @@ def test_fitted_blocks_stay_on_the_grid_and_follow_their_fp32_outputs_closer_tha
     qm.calibrate(batches)
     inputs, outputs = _block_io(qm, batches)
     g = torch.Generator().manual_seed(0)
-    fits = {setting_key(i, 4, 8, 8): reconstruct_block(qm, i, "asym", 8, 8, 4, inputs[i], outputs[i], 150, 16, 1e-2, 0.01, 0.0, g)
+    fits = {setting_key(i, 4, 8, 8): reconstruct_block(qm, i, "asym", 8, 8, 4, inputs[i], outputs[i], 150, 16, 1e-2, 0.0, 0.01, 0.0, g)
             for i in range(qm.num_blocks)}
     errors = {}
     for rounding in ("nearest", "adaround"):
@@ -59,5 +80,41 @@ def test_fitted_blocks_stay_on_the_grid_and_follow_their_fp32_outputs_closer_tha
     assert sum(errors["adaround"]) < 0.8 * sum(errors["nearest"]), errors
     name = next(n for n, w in qm.weighted.items() if w.block == 1)
     weight = qm.weighted[name].layer.weight.detach()
-    fit = fits[setting_key(1, 4, 8, 8)][name]
-    assert (fit["codes"].float() - weight / fit["scale"][:, None]).abs().max() < 1  # floor or ceil of w / s, nothing else
+    fit = fits[setting_key(1, 4, 8, 8)]["weights"][name]
+    # floor or ceil of w / s, nothing else (clamped to the 4-bit range where the grid clips the row's largest weights)
+    assert (fit["codes"].float() - (weight / fit["scale"][:, None]).clamp(-8, 7)).abs().max() < 1
+
+
+def test_learned_activation_steps_are_applied_with_the_fitted_block_and_exported(tmp_path):
+    """act_lr > 0: each uniform activation quantizer of a fitted block gets its learned step (zero point and range
+    as calibrated); a plan applies them, and ONNX Runtime runs the export as the reference does."""
+    from conftest import run_ort
+
+    from pomq_deploy.export import export_quantized
+
+    qm = QuantModel(tiny_vit(), "repq", rounding="adaround")
+    batches = images(4)
+    qm.calibrate(batches)
+    inputs, outputs = _block_io(qm, batches)
+    g = torch.Generator().manual_seed(0)
+    fits = {setting_key(i, 4, 4, 4): reconstruct_block(qm, i, "asym", 4, 4, 4, inputs[i], outputs[i], 30, 16, 1e-2, 1e-2,
+                                                       0.01, 0.0, g) for i in range(qm.num_blocks)}
+    learned = fits[setting_key(0, 4, 4, 4)]["acts"]
+    roles = {qm.act_quants[n].role for n in learned}
+    assert roles == {"act", "qkv", "gelu", "ln_in", "ln_out"}  # every uniform one; log-sqrt(2) attention is not uniform
+    qm.weight_fits = {"asym": fits}
+    plan = Plan(recipe="t", scheme="repq", rounding="adaround", blocks=(BlockBits(w=4, a=4, attn=4),) * qm.num_blocks)
+    qm.apply(plan)
+    moved = 0
+    for name, state in learned.items():
+        calibrated = qm.act_quants[name].fitted["asym4"]
+        active = qm.act_quants[name].active
+        assert active.scale == from_state(state).scale and active.zero_point == state["zero_point"]
+        moved += not math.isclose(active.scale, getattr(calibrated, "deployed", calibrated).scale, rel_tol=1e-4)
+    assert moved >= len(learned) // 2, moved
+    info = export_quantized(qm, plan, "ort", tmp_path / "m.onnx")
+    x = torch.cat(images(2, seed=11))
+    with torch.no_grad():
+        ref = qm(x)
+    out = torch.from_numpy(run_ort(tmp_path, info.path, x))
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999

@@ -106,11 +106,11 @@ def test_reparameterized_model_equals_per_channel_fake_quant(repq_model):
         qm.apply(None)
         per_channel = {}
         qm.apply(uniform_plan("8/4/8", 6, "t", "repq"))
-        for link in qm.norm_links:  # undo the fold: original parameters, per-channel quantizer
-            aq = link.in_quant
-            per_channel[aq] = link.folded
-            link.apply(None)
-            aq.active = per_channel[aq]
+        for i, folds in enumerate(qm.block_folds):  # undo the fold: original parameters, per-channel quantizer
+            per_channel.update({site.quant: q[0] for site, q in zip(folds.sites, folds.folded, strict=True) if q is not None})
+            qm.unfold(i)
+        for aq, q in per_channel.items():
+            aq.active = q
         for w in qm.weighted.values():
             w.weight_bits = None
         unfolded = qm(x)

@@ -34,10 +34,11 @@ def _plan(qm, settings) -> Plan:
 def test_every_block_setting_is_fitted_on_the_grid_nearest_rounding_uses(fitted):
     fits = fitted.weight_fits["asym"]
     assert len(fits) == fitted.num_blocks * 8  # w, a, attn each 4 or 8
+    assert all(f["acts"] == {} for f in fits.values())  # GPTQ learns no activation quantizer
     names = [n for n, w in fitted.weighted.items() if w.block == 2]
     fitted.apply(_plan(fitted, [(4, 8, 8)] * fitted.num_blocks))  # folds repq's factors as the fit did
     for name in names:
-        fit = fits[setting_key(2, 4, 8, 8)][name]
+        fit = fits[setting_key(2, 4, 8, 8)]["weights"][name]
         codes, scale = weight_codes(fitted.weighted[name].layer.weight.detach(), 4)
         assert torch.equal(fit["scale"], scale.float())  # the grid is the nearest rounding's: only codes move
         assert fit["codes"].min() >= -8 and fit["codes"].max() <= 7
@@ -78,7 +79,7 @@ def test_the_export_stores_the_fitted_codes_and_runs_as_the_reference(tmp_path, 
     model = onnx.load(str(info.path))
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     name = next(n for n, w in fitted.weighted.items() if w.block == 0 and n.endswith("fc1"))
-    fit = fitted.weight_fits["asym"][setting_key(0, 4, 4, 4)][name]["codes"]
+    fit = fitted.weight_fits["asym"][setting_key(0, 4, 4, 4)]["weights"][name]["codes"]
     codes = stored[f"model.{name}.layer.weight_int4_t"]  # (in, out) after the transpose fold
     assert (codes.astype("int8") == fit.numpy().T).all()
     fitted.apply(plan)

@@ -11,8 +11,8 @@ calibration images; inside the block, its activations are quantized as the setti
 activation quantizers a plan applies, RepQ-ViT's reparameterization folded in) and its weights are FP32 while
 the inputs are collected, as GPTQ's reference code collects one transformer block's inputs at a time. So a
 block's fit does not depend on the other blocks' settings: that is what makes it composable. Fitting the
-blocks in sequence under the plan itself would feed each block its quantized predecessors' outputs instead;
-what that difference costs is not measured yet.
+blocks in sequence under the plan itself feeds each block its quantized predecessors' outputs instead: on the
+paper plan that was 0.2 point better and held for that plan only (``tools/fit_context.py``, docs/roundings.md).
 
 One pass over the calibration images collects every (block, setting) Hessian: the FP32 forward runs as
 usual, and on entering each block a hook runs that block once more per (a, attn), quantized, on the same
@@ -38,7 +38,8 @@ def setting_key(block: int, w: int, a: int, attn: int) -> str:
 @torch.no_grad()
 def fit_gptq(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None = None) -> dict[str, dict[str, dict]]:
     """GPTQ codes of every block's Linears for every setting in activation format ``fmt``: ``setting_key ->
-    {layer name: {codes, scale}}`` (codes int8, scale float32 per output channel). ``qmodel`` must be calibrated."""
+    {"weights": {layer name: {codes, scale}}, "acts": {}}`` (codes int8, scale float32 per output channel; "acts":
+    the activation quantizers a fitting learned, none here). ``qmodel`` must be calibrated."""
     hessians = _collect_hessians(qmodel, batches, fmt, track)
     fits: dict[str, dict[str, dict]] = {}
     for (block, a, attn), per_layer in hessians.items():
@@ -50,7 +51,7 @@ def fit_gptq(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None 
             codes = gptq_codes(torch.cat([flat, flat]), h, torch.cat([scales[4], scales[8]]),
                                bits=torch.tensor([4] * len(flat) + [8] * len(flat)))
             for w, part in zip(BITS, codes.split(len(flat)), strict=True):
-                fits.setdefault(setting_key(block, w, a, attn), {})[name] = {
+                fits.setdefault(setting_key(block, w, a, attn), {"weights": {}, "acts": {}})["weights"][name] = {
                     "codes": part.reshape(weight.shape).to(torch.int8), "scale": scales[w].float()}
         _leave(qmodel, block)
     return fits
@@ -68,9 +69,7 @@ def _leave(qmodel, block: int) -> None:
     for aq in qmodel.act_quants.values():
         if aq.block == block:
             aq.state, aq.active = "fp", None
-    for link in qmodel.norm_links:
-        if link.in_quant.block == block:
-            link.apply(None)
+    qmodel.unfold(block)
 
 
 def _collect_hessians(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None) -> dict[tuple, dict[str, torch.Tensor]]:

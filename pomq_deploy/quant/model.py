@@ -8,6 +8,7 @@ outside the blocks (patch embedding, Swin's patch merging, the final norm and th
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,47 +48,92 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block, _ in locate_blocks(model)]
 
 
-class NormLink:
-    """A LayerNorm, the quantizer of its output and the Linear(s) reading it (qkv, or q/k/v; fc1, or fc1_g/fc1_x):
-    where a quantizer with a ``fold`` method (RepQ-ViT's) moves per-channel factors into the LayerNorm's affine and
-    the Linears' weights and biases. Keeps the original parameters to restore them before another plan folds its own."""
+@dataclass
+class FoldSite:
+    """Where a quantizer with a ``fold`` method rewrites the layers around it: ``quant`` (the activation it
+    quantizes), ``targets`` (what its ``fold`` takes), ``layers`` (the Linears whose weights change), ``params``
+    (every tensor it may write) and ``also`` (activations downstream that the fold rescales: ``fold`` receives
+    their quantizers and returns the ones they take on the folded model). ``refused``: why this model cannot
+    take a fold here (None: it can)."""
 
-    def __init__(self, norm: nn.LayerNorm, linears: list[QuantWeighted]):
-        self.norm, self.linears = norm, linears
-        self.in_quant = linears[0].in_quant  # one quantizer, shared by the Linears
-        self.params = [norm.weight, norm.bias] + [p for lin in linears for p in (lin.layer.weight, lin.layer.bias)]
+    quant: ActQuant
+    targets: tuple
+    layers: list[QuantWeighted]
+    params: list[torch.Tensor]
+    refused: str | None = None
+    also: tuple[ActQuant, ...] = ()
+
+
+def norm_site(norm: nn.LayerNorm, linears: list[QuantWeighted]) -> FoldSite:
+    """A LayerNorm and the Linear(s) reading its output (qkv, or q/k/v; fc1, or fc1_g/fc1_x), sharing one input
+    quantizer: RepQ-ViT's per-channel factors move into the LayerNorm's affine and the Linears' columns and biases."""
+    refused = None
+    if any(lin.layer.bias is None for lin in linears):
+        refused = (f"{type(linears[0].layer).__name__} without a bias after a LayerNorm (e.g. BEiT's qkv, whose q/v biases "
+                   "live in its attention, or EVA-02's k_proj): a reparameterized quantizer (repq) needs one to fold its "
+                   "zero-point offsets into; use another scheme for this model")
+    return FoldSite(linears[0].in_quant, (norm, [(lin.layer.weight, lin.layer.bias) for lin in linears]), linears,
+                    [norm.weight, norm.bias] + [p for lin in linears for p in (lin.layer.weight, lin.layer.bias)], refused)
+
+
+def attention_site(qkv: QuantWeighted, proj: QuantWeighted) -> FoldSite:
+    """A fused qkv Linear's output and the proj reading the attention's output: q/k and v/proj factors
+    (:mod:`.balance`) move into qkv's rows and proj's columns; proj's input (v's channels, mixed over tokens) is
+    rescaled with them."""
+    refused = None if qkv.layer.bias is not None else \
+        f"{type(qkv.layer).__name__} qkv without a bias: a balanced qkv quantizer needs one to fold its factors into"
+    return FoldSite(qkv.out_quant, (qkv.layer.weight, qkv.layer.bias, proj.layer.weight), [qkv, proj],
+                    [qkv.layer.weight, proj.layer.weight] + ([] if qkv.layer.bias is None else [qkv.layer.bias]), refused,
+                    also=(proj.in_quant,))
+
+
+class BlockFolds:
+    """A block's fold sites (norm1 -> qkv, the attention, norm2 -> fc1). Sites share parameters (qkv's weight is
+    read by norm1's site and written by the attention's), so a change at any site restores every parameter of the
+    block and folds the block's quantizers again in site order; the originals are kept for that."""
+
+    def __init__(self, sites: list[FoldSite]):
+        self.sites = sites
+        self.params = list({id(p): p for site in sites for p in site.params}.values())
         self.originals: list[torch.Tensor] | None = None
-        self.folded = None  # the quantizer now folded in
+        self.folded: list = [None] * len(sites)  # per site, the quantizers (its own, then ``also``'s) now folded in
+        self.deployed: list = [None] * len(sites)  # and what its fold returned for each
 
     @torch.no_grad()
-    def apply(self, q):
-        """Fold ``q`` if it has ``fold`` (else nothing), restoring what an earlier fold changed; returns the
-        quantizer the Linears' input then takes (``q``, or the per-tensor form ``q`` deploys as)."""
-        new = q if hasattr(q, "fold") else None
-        if new is not self.folded:
-            self._refold(new)
-        return q if new is None else new.deployed
-
-    def _refold(self, q) -> None:
-        if self.folded is not None:
-            for p, orig in zip(self.params, self.originals, strict=True):
-                p.copy_(orig)
-        if q is not None:
-            if any(lin.layer.bias is None for lin in self.linears):
-                raise ModelError(f"{type(self.linears[0].layer).__name__} without a bias after a LayerNorm (e.g. BEiT's qkv, "
-                                 "whose q/v biases live in its attention, or EVA-02's k_proj): a reparameterized quantizer "
-                                 "(repq) needs one to fold its zero-point offsets into; use another scheme for this model")
-            if self.originals is None:
+    def apply(self, fold: bool = True) -> None:
+        """Fold every site whose activation's quantizer has ``fold`` (``fold`` False: none, the model's own
+        parameters back), and put the quantizers the folded model deploys with on the site's activations."""
+        new = [(site.quant.active, *(a.active for a in site.also)) if fold and hasattr(site.quant.active, "fold") else None
+               for site in self.sites]
+        if any(a is not b and (a is None or b is None or any(x is not y for x, y in zip(a, b, strict=True)))
+               for a, b in zip(new, self.folded, strict=True)):
+            if self.originals is not None:
+                for p, orig in zip(self.params, self.originals, strict=True):
+                    p.copy_(orig)
+            for site, q in zip(self.sites, new, strict=True):
+                if q is not None and site.refused:
+                    raise ModelError(site.refused)
+            if self.originals is None and any(q is not None for q in new):
                 self.originals = [p.detach().clone() for p in self.params]
-            q.fold(self.norm, [(lin.layer.weight, lin.layer.bias) for lin in self.linears])
-        self.folded = q
-        for lin in self.linears:
-            lin.weight_changed()
+            self.deployed = [None if q is None else _as_tuple(q[0].fold(*site.targets, *q[1:]))
+                             for site, q in zip(self.sites, new, strict=True)]
+            self.folded = new
+            for site in self.sites:
+                for layer in site.layers:
+                    layer.weight_changed()
+        for site, deployed in zip(self.sites, self.deployed, strict=True):
+            if deployed is not None and fold:
+                for aq, q in zip((site.quant, *site.also), deployed, strict=True):
+                    aq.active = q
 
 
-def _wrap_block(block: nn.Module, i: int, paths: dict[str, Form]) -> list[NormLink]:
+def _as_tuple(q) -> tuple:
+    return q if isinstance(q, tuple) else (q,)
+
+
+def _wrap_block(block: nn.Module, i: int, paths: dict[str, Form]) -> BlockFolds:
     """Quantizers around the layers at ``paths`` (role -> the paths its adapter resolved); returns the block's
-    (LayerNorm, Linears) pairs. The Linears of one role (q/k/v, fc1_g/fc1_x) share their input's quantizer."""
+    fold sites. The Linears of one role (q/k/v, fc1_g/fc1_x) share their input's quantizer."""
     a = adapter_for(block)
     layer = {role: [operator.attrgetter(p)(block) for p in form] for role, form in paths.items()}
     attn = layer["attention"][0]
@@ -95,10 +141,10 @@ def _wrap_block(block: nn.Module, i: int, paths: dict[str, Form]) -> list[NormLi
     ln_out = {role: ActQuant("ln_out", i) for role in ("qkv", "fc1")}
     wrap = {"norm1": [QuantInput(layer["norm1"][0], ActQuant("ln_in", i))],
             # q, k and v enter the attention's MatMuls: quantized there, past the rotary embeddings, when it has them
-            "qkv": [QuantWeighted(m, i, ln_out["qkv"], out_quant=None if a.rotary_qk else ActQuant("act", i))
+            "qkv": [QuantWeighted(m, i, ln_out["qkv"], out_quant=None if a.rotary_qk else ActQuant("qkv", i))
                     for m in layer["qkv"]],
             "attn_probs": [ActQuant("attn", i)],
-            "proj": [QuantWeighted(layer["proj"][0], i, ActQuant("act", i))],
+            "proj": [QuantWeighted(layer["proj"][0], i, ActQuant("attn_out", i))],
             "norm2": [QuantInput(layer["norm2"][0], ActQuant("ln_in", i))],
             "fc1": [QuantWeighted(m, i, ln_out["fc1"]) for m in layer["fc1"]],
             "fc2": [QuantWeighted(layer["fc2"][0], i, ActQuant("gelu", i))]}
@@ -108,7 +154,10 @@ def _wrap_block(block: nn.Module, i: int, paths: dict[str, Form]) -> list[NormLi
     attention_paths = {role: tuple(p.removeprefix(f"{paths['attention'][0]}.") for p in paths[role])
                        for role in ("qkv", "proj", "attn_probs")}
     integer_attention(attn, i, attention_paths, a.functional_linear, a.rotary_qk)
-    return [NormLink(wrap["norm1"][0].module, wrap["qkv"]), NormLink(wrap["norm2"][0].module, wrap["fc1"])]
+    fused = len(wrap["qkv"]) == 1 and not a.rotary_qk
+    return BlockFolds([norm_site(wrap["norm1"][0].module, wrap["qkv"])]
+                      + ([attention_site(wrap["qkv"][0], wrap["proj"][0])] if fused else [])
+                      + [norm_site(wrap["norm2"][0].module, wrap["fc1"])])
 
 
 def _wrap_rest(module: nn.Module) -> None:
@@ -150,7 +199,7 @@ class QuantModel(nn.Module):
         if not self.blocks:
             raise ModelError(f"{type(model).__name__} has no encoder blocks to quantize: no module of it is a block an "
                              f"adapter handles ({', '.join(c for a in ADAPTERS.values() for c in a.classes)})")
-        self.norm_links = [link for i, (block, paths) in enumerate(located) for link in _wrap_block(block, i, paths)]
+        self.block_folds = [_wrap_block(block, i, paths) for i, (block, paths) in enumerate(located)]
         _wrap_rest(model)
         _precise_gelus(model)
         self.act_quants = {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
@@ -249,32 +298,44 @@ class QuantModel(nn.Module):
             self._set_state("fp")
             for w in self.weighted.values():
                 w.weight_bits, w.fitted = None, None
-            for link in self.norm_links:
-                link.apply(None)
+            for i in range(self.num_blocks):
+                self.unfold(i)
             return
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
         plan.check_blocks(self.num_blocks)
+        fits = self.fits(plan.rounding, fmt)
+        block_fits = [None if fits is None else fits[setting_key(i, b.w, b.a, b.attn)] for i, b in enumerate(plan.blocks)]
         self.quantize_activations(None, fmt, OUTSIDE_BITS, OUTSIDE_BITS)
         for i, b in enumerate(plan.blocks):  # before the weights are quantized: RepQ-ViT quantizes the folded weights
-            self.quantize_activations(i, fmt, b.a, b.attn)
-        fits = self.fits(plan.rounding, fmt)
+            self.quantize_activations(i, fmt, b.a, b.attn, None if block_fits[i] is None else block_fits[i]["acts"])
         for name, w in self.weighted.items():
             w.weight_bits = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
-            w.fitted = None if w.block is None or fits is None else \
-                fits[setting_key(w.block, w.weight_bits, plan.blocks[w.block].a, plan.blocks[w.block].attn)][name]
+            w.fitted = None if w.block is None or fits is None else block_fits[w.block]["weights"][name]
         self._set_state("quant")
 
-    def quantize_activations(self, block: int | None, fmt: str, a: int, attn: int) -> None:
+    def quantize_activations(self, block: int | None, fmt: str, a: int, attn: int, learned: dict | None = None) -> None:
         """Put the activations of ``block`` (None: the layers outside the blocks) on their fitted quantizers at
         width ``a`` (post-Softmax: ``attn``) in ``fmt``, and fold RepQ-ViT's factors into its LayerNorms and Linears
-        for them; their state is left as it is (``apply`` switches the whole model, the fitting one block)."""
-        for aq in self.act_quants.values():
-            if aq.block == block:
-                aq.active = aq.fitted[f"{fmt}{attn if aq.role == 'attn' else a}"]
-        for link in self.norm_links:
-            if link.in_quant.block == block:
-                link.in_quant.active = link.apply(link.in_quant.active)
+        for them; their state is left as it is (``apply`` switches the whole model, the fitting one block).
+        ``learned``: activation name -> the saved state of a quantizer a fitted rounding learned for this block
+        setting (after the fold: it replaces the per-tensor quantizer the folded LayerNorm output deploys with)."""
+        quants = [aq for aq in self.act_quants.values() if aq.block == block]
+        for aq in quants:
+            aq.active = aq.fitted[f"{fmt}{attn if aq.role == 'attn' else a}"]
+        if block is not None:
+            self.block_folds[block].apply()
+        for aq in quants:
+            if getattr(aq.active, "fold_only", False):
+                raise ModelError(f"scheme {self.scheme}: block {block}'s {aq.role} quantizer ({type(aq.active).__name__}) "
+                                 "runs only folded into the layers around it, which this model's block does not allow "
+                                 "(a balanced qkv needs a fused qkv Linear without rotary embeddings); use another scheme")
+        for name, state in (learned or {}).items():
+            self.act_quants[name].active = from_state(state)
+
+    def unfold(self, block: int) -> None:
+        """Block ``block``'s parameters back to the model's own (undoing the folds a plan made)."""
+        self.block_folds[block].apply(fold=False)
 
     def fits(self, rounding: str, fmt: str) -> dict | None:
         """The fitted rounding's codes in activation format ``fmt``, fitted (or read from the cache) the first time

@@ -38,15 +38,15 @@ class ActQuant(nn.Module):
         # straight through, and with ``drop`` > 0 each element keeps its float value with that probability (QDrop)
         self.straight_through = False
         self.drop = 0.0
+        self.learned: Callable[[torch.Tensor], torch.Tensor] | None = None  # a step size being learned (LSQ), in place of active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "quant":
             if self.exporting:
                 return x if self.active is None else self.active.onnx(x)
-            y = x if self.active is None else self.active(x)
             if self.straight_through:
-                y = x + (y - x).detach()
-                return torch.where(torch.rand_like(x) < self.drop, x, y) if self.drop else y
+                return self._fitting(x)
+            y = x if self.active is None else self.active(x)
             if self.keep_last:
                 self.last = (x, y)
             return y
@@ -56,6 +56,19 @@ class ActQuant(nn.Module):
                 self.fitted = {f"{fmt}{bits}": fit(self.scheme.method(self.role, bits), self.observer, x, bits, fmt)
                                for bits in (4, 8) for fmt in FORMATS}
         return x
+
+    def _fitting(self, x: torch.Tensor) -> torch.Tensor:
+        """While a block is fitted: the learned quantizer (its own gradients), or ``active`` with the rounding passed
+        straight through; with ``drop``, each element keeps its float value with that probability (QDrop)."""
+        if self.learned is not None:
+            y = self.learned(x)
+        elif self.active is None:
+            y = x
+        else:
+            with torch.no_grad():  # the quantizer's own ops need no graph: only the difference is added, as a constant
+                delta = self.active(x) - x
+            y = x + delta
+        return torch.where(torch.rand_like(x) < self.drop, x, y) if self.drop else y
 
     def uniform(self) -> UniformQ | None:
         """The quantizer now applied, when it puts the whole tensor on one uniform grid (one scale, zero point)."""
@@ -180,14 +193,15 @@ class PreciseGELU(nn.Module):
     exact value than ONNX Runtime's (``tools/float_ops.py``; docs/quantization.md). The code of the quantizer
     after GELU changes wherever such an error crosses a rounding boundary, and at 4-bit activations downstream
     the flip spreads; a reference should not be the noisier side. The ONNX export traces the plain GELU (the
-    deployed kernel's own float32 arithmetic)."""
+    deployed kernel's own float32 arithmetic), and so does a fitting that takes gradients through it (a block
+    reconstruction's rounding error is far above the last bit, and float64 costs it a tenth of its time)."""
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() or x.dtype == torch.float64:
+        if torch.onnx.is_in_onnx_export() or x.dtype == torch.float64 or x.requires_grad:
             return F.gelu(x, approximate=self.approximate)
         return F.gelu(x.double(), approximate=self.approximate).to(x.dtype)
 

@@ -192,4 +192,5 @@ def fit(method: str, obs: RangeObserver, x: torch.Tensor, bits: int, fmt: str) -
     return get_method(method).fit(obs, x.detach().float(), bits, fmt == "sym")
 
 
+from . import balance as _balance  # noqa: E402,F401  (registers the balanced qkv method; it imports this module's types)
 from . import repq as _repq  # noqa: E402,F401  (registers RepQ-ViT's methods; it imports this module's types)

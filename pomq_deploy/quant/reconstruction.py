@@ -6,23 +6,29 @@ sigmoid ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (zeta 1.1, g
 so that ``h(V)`` is the fractional part (the soft weight starts at the float weight), and Adam on
 ``||block_q(x) - block_fp32(x)||^2`` (per token, averaged) ``+ lambda * sum(1 - |2h(V) - 1|^beta)`` over minibatches of the calibration
 images, the regulariser off for the first 20% of the iterations and ``beta`` annealed from 20 to 2 after them;
-the codes are then ``floor(W / s) + (h(V) >= 0.5)``. With ``drop`` > 0, QDrop (Wei et al., ICLR 2022): while
-fitting, each activation element of the block keeps its float value with that probability.
+the codes are then ``floor(W / s) + (h(V) >= 0.5)``. With ``act_lr`` > 0 the step sizes of the block's 4-bit
+uniform activation quantizers are learned with the roundings (LSQ, Esser et al., ICLR 2020, as QDrop learns them).
+With ``drop`` > 0, QDrop (Wei et al., ICLR 2022): while fitting, each activation element of the block keeps its
+float value with that probability.
 
 As for GPTQ (:mod:`.fitting`), each block is fitted on the FP32 model's inputs to it, with its own activation
 quantizers at the setting's widths (gradients straight through their rounding), for every (w, a, attn), so a
 plan is assembled from fitted blocks.
 
 Where ours departs from the papers' code (BRECQ's and QDrop's public repositories):
-- the grid is fixed: our symmetric per-output-channel min/max scale (theirs searches the scale by MSE first),
-  so the exported scales are the nearest rounding's and only codes move;
-- activation step sizes are not learned (QDrop learns them with LSQ): our activation quantizers keep the
-  calibration's fitted grids, which the export and the TensorRT rules rely on;
+- the weight grid is our symmetric per-output-channel min/max scale, where theirs searches each row's clipping by
+  MSE first: on the reference model at 4/4/4 the MSE grid cost 0.45 and 0.75 point under this reconstruction
+  (two fitting seeds, first 2,000 test images; docs/roundings.md), the cause not isolated;
+- activation step sizes are learned only at 4 bits, on ``log s`` (positive by construction), with the zero point,
+  the range and PTF's per-channel power-of-two shifts kept as calibrated, so the learned quantizer is exported
+  as the calibrated one is; RepQ-ViT's folded LayerNorm outputs learn their deployed per-tensor step; log-domain
+  quantizers (LIS, log-sqrt(2)) and V-2SF's two grids keep their calibrated parameters;
 - iterations default to hundreds, not their 20,000: a block setting must fit in seconds on 2 CPU cores
-  (recipe ``fit``); every block setting of the reference model took 22 minutes (docs/roundings.md);
+  (recipe ``fit``);
 - the loss is the plain output MSE (BRECQ's Fisher-weighted variant needs the task loss's gradients).
 """
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -31,11 +37,15 @@ import torch
 
 from .fitting import BITS, _enter, _leave, register_fitter, setting_key
 from .functional import qrange, weight_scale
+from .quantizers import UniformQ, to_state
 
 Track = Callable[[Iterable, int, str], Iterable]
 ZETA, GAMMA = 1.1, -0.1
 WARMUP = 0.2  # share of the iterations without the rounding regulariser
 BETA = (20.0, 2.0)
+# The activation width whose step sizes are learned: 4-bit steps are where a calibrated step is far from the
+# block's best; learning costs about a fifth of a block setting's fitting time, which 8-bit settings do not pay.
+LEARNED_BITS = 4
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -69,8 +79,50 @@ class SoftWeight:
         return torch.clamp(self.floor + (rectified_sigmoid(self.v) >= 0.5).to(self.floor.dtype), self.qmin, self.qmax)
 
 
+class LearnedStep:
+    """A per-tensor uniform quantizer whose step size is learned (LSQ, Esser et al., ICLR 2020, as QDrop learns its
+    activations'): ``s`` as ``exp(log s)``, the rounding passed straight through, so that ``d y / d s`` is LSQ's
+    ``round(x/s) - x/s`` inside the range and the clipped code outside it. The zero point, the range and a
+    per-channel power-of-two shift (PTF) stay as calibrated, so the learned quantizer exports as the calibrated
+    one does."""
+
+    def __init__(self, q: UniformQ):
+        self.q = q
+        self.log_scale = torch.tensor(math.log(q.scale), requires_grad=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.log_scale.exp().to(x.dtype)
+        if self.q.shift is not None:
+            s = s * torch.pow(2.0, self.q.shift.to(x.dtype))
+        return _LSQ.apply(x, s, self.q.zero_point, self.q.qmin, self.q.qmax)
+
+    def frozen(self) -> UniformQ:
+        return dataclasses.replace(self.q, scale=float(self.log_scale.detach().exp()))
+
+
+class _LSQ(torch.autograd.Function):
+    """``(clamp(round(x/s) + z, qmin, qmax) - z) * s`` with LSQ's gradients, in two saved tensors instead of the
+    graph of its seven ops (a block reconstruction runs it on every activation, hundreds of times per block):
+    ``dy/dx`` is 1 inside the range and 0 outside, ``dy/ds`` is ``codes - x/s`` inside and ``codes`` outside."""
+
+    @staticmethod
+    def forward(ctx, x, s, zero_point, qmin, qmax):
+        v = x / s
+        codes = torch.clamp(torch.round(v) + zero_point, qmin, qmax) - zero_point
+        inside = (v + zero_point >= qmin) & (v + zero_point <= qmax)
+        ctx.save_for_backward(inside, torch.where(inside, codes - v, codes), s)
+        return codes * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, ds, s = ctx.saved_tensors
+        grad_s = grad * ds
+        grad_s = grad_s.sum() if s.ndim == 0 else grad_s.sum_to_size(s.shape)
+        return grad * inside, grad_s, None, None, None
+
+
 def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None = None, *, iterations: int = 200,
-                 batch: int = 32, lr: float = 1e-2, weight: float = 0.01, drop: float = 0.0,
+                 batch: int = 32, lr: float = 1e-2, act_lr: float = 0.0, weight: float = 0.01, drop: float = 0.0,
                  seed: int = 0) -> dict[str, dict[str, dict]]:
     """Learned codes of every block's Linears for every setting in activation format ``fmt`` (the structure of
     ``fitting.fit_gptq``'s)."""
@@ -86,7 +138,8 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
     try:
         for block, a, attn, w in steps:
             fits[setting_key(block, w, a, attn)] = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs[block],
-                                                                     outputs[block], iterations, batch, lr, weight, drop, g)
+                                                                     outputs[block], iterations, batch, lr, act_lr, weight,
+                                                                     drop, g)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -96,30 +149,36 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
 @register_fitter("adaround")
 def _adaround(qmodel, batches, fmt, track, spec):
     return fit_adaround(qmodel, batches, fmt, track, iterations=spec.iterations, batch=spec.batch, lr=spec.lr,
-                        weight=spec.weight, seed=spec.seed)
+                        act_lr=spec.act_lr, weight=spec.weight, seed=spec.seed)
 
 
 @register_fitter("qdrop")
 def _qdrop(qmodel, batches, fmt, track, spec):
     return fit_adaround(qmodel, batches, fmt, track, iterations=spec.iterations, batch=spec.batch, lr=spec.lr,
-                        weight=spec.weight, drop=spec.drop, seed=spec.seed)
+                        act_lr=spec.act_lr, weight=spec.weight, drop=spec.drop, seed=spec.seed)
 
 
 def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, inputs, outputs, iterations: int,
-                      batch: int, lr: float, weight: float, drop: float, g: torch.Generator) -> dict[str, dict]:
+                      batch: int, lr: float, act_lr: float, weight: float, drop: float, g: torch.Generator) -> dict:
     """Block ``block``'s codes at weight width ``w`` under activations (``a``, ``attn``) in ``fmt``, learned on its
-    FP32 ``inputs`` ((x, kwargs)) against its FP32 ``outputs``."""
+    FP32 ``inputs`` ((x, kwargs)) against its FP32 ``outputs``; with ``act_lr`` > 0, the step sizes of its uniform
+    per-tensor 4-bit activation quantizers too (Adam on ``log s`` at that rate). Returns ``{"weights": {layer: {codes,
+    scale}}, "acts": {activation: quantizer state}}``."""
     module = qmodel.blocks[block]
     layers = {n: m for n, m in qmodel.weighted.items() if m.block == block}
-    quants = [aq for aq in qmodel.act_quants.values() if aq.block == block]
+    quants = {n: aq for n, aq in qmodel.act_quants.items() if aq.block == block}
     _enter(qmodel, block, fmt, a, attn)  # RepQ-ViT's factors folded: the learned codes are the folded weights'
     soft = {n: SoftWeight(m.layer.weight, w) for n, m in layers.items()}
     for n, m in layers.items():
         m.weight_bits, m.soft = w, soft[n]
-    for aq in quants:
-        aq.straight_through, aq.drop = True, drop
-    params = [s.v for s in soft.values()]
-    opt = torch.optim.Adam(params, lr=lr)
+    steps = {n: LearnedStep(aq.active) for n, aq in quants.items()
+             if act_lr > 0 and type(aq.active) is UniformQ and (attn if aq.role == "attn" else a) == LEARNED_BITS}
+    for n, aq in quants.items():
+        aq.straight_through, aq.drop, aq.learned = True, drop, steps.get(n)
+    groups = [{"params": [s.v for s in soft.values()], "lr": lr}]
+    if steps:
+        groups.append({"params": [s.log_scale for s in steps.values()], "lr": act_lr})
+    opt = torch.optim.Adam(groups)
     count = inputs[0].shape[0]
     warm = int(WARMUP * iterations)
     try:
@@ -140,10 +199,11 @@ def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, i
     finally:
         for m in layers.values():
             m.weight_bits, m.soft = None, None
-        for aq in quants:
-            aq.straight_through, aq.drop = False, 0.0
-    fitted = {n: {"codes": s.codes().detach().to(torch.int8), "scale": s.scale.reshape(-1).detach().float()}
-              for n, s in soft.items()}
+        for aq in quants.values():
+            aq.straight_through, aq.drop, aq.learned = False, 0.0, None
+    fitted = {"weights": {n: {"codes": s.codes().detach().to(torch.int8), "scale": s.scale.reshape(-1).detach().float()}
+                          for n, s in soft.items()},
+              "acts": {n: to_state(s.frozen()) for n, s in steps.items()}}
     _leave(qmodel, block)
     return fitted
 

@@ -77,8 +77,9 @@ class ReparamQ:
         return UniformQ(self.scale, self.zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
-    def fold(self, norm: torch.nn.LayerNorm, linears: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Move ``r``, ``b`` into ``norm``'s affine and the ``(weight, bias)`` of each Linear reading it, in place."""
+    def fold(self, norm: torch.nn.LayerNorm, linears: list[tuple[torch.Tensor, torch.Tensor]]) -> UniformQ:
+        """Move ``r``, ``b`` into ``norm``'s affine and the ``(weight, bias)`` of each Linear reading it, in place;
+        returns the per-tensor quantizer the Linears' input then takes."""
         dtype = norm.weight.dtype
         r, shift = self.ratio.to(dtype), (self.scale * self.ratio * self.offset).to(dtype)
         for weight, bias in linears:
@@ -86,6 +87,7 @@ class ReparamQ:
             weight *= r
         norm.bias.data = (norm.bias + shift) / r
         norm.weight.data = norm.weight / r
+        return self.deployed
 
 
 @register_method("repq_ln", per_channel=True)

@@ -1,0 +1,119 @@
+"""What fitting each block on FP32 inputs costs against fitting the blocks in sequence under the plan itself.
+
+A fitted rounding fits block i on the FP32 model's inputs to it (quant.fitting), so that any plan can be
+assembled from fitted blocks. Fitting in sequence (as BRECQ and QDrop do for one fixed model) feeds block i
+its inputs in the model the plan quantizes (the 8-bit patch embedding and the blocks before it, with their own
+sequentially fitted weights); both are fitted against the FP32 model's block outputs. This tool fits the few block settings the given plans
+need both ways (block reconstruction with the recipe's ``fit`` settings) and prints each plan's top-1.
+
+    python tools/fit_context.py                                    # the paper plan and two mixed plans, 2000 images
+    python tools/fit_context.py --plans paper 4/4/4 --limit 10000
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pomq_deploy.backends.cpu import detect
+from pomq_deploy.data import calibration_batches, eval_dataset, eval_loader
+from pomq_deploy.evaluate import evaluate
+from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
+from pomq_deploy.quant.calibration import calibrated_model
+from pomq_deploy.quant.fitting import setting_key
+from pomq_deploy.quant.reconstruction import _block_io, reconstruct_block
+from pomq_deploy.recipe import load_recipe
+
+# Two mixed plans (w, a, attn per block, 12 blocks): 4-bit activations in the first and last blocks, 4-bit weights
+# through the middle; and 4-bit weights everywhere with 4-bit activations in every third block.
+MIXED = {"mixed-a": ["444", "444", "488", "488", "488", "888", "888", "488", "488", "488", "444", "444"],
+         "mixed-b": ["444" if i % 3 == 0 else "488" for i in range(12)]}
+
+
+def plan_named(name: str, n: int, recipe: str, scheme: str) -> Plan:
+    if name == "paper":
+        return paper_plan(n, recipe, scheme, "adaround")
+    if name in MIXED:
+        return Plan(recipe=recipe, scheme=scheme, rounding="adaround",
+                    blocks=tuple(BlockBits(w=int(s[0]), a=int(s[1]), attn=int(s[2])) for s in MIXED[name]))
+    return uniform_plan(name, n, recipe, scheme, "adaround")
+
+
+def fit(qm, i, b, inputs, outputs, spec, g) -> dict:
+    return reconstruct_block(qm, i, "asym", b.a, b.attn, b.w, inputs, outputs, spec.iterations, spec.batch, spec.lr,
+                             spec.act_lr, spec.weight, 0.0, g)
+
+
+@torch.no_grad()
+def block_inputs(qm, plan: Plan, block: int, batches) -> tuple:
+    """Block ``block``'s inputs in the model quantized by ``plan`` (with the fits set so far)."""
+    qm.apply(plan)
+    seen = []
+    handle = qm.blocks[block].register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0], kwargs)),
+                                                        with_kwargs=True)
+    try:
+        for b in batches:
+            qm.model(b)
+    finally:
+        handle.remove()
+    qm.apply(None)
+    kwargs = {k: torch.cat([kw[k] for _, kw in seen]) if torch.is_tensor(v) else v for k, v in seen[0][1].items()}
+    return torch.cat([x for x, _ in seen]), kwargs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="deit_fmnist")
+    p.add_argument("--scheme", default="repq")
+    p.add_argument("--plans", nargs="+", default=["paper", *MIXED], help="paper, mixed-a, mixed-b or a uniform w/a/attn")
+    p.add_argument("--limit", type=int, default=2000, help="test images (default the first 2000)")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    recipe = load_recipe(args.recipe)
+    qm, _ = calibrated_model(recipe, args.scheme)
+    qm.rounding = "adaround"
+    batches = calibration_batches(recipe.data, qm)
+    inputs, outputs = _block_io(qm, batches)
+    for param in qm.parameters():
+        param.requires_grad_(False)
+    data = eval_dataset(recipe.data, qm)
+    spec = recipe.fit
+    rows = []
+    composable: dict[str, dict] = {}
+    for name in args.plans:
+        plan = plan_named(name, qm.num_blocks, recipe.name, args.scheme)
+        keys = [setting_key(i, b.w, b.a, b.attn) for i, b in enumerate(plan.blocks)]
+        start = time.perf_counter()
+        for i, (b, key) in enumerate(zip(plan.blocks, keys, strict=True)):
+            if key not in composable:
+                composable[key] = fit(qm, i, b, inputs[i], outputs[i], spec, torch.Generator().manual_seed(spec.seed + i))
+        fp32_s = time.perf_counter() - start
+        start = time.perf_counter()
+        sequential = {k: composable[k] for k in keys}  # blocks not fitted yet keep theirs: they do not reach block i
+        for i, (b, key) in enumerate(zip(plan.blocks, keys, strict=True)):
+            qm.weight_fits = {"asym": sequential}
+            sequential = sequential | {key: fit(qm, i, b, block_inputs(qm, plan, i, batches), outputs[i], spec,
+                                                 torch.Generator().manual_seed(spec.seed + i))}
+        seq_s = time.perf_counter() - start
+        top1 = {}
+        for how, fits in (("fp32 inputs", composable), ("in sequence", sequential)):
+            qm.weight_fits = {"asym": fits}
+            qm.apply(plan)
+            top1[how] = evaluate(qm, eval_loader(data, recipe.eval.batch_size, args.limit)).top1
+        rows.append({"plan": name, **top1, "sequence_s": round(seq_s, 1), "fp32_inputs_s": round(fp32_s, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    cpu = detect()
+    print(f"\n{recipe.name}, {args.scheme}, adaround ({spec}), first {args.limit} test images; CPU {cpu.model}, "
+          f"{os.cpu_count()} threads\n\n| plan | FP32 inputs (composable) | in sequence under the plan | difference |\n"
+          "| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['plan']} | {r['fp32 inputs']:.4f} | {r['in sequence']:.4f} | {r['in sequence'] - r['fp32 inputs']:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
