@@ -101,3 +101,19 @@ def test_an_attention_it_cannot_fold_is_refused_in_one_line():
     qm.block_folds[1].sites = [s for s in qm.block_folds[1].sites if s.quant.role != "qkv"]  # as a rotary block has
     with pytest.raises(ModelError, match="block 1's .* runs only folded"):
         qm.apply(uniform_plan("8/8/8", qm.num_blocks, "t", "repq_smooth"))
+
+
+def test_the_tensorrt_export_passes_its_rules_with_the_attention_on_codes(tmp_path):
+    """The balanced quantizers deploy per tensor, symmetric in the tensorrt format: the rule check is clean and both
+    attention MatMuls and the four GEMMs of every block read codes, as under repq."""
+    import onnx
+
+    from pomq_deploy.export.graph import matmuls_on_codes
+    from pomq_deploy.export.trt_rules import check_tensorrt
+
+    qm = QuantModel(_twin(), "repq_smooth")
+    qm.calibrate(images(2))
+    trt = export_quantized(qm, uniform_plan("8/8/8", qm.num_blocks, "t", "repq_smooth"), "tensorrt", tmp_path / "t.onnx").path
+    assert [f for f in check_tensorrt(trt) if f.severity == "error"] == []
+    on_codes, matmuls = matmuls_on_codes(onnx.load(trt))
+    assert on_codes == matmuls == 6 * qm.num_blocks  # qkv, proj, fc1, fc2 and the two attention MatMuls

@@ -101,7 +101,7 @@ def test_learned_activation_steps_are_applied_with_the_fitted_block_and_exported
                                                        0.01, 0.0, g) for i in range(qm.num_blocks)}
     learned = fits[setting_key(0, 4, 4, 4)]["acts"]
     roles = {qm.act_quants[n].role for n in learned}
-    assert roles == {"act", "qkv", "gelu", "ln_in", "ln_out"}  # every uniform one; log-sqrt(2) attention is not uniform
+    assert roles == {"qkv", "attn_out", "gelu", "ln_in", "ln_out"}  # every uniform one; log-sqrt(2) attention is not uniform
     qm.weight_fits = {"asym": fits}
     plan = Plan(recipe="t", scheme="repq", rounding="adaround", blocks=(BlockBits(w=4, a=4, attn=4),) * qm.num_blocks)
     qm.apply(plan)

@@ -12,7 +12,7 @@ activation quantizers a plan applies, RepQ-ViT's reparameterization folded in) a
 the inputs are collected, as GPTQ's reference code collects one transformer block's inputs at a time. So a
 block's fit does not depend on the other blocks' settings: that is what makes it composable. Fitting the
 blocks in sequence under the plan itself feeds each block its quantized predecessors' outputs instead: on the
-paper plan that was 0.2 point better and held for that plan only (``tools/fit_context.py``, docs/roundings.md).
+paper plan and a mixed one that was 0.2-0.3 point better and held for that plan only (``tools/fit_context.py``, docs/roundings.md).
 
 One pass over the calibration images collects every (block, setting) Hessian: the FP32 forward runs as
 usual, and on entering each block a hook runs that block once more per (a, attn), quantized, on the same
