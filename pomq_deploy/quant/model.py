@@ -52,8 +52,9 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 class FoldSite:
     """Where a quantizer with a ``fold`` method rewrites the layers around it: ``quant`` (the activation it
     quantizes), ``targets`` (what its ``fold`` takes), ``layers`` (the Linears whose weights change), ``params``
-    (every tensor it may write) and ``also`` (activations downstream that the fold rescales: ``fold`` receives
-    their quantizers and returns the ones they take on the folded model). ``refused``: why this model cannot
+    (every tensor it may write) and ``also`` (activations downstream that the fold rescales). ``fold`` receives
+    ``targets``, then ``also``'s quantizers, and returns a tuple: the quantizer each of ``quant`` and ``also``
+    takes on the folded model. ``refused``: why this model cannot
     take a fold here (None: it can)."""
 
     quant: ActQuant
@@ -105,8 +106,7 @@ class BlockFolds:
         parameters back), and put the quantizers the folded model deploys with on the site's activations."""
         new = [(site.quant.active, *(a.active for a in site.also)) if fold and hasattr(site.quant.active, "fold") else None
                for site in self.sites]
-        if any(a is not b and (a is None or b is None or any(x is not y for x, y in zip(a, b, strict=True)))
-               for a, b in zip(new, self.folded, strict=True)):
+        if _identities(new) != _identities(self.folded):
             if self.originals is not None:
                 for p, orig in zip(self.params, self.originals, strict=True):
                     p.copy_(orig)
@@ -115,7 +115,7 @@ class BlockFolds:
                     raise ModelError(site.refused)
             if self.originals is None and any(q is not None for q in new):
                 self.originals = [p.detach().clone() for p in self.params]
-            self.deployed = [None if q is None else _as_tuple(q[0].fold(*site.targets, *q[1:]))
+            self.deployed = [None if q is None else q[0].fold(*site.targets, *q[1:])
                              for site, q in zip(self.sites, new, strict=True)]
             self.folded = new
             for site in self.sites:
@@ -127,8 +127,9 @@ class BlockFolds:
                     aq.active = q
 
 
-def _as_tuple(q) -> tuple:
-    return q if isinstance(q, tuple) else (q,)
+def _identities(folded: list) -> list:
+    """Which quantizer objects each site holds (None: no fold); quantizers compare by identity, not by value."""
+    return [None if qs is None else tuple(map(id, qs)) for qs in folded]
 
 
 def _wrap_block(block: nn.Module, i: int, paths: dict[str, Form]) -> BlockFolds:

@@ -77,9 +77,9 @@ class ReparamQ:
         return UniformQ(self.scale, self.zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
-    def fold(self, norm: torch.nn.LayerNorm, linears: list[tuple[torch.Tensor, torch.Tensor]]) -> UniformQ:
+    def fold(self, norm: torch.nn.LayerNorm, linears: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[UniformQ]:
         """Move ``r``, ``b`` into ``norm``'s affine and the ``(weight, bias)`` of each Linear reading it, in place;
-        returns the per-tensor quantizer the Linears' input then takes."""
+        returns the per-tensor quantizer the Linears' input then takes (alone in a tuple, as ``FoldSite`` asks)."""
         dtype = norm.weight.dtype
         r, shift = self.ratio.to(dtype), (self.scale * self.ratio * self.offset).to(dtype)
         for weight, bias in linears:
@@ -87,7 +87,7 @@ class ReparamQ:
             weight *= r
         norm.bias.data = (norm.bias + shift) / r
         norm.weight.data = norm.weight / r
-        return self.deployed
+        return (self.deployed,)
 
 
 @register_method("repq_ln", per_channel=True)
