@@ -71,6 +71,8 @@ class FitSpec:
     act_lr: float = Field(default=1e-3, ge=0.0)  # 1e-2 and 0 measured worse at 4/4/4 (docs/roundings.md)
     weight: PositiveFloat = 0.01  # the rounding regulariser's weight (AdaRound's lambda)
     drop: float = Field(default=0.5, ge=0.0, lt=1.0)  # qdrop: the probability an activation element stays float
+    # what each block setting is fitted on: its inputs with the blocks before it at the same setting, or FP32's
+    context: Literal["uniform", "fp32"] = "uniform"
     seed: int = 0
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from conftest import images, tiny_vit
 
@@ -118,3 +119,69 @@ def test_learned_activation_steps_are_applied_with_the_fitted_block_and_exported
         ref = qm(x)
     out = torch.from_numpy(run_ort(tmp_path, info.path, x))
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def _tiny_swin():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4, embed_dim=32, depths=(2, 2),
+                             num_heads=(2, 4), num_classes=10).eval()
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_each_block_is_fitted_on_its_inputs_under_its_own_uniform_setting(family):
+    """A block setting's fitting inputs are the block's inputs in the model a uniform plan at that setting quantizes
+    with the fits so far (the layers outside the blocks at 8 bits): carried from the block before it where its input
+    is that block's output (ViT), replayed through the model where it is not (Swin's second stage, after its patch
+    merging); and fitting leaves the model's own parameters as they were."""
+    from pomq_deploy.quant.reconstruction import _chained, _inputs_in_context, _run_block
+
+    model, batches = (tiny_vit(), images(2)) if family == "vit" else \
+        (_tiny_swin(), [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    qm = QuantModel(model, "repq", rounding="adaround")
+    qm.calibrate(batches)
+    before = {k: v.clone() for k, v in qm.state_dict().items()}
+    setting = (4, 4, 8)
+    fits = fit_adaround(qm, batches, "asym", iterations=3, batch=4, act_lr=1e-2,
+                        pairs=[(i, setting) for i in range(qm.num_blocks)])
+    assert sorted(fits) == [setting_key(i, *setting) for i in range(qm.num_blocks)]
+    assert all(torch.equal(v, before[k]) for k, v in qm.state_dict().items())
+    qm.weight_fits = {"asym": fits}
+    qm.apply(Plan(recipe="t", scheme="repq", rounding="adaround", blocks=(BlockBits(w=4, a=4, attn=8),) * qm.num_blocks))
+    seen = {i: [] for i in range(qm.num_blocks)}
+    handles = [b.register_forward_pre_hook(lambda m, args, i=i: seen[i].append(args[0])) for i, b in enumerate(qm.blocks)]
+    with torch.no_grad():
+        for b in batches:
+            qm.model(b)
+    for h in handles:
+        h.remove()
+    fp32_inputs, fp32_outputs = _block_io(qm, batches)
+    for i in range(1, qm.num_blocks):
+        planned = torch.cat(seen[i])
+        replayed, _ = _inputs_in_context(qm, i, "asym", setting, fits, batches)
+        assert torch.allclose(replayed, planned, atol=1e-5)
+        assert (planned - fp32_inputs[i][0]).abs().max() > 1e-2  # the context is not the FP32 model's
+        if _chained(fp32_inputs[i], fp32_outputs[i - 1]):
+            carried = _run_block(qm, i - 1, "asym", setting, fits[setting_key(i - 1, *setting)],
+                                 *_inputs_in_context(qm, i - 1, "asym", setting, fits, batches))
+            assert torch.allclose(carried, planned, atol=1e-5)
+        else:
+            assert family == "swin" and i == 2  # the stage boundary
+    assert family == "vit" or not _chained(fp32_inputs[2], fp32_outputs[1])
+
+
+def test_the_fp32_context_fits_each_block_on_the_fp32_models_inputs():
+    qm = QuantModel(tiny_vit(), "repq", rounding="adaround")
+    batches = images(2)
+    qm.calibrate(batches)
+    fits = fit_adaround(qm, batches, "asym", iterations=3, batch=4, seed=5, context="fp32", pairs=[(1, (4, 8, 4))])
+    inputs, outputs = _block_io(qm, batches)
+    for p in qm.parameters():
+        p.requires_grad_(False)
+    direct = reconstruct_block(qm, 1, "asym", 8, 4, 4, inputs[1], outputs[1], 3, 4, 1e-2, 0.0, 0.01, 0.0,
+                               torch.Generator().manual_seed(5))
+    fitted = fits[setting_key(1, 4, 8, 4)]["weights"]
+    assert all(torch.equal(fitted[n]["codes"], d["codes"]) for n, d in direct["weights"].items())
+    with pytest.raises(ValueError, match="fit context 'previous'; allowed: uniform, fp32"):
+        fit_adaround(qm, batches, "asym", iterations=1, context="previous")

@@ -1,10 +1,12 @@
-"""What fitting each block on FP32 inputs costs against fitting the blocks in sequence under the plan itself.
+"""What fitting each block setting once, for any plan, costs against fitting the blocks in sequence under the plan.
 
-A fitted rounding fits block i on the FP32 model's inputs to it (quant.fitting), so that any plan can be
-assembled from fitted blocks. Fitting in sequence (as BRECQ and QDrop do for one fixed model) feeds block i
-its inputs in the model the plan quantizes (the 8-bit patch embedding and the blocks before it, with their own
-sequentially fitted weights); both are fitted against the FP32 model's block outputs. This tool fits the few block settings the given plans
-need both ways (block reconstruction with the recipe's ``fit`` settings) and prints each plan's top-1.
+A plan is assembled from blocks fitted once per (block, setting), so that a search composes them. Block i's
+inputs while it is fitted can be the FP32 model's (``fp32 inputs``), or those of the model whose blocks before
+it all run at block i's setting with their own fits (``uniform context``: the block reconstruction's default,
+quant.reconstruction). Fitting in sequence (as BRECQ and QDrop do for one fixed model) feeds block i its inputs
+in the model the plan itself quantizes, with the blocks before it fitted in sequence too; it is exact for that
+plan only. All three are fitted against the FP32 model's block outputs. This tool fits the block settings the
+given plans need each way (block reconstruction with the recipe's ``fit`` settings) and prints each plan's top-1.
 
     python tools/fit_context.py                                    # the paper plan and two mixed plans, 2000 images
     python tools/fit_context.py --plans paper 4/4/4 --limit 10000
@@ -26,7 +28,7 @@ from pomq_deploy.evaluate import evaluate
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.fitting import setting_key
-from pomq_deploy.quant.reconstruction import _block_io, reconstruct_block
+from pomq_deploy.quant.reconstruction import CONTEXTS, _block_io, fit_adaround, reconstruct_block
 from pomq_deploy.recipe import load_recipe
 
 # Two mixed plans (w, a, attn per block, 12 blocks): 4-bit activations in the first and last blocks, 4-bit weights
@@ -42,6 +44,19 @@ def plan_named(name: str, n: int, recipe: str, scheme: str) -> Plan:
         return Plan(recipe=recipe, scheme=scheme, rounding="adaround",
                     blocks=tuple(BlockBits(w=int(s[0]), a=int(s[1]), attn=int(s[2])) for s in MIXED[name]))
     return uniform_plan(name, n, recipe, scheme, "adaround")
+
+
+LABEL = {"fp32": "fp32 inputs", "uniform": "uniform context"}
+
+
+def composable_pairs(plan: Plan, context: str) -> list[tuple]:
+    """The (block, setting) pairs a composable fit of ``plan`` needs: its own, and in the uniform context every
+    block before each of them at the same setting."""
+    settings = [(b.w, b.a, b.attn) for b in plan.blocks]
+    if context == "fp32":
+        return list(enumerate(settings))
+    last = {s: i for i, s in enumerate(settings)}
+    return [(i, s) for i in range(len(settings)) for s in last if i <= last[s]]
 
 
 def fit(qm, i, b, inputs, outputs, spec, g) -> dict:
@@ -78,41 +93,43 @@ def main() -> None:
     qm, _ = calibrated_model(recipe, args.scheme)
     qm.rounding = "adaround"
     batches = calibration_batches(recipe.data, qm)
-    inputs, outputs = _block_io(qm, batches)
+    _, outputs = _block_io(qm, batches)
     for param in qm.parameters():
         param.requires_grad_(False)
     data = eval_dataset(recipe.data, qm)
     spec = recipe.fit
     rows = []
-    composable: dict[str, dict] = {}
     for name in args.plans:
+        fitted = {}
         plan = plan_named(name, qm.num_blocks, recipe.name, args.scheme)
         keys = [setting_key(i, b.w, b.a, b.attn) for i, b in enumerate(plan.blocks)]
+        seconds = {}
+        for context in CONTEXTS:
+            start = time.perf_counter()
+            fitted[context] = fit_adaround(qm, batches, "asym", iterations=spec.iterations, batch=spec.batch, lr=spec.lr,
+                                           act_lr=spec.act_lr, weight=spec.weight, seed=spec.seed, context=context,
+                                           pairs=composable_pairs(plan, context))
+            seconds[LABEL[context]] = time.perf_counter() - start
         start = time.perf_counter()
-        for i, (b, key) in enumerate(zip(plan.blocks, keys, strict=True)):
-            if key not in composable:
-                composable[key] = fit(qm, i, b, inputs[i], outputs[i], spec, torch.Generator().manual_seed(spec.seed + i))
-        fp32_s = time.perf_counter() - start
-        start = time.perf_counter()
-        sequential = {k: composable[k] for k in keys}  # blocks not fitted yet keep theirs: they do not reach block i
+        sequential = {k: fitted["fp32"][k] for k in keys}  # blocks not fitted yet keep theirs: they do not reach block i
         for i, (b, key) in enumerate(zip(plan.blocks, keys, strict=True)):
             qm.weight_fits = {"asym": sequential}
             sequential = sequential | {key: fit(qm, i, b, block_inputs(qm, plan, i, batches), outputs[i], spec,
                                                  torch.Generator().manual_seed(spec.seed + i))}
-        seq_s = time.perf_counter() - start
+        seconds["in sequence"] = time.perf_counter() - start
         top1 = {}
-        for how, fits in (("fp32 inputs", composable), ("in sequence", sequential)):
+        for how, fits in ((LABEL["fp32"], fitted["fp32"]), (LABEL["uniform"], fitted["uniform"]), ("in sequence", sequential)):
             qm.weight_fits = {"asym": fits}
             qm.apply(plan)
             top1[how] = evaluate(qm, eval_loader(data, recipe.eval.batch_size, args.limit)).top1
-        rows.append({"plan": name, **top1, "sequence_s": round(seq_s, 1), "fp32_inputs_s": round(fp32_s, 1)})
+        rows.append({"plan": name, **top1, **{f"{k} s": round(v, 1) for k, v in seconds.items()}})
         print(json.dumps(rows[-1]), flush=True)
     cpu = detect()
     print(f"\n{recipe.name}, {args.scheme}, adaround ({spec}), first {args.limit} test images; CPU {cpu.model}, "
-          f"{os.cpu_count()} threads\n\n| plan | FP32 inputs (composable) | in sequence under the plan | difference |\n"
+          f"{os.cpu_count()} threads\n\n| plan | FP32 inputs | uniform context | in sequence under the plan |\n"
           "| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['plan']} | {r['fp32 inputs']:.4f} | {r['in sequence']:.4f} | {r['in sequence'] - r['fp32 inputs']:+.4f} |")
+        print(f"| {r['plan']} | {r['fp32 inputs']:.4f} | {r['uniform context']:.4f} | {r['in sequence']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ activation format (``asym``: the ``ort`` target; ``sym``: ``tensorrt``; each fit
 it). A plan's model is then assembled from the fitted blocks (``QuantModel.apply``), so the search's design
 set, sensitivities and fronts reuse them and no block setting is fitted twice.
 
-**What each block is fitted on: FP32 activations.** Block ``i``'s inputs are the FP32 model's, on the
+**What GPTQ fits each block on: FP32 activations.** Block ``i``'s inputs are the FP32 model's, on the
 calibration images; inside the block, its activations are quantized as the setting says (the same fitted
 activation quantizers a plan applies, RepQ-ViT's reparameterization folded in) and its weights are FP32 while
 the inputs are collected, as GPTQ's reference code collects one transformer block's inputs at a time. So a
-block's fit does not depend on the other blocks' settings: that is what makes it composable. Fitting the
-blocks in sequence under the plan itself feeds each block its quantized predecessors' outputs instead: on the
-paper plan and a mixed one that was 0.2-0.3 point better and held for that plan only (``tools/fit_context.py``, docs/roundings.md).
+block's fit does not depend on the other blocks' settings: that is what makes it composable, in one pass. The
+block reconstruction (:mod:`.reconstruction`) fits each block in its setting's uniform context instead.
 
 One pass over the calibration images collects every (block, setting) Hessian: the FP32 forward runs as
 usual, and on entering each block a hook runs that block once more per (a, attn), quantized, on the same
@@ -57,19 +56,28 @@ def fit_gptq(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None 
     return fits
 
 
-def _enter(qmodel, block: int, fmt: str, a: int, attn: int) -> None:
-    """Block ``block``'s activations quantized at (``a``, ``attn``) in ``fmt``, its weights FP32; the rest untouched."""
-    qmodel.quantize_activations(block, fmt, a, attn)
+def _enter(qmodel, block: int | None, fmt: str, a: int, attn: int, w: int | None = None, fit: dict | None = None) -> None:
+    """Block ``block``'s activations quantized at (``a``, ``attn``) in ``fmt``, with the quantizers ``fit`` learned,
+    and its weights at ``w`` with ``fit``'s codes (``w`` None: FP32); the rest untouched. ``block`` None: the layers
+    outside the blocks (the stem, between the stages, the head)."""
+    qmodel.quantize_activations(block, fmt, a, attn, None if fit is None else fit["acts"])
     for aq in qmodel.act_quants.values():
         if aq.block == block:
             aq.state = "quant"
+    for name, m in qmodel.weighted.items():
+        if m.block == block:
+            m.weight_bits, m.fitted = w, None if fit is None or w is None else fit["weights"][name]
 
 
-def _leave(qmodel, block: int) -> None:
+def _leave(qmodel, block: int | None) -> None:
     for aq in qmodel.act_quants.values():
         if aq.block == block:
             aq.state, aq.active = "fp", None
-    qmodel.unfold(block)
+    for m in qmodel.weighted.values():
+        if m.block == block:
+            m.weight_bits, m.fitted = None, None
+    if block is not None:
+        qmodel.unfold(block)
 
 
 def _collect_hessians(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None) -> dict[tuple, dict[str, torch.Tensor]]:

@@ -11,9 +11,16 @@ uniform activation quantizers are learned with the roundings (LSQ, Esser et al.,
 With ``drop`` > 0, QDrop (Wei et al., ICLR 2022): while fitting, each activation element of the block keeps its
 float value with that probability.
 
-As for GPTQ (:mod:`.fitting`), each block is fitted on the FP32 model's inputs to it, with its own activation
-quantizers at the setting's widths (gradients straight through their rounding), for every (w, a, attn), so a
-plan is assembled from fitted blocks.
+**What each block is fitted on: its setting's uniform context.** Block ``i`` at setting (w, a, attn) is fitted
+on its inputs in the model whose blocks before it all run at that same setting, with their own fits (and the
+layers outside the blocks at 8 bits), against the FP32 model's block output; inside the block its activations are
+quantized at the setting's widths (gradients straight through their rounding). The fits are still one per
+(block, setting), so a plan is assembled from fitted blocks and a search composes them; for a uniform plan this
+is exactly fitting in sequence under the plan (as BRECQ and QDrop fit one model), and a mixed plan's blocks saw
+inputs with the quantization noise of their own setting rather than none (``tools/fit_context.py`` measures both
+against FP32 inputs and against fitting in sequence under each plan; docs/roundings.md). The settings are fitted
+block by block, each setting's inputs carried from one block to the next (replayed through the model where a
+block's input is not the output of the block before it, as across Swin's stages).
 
 Where ours departs from the papers' code (BRECQ's and QDrop's public repositories):
 - the weight grid is our symmetric per-output-channel min/max scale, where theirs searches each row's clipping by
@@ -37,6 +44,7 @@ import torch
 
 from .fitting import BITS, _enter, _leave, register_fitter, setting_key
 from .functional import qrange, weight_scale
+from .model import OUTSIDE_BITS
 from .quantizers import UniformQ, to_state
 
 Track = Callable[[Iterable, int, str], Iterable]
@@ -46,6 +54,7 @@ BETA = (20.0, 2.0)
 # The activation width whose step sizes are learned: 4-bit steps are where a calibrated step is far from the
 # block's best; learning costs about a fifth of a block setting's fitting time, which 8-bit settings do not pay.
 LEARNED_BITS = 4
+CONTEXTS = ("uniform", "fp32")  # what a block setting is fitted on (the module docstring)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -123,23 +132,37 @@ class _LSQ(torch.autograd.Function):
 
 def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None = None, *, iterations: int = 200,
                  batch: int = 32, lr: float = 1e-2, act_lr: float = 0.0, weight: float = 0.01, drop: float = 0.0,
-                 seed: int = 0) -> dict[str, dict[str, dict]]:
+                 seed: int = 0, context: str = "uniform", pairs: list[tuple[int, tuple]] | None = None) -> dict[str, dict[str, dict]]:
     """Learned codes of every block's Linears for every setting in activation format ``fmt`` (the structure of
-    ``fitting.fit_gptq``'s)."""
+    ``fitting.fit_gptq``'s), each block fitted on its FP32 inputs (``context`` "fp32") or in its setting's uniform
+    context ("uniform"; the module docstring). ``pairs``: only these (block, (w, a, attn)), in order, each after
+    its setting's blocks before it (default: all)."""
+    if context not in CONTEXTS:
+        raise ValueError(f"fit context {context!r}; allowed: {', '.join(CONTEXTS)}")
     inputs, outputs = _block_io(qmodel, batches)
-    settings = [(i, a, attn, w) for i in range(qmodel.num_blocks) for a, attn in itertools.product(BITS, BITS) for w in BITS]
+    if pairs is None:
+        settings = [(w, a, attn) for a, attn in itertools.product(BITS, BITS) for w in BITS]
+        pairs = [(block, setting) for block in range(qmodel.num_blocks) for setting in settings]
     fits: dict[str, dict[str, dict]] = {}
+    context_of: dict[tuple, tuple] = {}  # setting -> the current block's inputs with every block before it at that setting
     g = torch.Generator().manual_seed(seed)
-    steps = track(settings, len(settings), f"block reconstruction ({fmt}): {iterations} iterations per block setting") \
-        if track else settings
+    steps = track(pairs, len(pairs), f"block reconstruction ({fmt}): {iterations} iterations per block setting") \
+        if track else pairs
     frozen = [p for p in qmodel.parameters() if p.requires_grad]  # only the roundings learn: no gradients for the rest
     for p in frozen:
         p.requires_grad_(False)
     try:
-        for block, a, attn, w in steps:
-            fits[setting_key(block, w, a, attn)] = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs[block],
-                                                                     outputs[block], iterations, batch, lr, act_lr, weight,
-                                                                     drop, g)
+        for block, (w, a, attn) in steps:
+            if context == "fp32":
+                context_of[(w, a, attn)] = inputs[block]
+            elif block == 0 or not _chained(inputs[block], outputs[block - 1]):
+                context_of[(w, a, attn)] = _inputs_in_context(qmodel, block, fmt, (w, a, attn), fits, batches)
+            fit = reconstruct_block(qmodel, block, fmt, a, attn, w, context_of[(w, a, attn)], outputs[block], iterations,
+                                    batch, lr, act_lr, weight, drop, g)
+            fits[setting_key(block, w, a, attn)] = fit
+            if context == "uniform" and block + 1 < qmodel.num_blocks and _chained(inputs[block + 1], outputs[block]):
+                x, kwargs = context_of[(w, a, attn)]
+                context_of[(w, a, attn)] = (_run_block(qmodel, block, fmt, (w, a, attn), fit, x, kwargs), inputs[block + 1][1])
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -149,13 +172,13 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
 @register_fitter("adaround")
 def _adaround(qmodel, batches, fmt, track, spec):
     return fit_adaround(qmodel, batches, fmt, track, iterations=spec.iterations, batch=spec.batch, lr=spec.lr,
-                        act_lr=spec.act_lr, weight=spec.weight, seed=spec.seed)
+                        act_lr=spec.act_lr, weight=spec.weight, seed=spec.seed, context=spec.context)
 
 
 @register_fitter("qdrop")
 def _qdrop(qmodel, batches, fmt, track, spec):
     return fit_adaround(qmodel, batches, fmt, track, iterations=spec.iterations, batch=spec.batch, lr=spec.lr,
-                        act_lr=spec.act_lr, weight=spec.weight, drop=spec.drop, seed=spec.seed)
+                        act_lr=spec.act_lr, weight=spec.weight, drop=spec.drop, seed=spec.seed, context=spec.context)
 
 
 def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, inputs, outputs, iterations: int,
@@ -186,8 +209,7 @@ def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, i
             for it in range(iterations):
                 pick = torch.randint(0, count, (min(batch, count),), generator=g)
                 args, kwargs = inputs
-                out = module(args[pick], **{k: v[pick] if torch.is_tensor(v) and v.shape[:1] == args.shape[:1] else v
-                                           for k, v in kwargs.items()})
+                out = module(args[pick], **_rows(kwargs, args, pick))
                 loss = ((out - outputs[pick]) ** 2).sum(-1).mean()  # BRECQ's: squared error per token, averaged
                 if it >= warm:
                     progress = (it - warm) / max(1, iterations - warm)
@@ -225,11 +247,67 @@ def _block_io(qmodel, batches: list[torch.Tensor]) -> tuple[list, list[torch.Ten
     finally:
         for h in handles:
             h.remove()
-    inputs = []
-    for per_batch in ins:
-        x = torch.cat([x for x, _ in per_batch])
-        keys = per_batch[0][1].keys()
-        kwargs = {k: torch.cat([kw[k] for _, kw in per_batch]) if torch.is_tensor(per_batch[0][1][k]) else per_batch[0][1][k]
-                  for k in keys}
-        inputs.append((x, kwargs))
-    return inputs, [torch.cat(o) for o in outs]
+    return [_concat(per_batch) for per_batch in ins], [torch.cat(o) for o in outs]
+
+
+def _concat(per_batch: list[tuple]) -> tuple[torch.Tensor, dict]:
+    """(x, kwargs) collected per batch as one (x, kwargs): tensors concatenated along the batch, the rest as given."""
+    first = per_batch[0][1]
+    return (torch.cat([x for x, _ in per_batch]),
+            {k: torch.cat([kw[k] for _, kw in per_batch]) if torch.is_tensor(v) else v for k, v in first.items()})
+
+
+def _rows(kwargs: dict, x: torch.Tensor, pick) -> dict:
+    """A block's kwargs for the rows ``pick`` of its input ``x`` (tensors with x's batch dimension are indexed)."""
+    return {k: v[pick] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v for k, v in kwargs.items()}
+
+
+def _chained(inputs: tuple, previous_outputs: torch.Tensor) -> bool:
+    """Whether a block's FP32 input is the output of the block before it (ViT, DeiT, BEiT, EVA; not across Swin's
+    stages)."""
+    return inputs[0].shape == previous_outputs.shape and torch.equal(inputs[0], previous_outputs)
+
+
+@torch.no_grad()
+def _run_block(qmodel, block: int, fmt: str, setting: tuple, fit: dict, x: torch.Tensor, kwargs: dict,
+               chunk: int = 100) -> torch.Tensor:
+    """Block ``block`` at ``setting`` (w, a, attn) with its fitted codes and activation quantizers, on ``x``."""
+    w, a, attn = setting
+    _enter(qmodel, block, fmt, a, attn, w, fit)
+    try:
+        return torch.cat([qmodel.blocks[block](x[i:i + chunk], **_rows(kwargs, x, slice(i, i + chunk)))
+                          for i in range(0, len(x), chunk)])
+    finally:
+        _leave(qmodel, block)
+
+
+class _Reached(Exception):
+    """Raised by the hook that collected a block's input: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def _inputs_in_context(qmodel, block: int, fmt: str, setting: tuple, fits: dict, batches: list[torch.Tensor]) -> tuple:
+    """Block ``block``'s inputs ((x, tensor kwargs)) with the layers outside the blocks at 8 bits and every block
+    before it at ``setting`` with its fits: the model forward, stopped at the block."""
+    w, a, attn = setting
+    _enter(qmodel, None, fmt, OUTSIDE_BITS, OUTSIDE_BITS, OUTSIDE_BITS)
+    for j in range(block):
+        _enter(qmodel, j, fmt, a, attn, w, fits[setting_key(j, w, a, attn)])
+    seen = []
+
+    def stop(module, args, kwargs):
+        seen.append((args[0], kwargs))
+        raise _Reached
+
+    handle = qmodel.blocks[block].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                qmodel.model(b)
+            except _Reached:
+                pass
+    finally:
+        handle.remove()
+        for j in (None, *range(block)):
+            _leave(qmodel, j)
+    return _concat(seen)
