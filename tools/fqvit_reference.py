@@ -37,7 +37,8 @@ FLOAT_IN_OURS = {
 
 
 def their_model(src: Path, cfg_kwargs: dict, dims: dict, state: dict) -> torch.nn.Module:
-    sys.path.insert(0, str(src))
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
     from config import Config
     from models.ptq import QIntLayerNorm
     from models.vit_quant import VisionTransformer
