@@ -171,7 +171,7 @@ def test_each_block_is_fitted_on_its_inputs_under_its_own_uniform_setting(family
     assert family == "vit" or not _chained(fp32_inputs[2], fp32_outputs[1])
 
 
-def test_the_fp32_context_fits_each_block_on_the_fp32_models_inputs():
+def test_each_context_fits_a_block_on_the_inputs_it_names():
     qm = QuantModel(tiny_vit(), "repq", rounding="adaround")
     batches = images(2)
     qm.calibrate(batches)
@@ -183,5 +183,18 @@ def test_the_fp32_context_fits_each_block_on_the_fp32_models_inputs():
                                torch.Generator().manual_seed(5))
     fitted = fits[setting_key(1, 4, 8, 4)]["weights"]
     assert all(torch.equal(fitted[n]["codes"], d["codes"]) for n, d in direct["weights"].items())
+    # the uniform context: block 1 is fitted on its inputs behind block 0's fit at the same setting
+    from pomq_deploy.quant.reconstruction import _inputs_in_context
+
+    setting = (4, 8, 4)
+    fits = fit_adaround(qm, batches, "asym", iterations=3, batch=4, seed=5, pairs=[(0, setting), (1, setting)])
+    g = torch.Generator().manual_seed(5)
+    by_hand = {setting_key(0, *setting): reconstruct_block(qm, 0, "asym", 8, 4, 4, _inputs_in_context(qm, 0, "asym", setting, {}, batches),
+                                                           outputs[0], 3, 4, 1e-2, 0.0, 0.01, 0.0, g)}
+    block1 = reconstruct_block(qm, 1, "asym", 8, 4, 4, _inputs_in_context(qm, 1, "asym", setting, by_hand, batches), outputs[1],
+                               3, 4, 1e-2, 0.0, 0.01, 0.0, g)
+    fitted = fits[setting_key(1, *setting)]["weights"]
+    assert all(torch.equal(fitted[n]["codes"], d["codes"]) for n, d in block1["weights"].items())
+    assert not all(torch.equal(fitted[n]["codes"], d["codes"]) for n, d in direct["weights"].items())
     with pytest.raises(ValueError, match="fit context 'previous'; allowed: uniform, fp32"):
         fit_adaround(qm, batches, "asym", iterations=1, context="previous")
