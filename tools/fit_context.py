@@ -28,7 +28,7 @@ from pomq_deploy.evaluate import evaluate
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.fitting import setting_key
-from pomq_deploy.quant.reconstruction import CONTEXTS, _block_io, fit_adaround, reconstruct_block
+from pomq_deploy.quant.reconstruction import CONTEXTS, _block_io, _concat, fit_adaround, reconstruct_block
 from pomq_deploy.recipe import load_recipe
 
 # Two mixed plans (w, a, attn per block, 12 blocks): 4-bit activations in the first and last blocks, 4-bit weights
@@ -77,8 +77,7 @@ def block_inputs(qm, plan: Plan, block: int, batches) -> tuple:
     finally:
         handle.remove()
     qm.apply(None)
-    kwargs = {k: torch.cat([kw[k] for _, kw in seen]) if torch.is_tensor(v) else v for k, v in seen[0][1].items()}
-    return torch.cat([x for x, _ in seen]), kwargs
+    return _concat(seen)
 
 
 def main() -> None:
