@@ -8,6 +8,7 @@ from conftest import images, tiny_vit
 
 from pomq_deploy.plan import BlockBits, Plan
 from pomq_deploy.quant.fitting import setting_key
+from pomq_deploy.quant.functional import weight_codes
 from pomq_deploy.quant.model import QuantModel
 from pomq_deploy.quant.quantizers import UniformQ, from_state
 from pomq_deploy.quant.reconstruction import LearnedStep, SoftWeight, _block_io, fit_adaround, initial_v, reconstruct_block, rectified_sigmoid, rounding_loss
@@ -58,6 +59,23 @@ def test_every_block_setting_is_fitted():
     assert sorted(fits) == sorted(setting_key(b, w, a, t) for b in range(qm.num_blocks) for w in (4, 8) for a in (4, 8) for t in (4, 8))
     assert all(f["codes"].dtype == torch.int8 for fit in fits.values() for f in fit["weights"].values())
     assert all(fit["acts"] == {} for fit in fits.values())  # act_lr 0: the calibrated activation quantizers kept
+
+
+def test_only_4_bit_weights_and_steps_are_learned():
+    """8-bit weights keep their nearest codes; 8/4/4 learns only its 4-bit activation steps, and 8/8/8, with nothing
+    at 4 bits, is not fitted at all (no minibatch drawn)."""
+    qm = QuantModel(tiny_vit(), "fqvit", rounding="adaround")
+    batches = images(2)
+    qm.calibrate(batches)
+    inputs, outputs = _block_io(qm, batches)
+    nearest = {n: weight_codes(m.layer.weight.detach(), 8)[0] for n, m in qm.weighted.items() if m.block == 0}
+    g = torch.Generator().manual_seed(0)
+    for a, learned in ((8, False), (4, True)):
+        before = g.get_state()
+        fit = reconstruct_block(qm, 0, "asym", a, a, 8, inputs[0], outputs[0], 5, 4, 1e-2, 1e-2, 0.01, 0.0, g)
+        assert fit["weights"].keys() == nearest.keys()
+        assert all(torch.equal(fit["weights"][n]["codes"].float(), c) for n, c in nearest.items())
+        assert bool(fit["acts"]) == learned and (not torch.equal(g.get_state(), before)) == learned
 
 
 def test_fitted_blocks_stay_on_the_grid_and_follow_their_fp32_outputs_closer_than_nearest():

@@ -8,6 +8,7 @@ LayerNorm twin moved a point between two samples of 1,000 images); a method shou
 
     python tools/calib_spread.py --checkpoint /tmp/twin.safetensors                  # every scheme, seeds 0-2
     python tools/calib_spread.py --schemes fqvit repq_smooth --seeds 0 1 2 3 --plans 8/8/8
+    python tools/calib_spread.py --checkpoint /tmp/twin.safetensors --schemes repq_smooth --rounding gptq
 """
 
 import argparse
@@ -26,6 +27,7 @@ from pomq_deploy.data import eval_dataset, eval_loader
 from pomq_deploy.evaluate import evaluate
 from pomq_deploy.plan import uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
+from pomq_deploy.quant.roundings import ROUNDINGS
 from pomq_deploy.quant.schemes import SCHEMES
 from pomq_deploy.recipe import load_recipe
 
@@ -38,6 +40,8 @@ def main() -> int:
     p.add_argument("--plans", nargs="+", default=["8/8/8", "4/8/8"], help="uniform w/a/attn plans (default 8/8/8 4/8/8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds (default 0 1 2)")
     p.add_argument("--limit", type=int, default=2000, help="first N test images (default 2000)")
+    p.add_argument("--rounding", default="nearest", choices=ROUNDINGS,
+                   help="weight rounding (default nearest); a fitted one is fitted per seed, on that seed's images")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = load_recipe(args.recipe)
@@ -51,17 +55,17 @@ def main() -> int:
     for scheme in args.schemes:
         for seed in args.seeds:
             r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
-            qm, _ = calibrated_model(r, scheme)
+            qm, _ = calibrated_model(r, scheme, rounding=args.rounding)
             loader = eval_loader(eval_dataset(r.data, qm), recipe.eval.batch_size, args.limit)
             if fp32 is None:
                 qm.apply(None)
                 fp32 = evaluate(qm, loader).top1
             for plan in args.plans:
-                qm.apply(uniform_plan(plan, qm.num_blocks, r.name, scheme))
+                qm.apply(uniform_plan(plan, qm.num_blocks, r.name, scheme, args.rounding))
                 top1.setdefault((scheme, plan), []).append(evaluate(qm, loader).top1)
                 print(json.dumps({"scheme": scheme, "plan": plan, "seed": seed, "top1": top1[(scheme, plan)][-1]}), flush=True)
     print(f"\n{args.checkpoint or recipe.model.checkpoint}: FP32 {fp32:.4f}, first {args.limit} test images, calibration "
-          f"seeds {' '.join(map(str, args.seeds))}, nearest rounding; CPU {detect().model}\n")
+          f"seeds {' '.join(map(str, args.seeds))}, {args.rounding} rounding; CPU {detect().model}\n")
     print("| scheme | plan | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | spread | worst below FP32 |")
     print("| --- | --- | " + "--- | " * len(args.seeds) + "--- | --- | --- |")
     for (scheme, plan), values in top1.items():

@@ -65,9 +65,7 @@ class ActQuant(nn.Module):
         elif self.active is None:
             y = x
         else:
-            with torch.no_grad():  # the quantizer's own ops need no graph: only the difference is added, as a constant
-                delta = self.active(x) - x
-            y = x + delta
+            y = _StraightThrough.apply(x, self.active)
         return torch.where(torch.rand_like(x) < self.drop, x, y) if self.drop else y
 
     def uniform(self) -> UniformQ | None:
@@ -88,6 +86,19 @@ class ActQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"role={self.role}, block={self.block}, state={self.state}, active={self.active}"
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``quant(x)`` forward, the identity backward: the quantizer's own ops need no graph, and the value is the
+    quantizer's exactly (not ``x + (quant(x) - x)``, two more passes that round once more)."""
+
+    @staticmethod
+    def forward(ctx, x, quant):
+        return quant(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class QuantWeighted(nn.Module):
