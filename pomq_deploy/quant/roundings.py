@@ -45,8 +45,9 @@ register_rounding(Rounding("nearest", "each weight to its nearest code (no fitti
 register_rounding(Rounding("gptq", "GPTQ: columns in turn, rounding errors fed forward through each Linear's "
                            "inverse input Hessian on the calibration images (about a minute for the reference model)",
                            fitted=True))
-register_rounding(Rounding("adaround", "block reconstruction: each block's roundings and 4-bit activation steps learned "
-                           "against its FP32 output (AdaRound at block granularity, LSQ; minutes)", fitted=True,
+register_rounding(Rounding("adaround", "block reconstruction: each block's 4-bit weights' roundings and 4-bit activation "
+                           "steps learned against its FP32 output (AdaRound at block granularity, LSQ; about 12 minutes "
+                           "for the reference model)", fitted=True,
                            reads_fit_spec=True))
 register_rounding(Rounding("qdrop", "adaround with QDrop's random dropping of activation quantization while fitting",
                            fitted=True, reads_fit_spec=True))
