@@ -45,7 +45,7 @@ def ratio(t: dict) -> str:
     return "" if r is None else f"{r['ratio']:.3f}"
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="deit_fmnist")
     p.add_argument("--scheme", default="repq", choices=SCHEMES)
@@ -64,7 +64,10 @@ def main() -> None:
                "--rounding", rounding, "--full-front", "--allow-infeasible", "--study", f"rounding-{rounding}",
                "--out", str(out), *extra]
         print("$", shlex.join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        code = subprocess.run(cmd).returncode
+        if code:
+            print(f"the {rounding} search failed (exit {code}): its own message is above")
+            return code
         docs[rounding] = json.loads((out / "pareto.json").read_text())
     cpu = detect()
     first = docs[args.roundings[0]]["meta"]
@@ -95,7 +98,8 @@ def main() -> None:
                   f"{t['size_bytes'] / 1e6:.3f} |" for t in sorted(front, key=lambda t: -t["top1_full"])]
     write_generated(args.out, "\n".join(lines) + "\n")
     print(args.out.read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
