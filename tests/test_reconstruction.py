@@ -177,12 +177,12 @@ def test_each_block_is_fitted_on_its_inputs_under_its_own_uniform_setting(family
     fp32_inputs, fp32_outputs = _block_io(qm, batches)
     for i in range(1, qm.num_blocks):
         planned = torch.cat(seen[i])
-        replayed, _ = _inputs_in_context(qm, i, "asym", setting, fits, batches)
+        replayed, _ = _inputs_in_context(qm, i, "asym", [setting] * i, fits, batches)
         assert torch.allclose(replayed, planned, atol=1e-5)
         assert (planned - fp32_inputs[i][0]).abs().max() > 1e-2  # the context is not the FP32 model's
         if _chained(fp32_inputs[i], fp32_outputs[i - 1]):
             carried = _run_block(qm, i - 1, "asym", setting, fits[setting_key(i - 1, *setting)],
-                                 *_inputs_in_context(qm, i - 1, "asym", setting, fits, batches))
+                                 *_inputs_in_context(qm, i - 1, "asym", [setting] * (i - 1), fits, batches))
             assert torch.allclose(carried, planned, atol=1e-5)
         else:
             assert family == "swin" and i == 2  # the stage boundary
@@ -207,9 +207,9 @@ def test_each_context_fits_a_block_on_the_inputs_it_names():
     setting = (4, 8, 4)
     fits = fit_adaround(qm, batches, "asym", iterations=3, batch=4, seed=5, pairs=[(0, setting), (1, setting)])
     g = torch.Generator().manual_seed(5)
-    by_hand = {setting_key(0, *setting): reconstruct_block(qm, 0, "asym", 8, 4, 4, _inputs_in_context(qm, 0, "asym", setting, {}, batches),
+    by_hand = {setting_key(0, *setting): reconstruct_block(qm, 0, "asym", 8, 4, 4, _inputs_in_context(qm, 0, "asym", [], {}, batches),
                                                            outputs[0], 3, 4, 1e-2, 0.0, 0.01, 0.0, g)}
-    block1 = reconstruct_block(qm, 1, "asym", 8, 4, 4, _inputs_in_context(qm, 1, "asym", setting, by_hand, batches), outputs[1],
+    block1 = reconstruct_block(qm, 1, "asym", 8, 4, 4, _inputs_in_context(qm, 1, "asym", [setting], by_hand, batches), outputs[1],
                                3, 4, 1e-2, 0.0, 0.01, 0.0, g)
     fitted = fits[setting_key(1, *setting)]["weights"]
     assert all(torch.equal(fitted[n]["codes"], d["codes"]) for n, d in block1["weights"].items())

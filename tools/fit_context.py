@@ -28,7 +28,7 @@ from pomq_deploy.evaluate import evaluate
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.fitting import setting_key
-from pomq_deploy.quant.reconstruction import CONTEXTS, _block_io, _concat, fit_adaround, reconstruct_block
+from pomq_deploy.quant.reconstruction import CONTEXTS, _block_io, _inputs_in_context, fit_adaround, reconstruct_block
 from pomq_deploy.recipe import load_recipe
 
 # Two mixed plans (w, a, attn per block, 12 blocks): 4-bit activations in the first and last blocks, 4-bit weights
@@ -64,22 +64,6 @@ def fit(qm, i, b, inputs, outputs, spec, g) -> dict:
                              spec.act_lr, spec.weight, 0.0, g)
 
 
-@torch.no_grad()
-def block_inputs(qm, plan: Plan, block: int, batches) -> tuple:
-    """Block ``block``'s inputs in the model quantized by ``plan`` (with the fits set so far)."""
-    qm.apply(plan)
-    seen = []
-    handle = qm.blocks[block].register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0], kwargs)),
-                                                        with_kwargs=True)
-    try:
-        for b in batches:
-            qm.model(b)
-    finally:
-        handle.remove()
-    qm.apply(None)
-    return _concat(seen)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="deit_fmnist")
@@ -110,11 +94,11 @@ def main() -> None:
                                            pairs=composable_pairs(plan, context))
             seconds[LABEL[context]] = time.perf_counter() - start
         start = time.perf_counter()
-        sequential = {k: fitted["fp32"][k] for k in keys}  # blocks not fitted yet keep theirs: they do not reach block i
+        sequential = {}  # block i fitted on its inputs under the plan, behind the fits of the blocks before it
+        settings = [(b.w, b.a, b.attn) for b in plan.blocks]
         for i, (b, key) in enumerate(zip(plan.blocks, keys, strict=True)):
-            qm.weight_fits = {"asym": sequential}
-            sequential = sequential | {key: fit(qm, i, b, block_inputs(qm, plan, i, batches), outputs[i], spec,
-                                                 torch.Generator().manual_seed(spec.seed + i))}
+            sequential[key] = fit(qm, i, b, _inputs_in_context(qm, i, "asym", settings, sequential, batches), outputs[i],
+                                  spec, torch.Generator().manual_seed(spec.seed + i))
         seconds["in sequence"] = time.perf_counter() - start
         top1 = {}
         for how, fits in ((LABEL["fp32"], fitted["fp32"]), (LABEL["uniform"], fitted["uniform"]), ("in sequence", sequential)):

@@ -156,12 +156,14 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
         pairs = [(block, setting) for block in range(qmodel.num_blocks) for setting in settings]
     fits: dict[str, dict[str, dict]] = {}
     carried: dict[tuple, tuple] = {}  # setting -> (block, its inputs with every block before it at that setting)
+    # whether each block's FP32 input is the output of the block before it: the same for every setting
+    chained = [i > 0 and _chained(inputs[i], outputs[i - 1]) for i in range(qmodel.num_blocks)] + [False]
 
     def inputs_of(block: int, setting: tuple) -> tuple:
         if context == "fp32":
             return inputs[block]
         if carried.get(setting, (None,))[0] != block:
-            carried[setting] = (block, _inputs_in_context(qmodel, block, fmt, setting, fits, batches))
+            carried[setting] = (block, _inputs_in_context(qmodel, block, fmt, [setting] * block, fits, batches))
         return carried[setting][1]
 
     g = torch.Generator().manual_seed(seed)
@@ -175,7 +177,7 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
             fit = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs_of(block, (w, a, attn)), outputs[block],
                                     iterations, batch, lr, act_lr, weight, drop, g)
             fits[setting_key(block, w, a, attn)] = fit
-            if context != "fp32" and block + 1 < qmodel.num_blocks and _chained(inputs[block + 1], outputs[block]):
+            if context != "fp32" and chained[block + 1]:
                 x, kwargs = carried[(w, a, attn)][1]
                 carried[(w, a, attn)] = (block + 1, (_run_block(qmodel, block, fmt, (w, a, attn), fit, x, kwargs),
                                                      inputs[block + 1][1]))
@@ -312,12 +314,12 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def _inputs_in_context(qmodel, block: int, fmt: str, setting: tuple, fits: dict, batches: list[torch.Tensor]) -> tuple:
-    """Block ``block``'s inputs ((x, tensor kwargs)) with the layers outside the blocks at 8 bits and every block
-    before it at ``setting`` with its fits: the model forward, stopped at the block."""
-    w, a, attn = setting
+def _inputs_in_context(qmodel, block: int, fmt: str, settings: list[tuple], fits: dict, batches: list[torch.Tensor]) -> tuple:
+    """Block ``block``'s inputs ((x, tensor kwargs)) with the layers outside the blocks at 8 bits and each block
+    ``j`` before it at ``settings[j]`` (w, a, attn) with its fit in ``fits``: the model forward, stopped at the
+    block."""
     _enter(qmodel, None, fmt, OUTSIDE_BITS, OUTSIDE_BITS, OUTSIDE_BITS)
-    for j in range(block):
+    for j, (w, a, attn) in enumerate(settings[:block]):
         _enter(qmodel, j, fmt, a, attn, w, fits[setting_key(j, w, a, attn)])
     seen = []
 
