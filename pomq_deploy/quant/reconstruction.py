@@ -30,12 +30,13 @@ Where ours departs from the papers' code (BRECQ's and QDrop's public repositorie
   the range and PTF's per-channel power-of-two shifts kept as calibrated, so the learned quantizer is exported
   as the calibrated one is; RepQ-ViT's folded LayerNorm outputs learn their deployed per-tensor step; log-domain
   quantizers (LIS, log-sqrt(2)) and V-2SF's two grids keep their calibrated parameters;
-- iterations default to hundreds, not their 20,000: a block setting must fit in seconds on 2 CPU cores
-  (recipe ``fit``);
+- 1,000 iterations of 4 images at Adam's rate 0.1 on ``V``, not their 20,000 of 32 at 1e-3: a block setting must
+  fit in seconds on 2 CPU cores (recipe ``fit``), and within that the number of steps limits the fit, not the
+  images per step (docs/roundings.md); a setting with only step sizes to learn runs a quarter of them
+  (``STEPS_ONLY``);
 - only what is at 4 bits is learned (``LEARNED_BITS``), where theirs learns every weight: 8-bit weights keep their
   nearest codes, and a setting with nothing to learn (8-bit weights and no 4-bit activation step to learn, e.g.
-  8/8/8) is not fitted at all. The fit of every block setting of the reference model took 691 s instead of
-  1013 s, and uniform 8/8/8 is rounding to nearest (docs/roundings.md);
+  8/8/8) is not fitted at all, so uniform 8/8/8 is rounding to nearest (docs/roundings.md);
 - the loss is the plain output MSE (BRECQ's Fisher-weighted variant needs the task loss's gradients).
 """
 
@@ -43,9 +44,11 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable
+from typing import get_args
 
 import torch
 
+from ..recipe import FitSpec
 from .fitting import BITS, _enter, _leave, register_fitter, setting_key
 from .functional import qrange, weight_codes, weight_scale
 from .model import OUTSIDE_BITS
@@ -61,7 +64,14 @@ BETA = (20.0, 2.0)
 # cost a third of its GEMMs and 8/8/8 a whole eighth of the fitting time: an 8-bit weight keeps its nearest codes,
 # and a setting with nothing to learn is not fitted at all (its blocks still carry the uniform context).
 LEARNED_BITS = 4
-CONTEXTS = ("uniform", "fp32")  # what a block setting is fitted on (the module docstring)
+# The share of the iterations a setting with only step sizes to learn runs (8-bit weights, 4-bit activations: a
+# handful of scalars). On the reference model's first block at 8/4/4, its output error on held-out calibration
+# images was 34.2, 33.2 and 32.5 after 200, 400 and 800 iterations (8 images each), where learning the 4-bit
+# roundings takes 4/4/4's from 20.4 to 10.9: a quarter keeps the fit of every block setting of the reference model
+# at 744 s on 2 cores instead of 1000 s, within 15 minutes (docs/roundings.md).
+STEPS_ONLY = 0.25
+_FIT = FitSpec()  # the recipe's defaults
+CONTEXTS = get_args(FitSpec.__annotations__["context"])  # what a block setting is fitted on (the module docstring)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -74,8 +84,28 @@ def initial_v(rest: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """AdaRound's regulariser: 0 where every ``h`` is 0 or 1, largest at 0.5."""
-    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+    """AdaRound's regulariser ``sum(1 - |2h - 1|^beta)``: 0 where every ``h`` is 0 or 1, largest at 0.5."""
+    return _RoundingLoss.apply(h, beta)
+
+
+class _RoundingLoss(torch.autograd.Function):
+    """The regulariser with one power per element, not autograd's two (its ``pow`` forward and backward): it runs on
+    every weight of a block at every iteration, and a float power is the costliest pass of the fit's weight side.
+    ``d/dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)``."""
+
+    @staticmethod
+    def forward(ctx, h, beta):
+        d = h * 2 - 1
+        a = d.abs()
+        t = a.pow(beta - 1)
+        loss = h.numel() - torch.dot(t.reshape(-1), a.reshape(-1))
+        ctx.save_for_backward(t.mul_(d.sign_()).mul_(-2 * beta))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dh,) = ctx.saved_tensors
+        return grad * dh, None
 
 
 class SoftWeight:
@@ -141,9 +171,9 @@ class _LSQ(torch.autograd.Function):
         return grad * inside, grad_s, None, None, None
 
 
-def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None = None, *, iterations: int = 200,
-                 batch: int = 32, lr: float = 1e-2, act_lr: float = 0.0, weight: float = 0.01, drop: float = 0.0,
-                 seed: int = 0, context: str = "uniform", pairs: list[tuple[int, tuple]] | None = None) -> dict[str, dict[str, dict]]:
+def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None = None, *,
+                 iterations: int = _FIT.iterations, batch: int = _FIT.batch, lr: float = _FIT.lr, act_lr: float = 0.0,
+                 weight: float = _FIT.weight, drop: float = 0.0, seed: int = 0, context: str = _FIT.context, pairs: list[tuple[int, tuple]] | None = None) -> dict[str, dict[str, dict]]:
     """Learned codes of every block's Linears for every setting in activation format ``fmt`` (the structure of
     ``fitting.fit_gptq``'s), each block fitted on its FP32 inputs (``context`` "fp32") or in its setting's uniform
     context ("uniform"; the module docstring). ``pairs``: only these (block, (w, a, attn)), in order, each after
@@ -204,7 +234,8 @@ def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, i
     """Block ``block``'s codes at weight width ``w`` under activations (``a``, ``attn``) in ``fmt``, learned on its
     FP32 ``inputs`` ((x, kwargs)) against its FP32 ``outputs``; with ``act_lr`` > 0, the step sizes of its uniform
     per-tensor 4-bit activation quantizers too (Adam on ``log s`` at that rate). Only 4-bit weights and steps are
-    learned (``LEARNED_BITS``): 8-bit weights get their nearest codes. Returns ``{"weights": {layer: {codes, scale}},
+    learned (``LEARNED_BITS``): 8-bit weights get their nearest codes, and with no 4-bit weight the steps are
+    learned in a quarter of the iterations (``STEPS_ONLY``). Returns ``{"weights": {layer: {codes, scale}},
     "acts": {activation: quantizer state}}``."""
     layers = {n: m for n, m in qmodel.weighted.items() if m.block == block}
     quants = {n: aq for n, aq in qmodel.act_quants.items() if aq.block == block}
@@ -214,8 +245,8 @@ def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, i
              if act_lr > 0 and type(aq.active) is UniformQ and (attn if aq.role == "attn" else a) == LEARNED_BITS}
     nearest = {n: weight_codes(m.layer.weight.detach(), w) for n, m in layers.items() if n not in soft}
     if soft or steps:
-        _learn(qmodel, block, layers, quants, w, soft, steps, inputs, outputs, iterations, batch, lr, act_lr, weight,
-               drop, g)
+        _learn(qmodel, block, layers, quants, w, soft, steps, inputs, outputs,
+               iterations if soft else max(1, round(STEPS_ONLY * iterations)), batch, lr, act_lr, weight, drop, g)
     codes = {n: (s.codes().detach(), s.scale.reshape(-1).detach()) for n, s in soft.items()} | nearest
     fitted = {"weights": {n: {"codes": c.to(torch.int8), "scale": sc.float()} for n, (c, sc) in codes.items()},
               "acts": {n: to_state(s.frozen()) for n, s in steps.items()}}
@@ -234,7 +265,7 @@ def _learn(qmodel, block: int, layers: dict, quants: dict, w: int, soft: dict, s
     groups = [{"params": [s.v for s in soft.values()], "lr": lr}] if soft else []
     if steps:
         groups.append({"params": [s.log_scale for s in steps.values()], "lr": act_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, fused=True)  # one pass per step over the block's roundings, not six
     count = inputs[0].shape[0]
     warm = int(WARMUP * iterations)
     try:
