@@ -67,7 +67,7 @@ class FitSpec:
 
     # Many small steps: within a block setting's seconds on 2 CPU cores, the number of Adam steps limits the fit,
     # not the images per step (docs/roundings.md: 1000 x 4 images at 0.1 left about 40% of 200 x 32 at 0.01's block
-    # output error at 4/8/8 and half at 4/4/4, on held-out calibration images, in 1.2-1.5x its time)
+    # output error at 4/8/8 and 53-69% at 4/4/4, on held-out calibration images, in 1.2-1.5x its time)
     iterations: PositiveInt = 1000
     batch: PositiveInt = 4
     lr: PositiveFloat = 0.1  # AdaRound's 1e-3 is for 20,000 iterations: a rounding's V must reach about +-2.4
