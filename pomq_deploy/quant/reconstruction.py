@@ -173,7 +173,8 @@ class _LSQ(torch.autograd.Function):
 
 def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | None = None, *,
                  iterations: int = _FIT.iterations, batch: int = _FIT.batch, lr: float = _FIT.lr, act_lr: float = 0.0,
-                 weight: float = _FIT.weight, drop: float = 0.0, seed: int = 0, context: str = _FIT.context, pairs: list[tuple[int, tuple]] | None = None) -> dict[str, dict[str, dict]]:
+                 weight: float = _FIT.weight, drop: float = 0.0, seed: int = 0, context: str = _FIT.context,
+                 pairs: list[tuple[int, tuple]] | None = None) -> dict[str, dict[str, dict]]:
     """Learned codes of every block's Linears for every setting in activation format ``fmt`` (the structure of
     ``fitting.fit_gptq``'s), each block fitted on its FP32 inputs (``context`` "fp32") or in its setting's uniform
     context ("uniform"; the module docstring). ``pairs``: only these (block, (w, a, attn)), in order, each after
