@@ -50,7 +50,7 @@ import torch
 
 from ..recipe import FitSpec
 from .fitting import BITS, _enter, _leave, register_fitter, setting_key
-from .functional import qrange, weight_codes, weight_scale
+from .functional import qrange, weight_scale
 from .model import OUTSIDE_BITS
 from .quantizers import UniformQ, to_state
 
@@ -72,6 +72,11 @@ LEARNED_BITS = 4
 STEPS_ONLY = 0.25
 _FIT = FitSpec()  # the recipe's defaults
 CONTEXTS = get_args(FitSpec.__annotations__["context"])  # what a block setting is fitted on (the module docstring)
+
+
+def steps_only_iterations(iterations: int) -> int:
+    """The iterations of a setting with only step sizes to learn (``STEPS_ONLY``)."""
+    return max(1, round(STEPS_ONLY * iterations))
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -198,7 +203,8 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
         return carried[setting][1]
 
     g = torch.Generator().manual_seed(seed)
-    steps = track(pairs, len(pairs), f"block reconstruction ({fmt}): {iterations} iterations per block setting") \
+    steps = track(pairs, len(pairs), f"block reconstruction ({fmt}): {iterations} iterations per block setting "
+                  f"({steps_only_iterations(iterations)} where only step sizes are learned)") \
         if track else pairs
     frozen = [p for p in qmodel.parameters() if p.requires_grad]  # only the roundings learn: no gradients for the rest
     for p in frozen:
@@ -244,10 +250,10 @@ def reconstruct_block(qmodel, block: int, fmt: str, a: int, attn: int, w: int, i
     soft = {n: SoftWeight(m.layer.weight, w) for n, m in layers.items()} if w == LEARNED_BITS else {}
     steps = {n: LearnedStep(aq.active) for n, aq in quants.items()
              if act_lr > 0 and type(aq.active) is UniformQ and (attn if aq.role == "attn" else a) == LEARNED_BITS}
-    nearest = {n: weight_codes(m.layer.weight.detach(), w) for n, m in layers.items() if n not in soft}
+    nearest = {n: m.weight_codes(w) for n, m in layers.items() if n not in soft}  # the layer's cached nearest codes
     if soft or steps:
         _learn(qmodel, block, layers, quants, w, soft, steps, inputs, outputs,
-               iterations if soft else max(1, round(STEPS_ONLY * iterations)), batch, lr, act_lr, weight, drop, g)
+               iterations if soft else steps_only_iterations(iterations), batch, lr, act_lr, weight, drop, g)
     codes = {n: (s.codes().detach(), s.scale.reshape(-1).detach()) for n, s in soft.items()} | nearest
     fitted = {"weights": {n: {"codes": c.to(torch.int8), "scale": sc.float()} for n, (c, sc) in codes.items()},
               "acts": {n: to_state(s.frozen()) for n, s in steps.items()}}
