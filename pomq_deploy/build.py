@@ -51,10 +51,18 @@ def emulated_settings(plan: Plan | None, backend: str) -> list[str]:
     if plan is None:
         return []
     notes = []
-    w4 = [i for i, b in enumerate(plan.blocks) if b.w == 4]
+    w4 = [i for i, b in enumerate(plan.blocks) if b.w == 4 and b.a != "float"]
     if w4 and backend == "ort-cpu":
         notes.append(f"{backend}: 4-bit weights (w=4, blocks {w4}) are stored as INT4 in model.onnx but run on ONNX "
                      "Runtime's INT8 kernels (same codes; it has no int4 x uint8 GEMM on the CPU)")
+    weight_only = [i for i, b in enumerate(plan.blocks) if isinstance(b.w, int) and b.a == "float"]
+    if weight_only and backend == "ort-cpu":
+        notes.append(f"{backend}: weight-only GEMMs (a=float, blocks {weight_only}) run in float on weights a "
+                     "DequantizeLinear expands: a smaller file, float speed at best")
+    fp8 = [i for i, b in enumerate(plan.blocks) if "fp8" in (b.w, b.a, b.attn)]
+    if fp8 and backend == "ort-cpu":
+        notes.append(f"{backend}: FP8 genes (blocks {fp8}) run as FP8 Q/DQ computed in float (no FP8 kernels on the "
+                     "CPU): FP8's accuracy, float speed at best")
     a4 = [i for i, b in enumerate(plan.blocks) if b.a == 4]
     if a4:
         notes.append(f"{backend}: 4-bit activations (a=4, blocks {a4}) run as 8-bit Q/DQ clipped to 16 levels: "
@@ -121,7 +129,7 @@ def build(recipe: Recipe, plan: Plan | None, opts: BuildOptions, phases: Phases 
             "rounding": plan.rounding if plan is not None else None, "target": info.target,
             "onnx": {"file": info.path.name, "bytes": info.path.stat().st_size, "weight_bytes": info.weight_bytes,
                      "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8,
-                     "weights_int4": info.weights_int4, "ops": info.ops},
+                     "weights_int4": info.weights_int4, "weights_fp8": info.weights_fp8, "ops": info.ops},
             "artifact": {"file": artifact.path.name, "file_bytes": artifact.path.stat().st_size, "size_bytes": artifact.size_bytes},
             "backend": {"name": artifact.backend, "options": artifact.options},
             "latency": {"batch": latency.batch, "runs": latency.runs, "median_ms": round(latency.median_ms, 4),

@@ -25,6 +25,7 @@ class OnnxRecord:
     weights_int8: int
     weights_int4: int
     ops: dict[str, int]
+    weights_fp8: int = 0  # absent in manifests written before FP8 blocks existed
 
 
 @dataclass(frozen=True, config=STRICT)

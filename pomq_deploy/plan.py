@@ -1,5 +1,11 @@
-"""Bit-width plans: per encoder block, the widths of its weights (``w``), of the activations entering its
-Linear layers and LayerNorms (``a``) and of its post-Softmax attention (``attn``), each 4 or 8.
+"""Bit-width plans: per encoder block, the format of its weights (``w``), of the activations entering its
+Linear layers and LayerNorms (``a``) and of its post-Softmax attention (``attn``).
+
+PoMQ-ViT's genes are integer widths, 4 or 8. A gene may also be ``fp8`` (FP8 E4M3, scaled per tensor for
+activations and per output channel for weights) or ``float`` (not quantized): the formats the engines run per
+block besides integers (a block kept in float, an FP8 block, INT4 weight-only GEMMs with float activations:
+``{w: 4, a: float}``). Which of them a target's engine runs, and as what, is the target's to say
+(:mod:`.targets`).
 
 A plan is a small YAML file a person can read, edit and diff (README.md, "Plans"). Its id is a hash of what
 changes the quantized model (recipe, scheme, rounding, blocks), so identical plans share artifacts and results.
@@ -8,10 +14,10 @@ changes the quantized model (recipe, scheme, rounding, blocks), so identical pla
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from ._schema import STRICT, parse, read_yaml, to_plain
@@ -20,14 +26,34 @@ from .errors import PlanError
 from .quant.roundings import DEFAULT_ROUNDING, RoundingName
 from .quant.schemes import SchemeName
 
-Bits = Literal[4, 8]
+Bits = Literal[4, 8]  # PoMQ-ViT's integer widths
+Gene = Literal[4, 8, "fp8", "float"]
+GENE_VALUES: tuple[Gene, ...] = get_args(Gene)
+# what a GEMM's weights allow for the activations that enter it: integer weights take integer activations, or
+# float ones (weight-only quantization); FP8 weights take FP8 activations; float weights float ones
+GEMM_PAIRS = {4: (4, 8, "float"), 8: (4, 8, "float"), "fp8": ("fp8",), "float": ("float",)}
 
 
 @dataclass(frozen=True, config=STRICT)
 class BlockBits:
-    w: Bits
-    a: Bits
-    attn: Bits
+    w: Gene
+    a: Gene
+    attn: Gene
+
+    @model_validator(mode="after")
+    def _gemm_pair(self):
+        if self.a not in GEMM_PAIRS[self.w]:
+            allowed = " or ".join(map(str, GEMM_PAIRS[self.w]))
+            raise ValueError(f"w={self.w} with a={self.a}: no engine runs that GEMM; with w={self.w}, a is {allowed}")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        """Every gene an integer width (a PoMQ-ViT setting)."""
+        return all(isinstance(v, int) for v in (self.w, self.a, self.attn))
+
+    def text(self) -> str:
+        return f"{self.w}/{self.a}/{self.attn}"
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -40,7 +66,7 @@ class Plan:
 
     @property
     def is_mixed(self) -> bool:
-        """The paper's constraint 2: not every width 4 and not every width 8."""
+        """The paper's constraint 2: not every width 4 and not every width 8 (and every gene an integer width)."""
         widths = {v for b in self.blocks for v in (b.w, b.a, b.attn)}
         return widths == {4, 8}
 
@@ -58,19 +84,21 @@ class Plan:
                             f"encoder blocks; give one {{w, a, attn}} row per block")
 
 
-def parse_uniform(text: str) -> tuple[int, int, int]:
-    """``W/A/ATTN`` (e.g. ``8/8/4``) as three widths, each 4 or 8."""
+def parse_uniform(text: str) -> BlockBits:
+    """``W/A/ATTN`` (e.g. ``8/8/4``, ``fp8/fp8/fp8``, ``4/float/float``) as one block's genes."""
     parts = text.split("/")
-    if len(parts) != 3 or any(p not in ("4", "8") for p in parts):
-        raise ValueError(f"expected W/A/ATTN with each of 4 or 8, e.g. 8/8/4; got {text!r}")
-    w, a, attn = (int(p) for p in parts)
-    return w, a, attn
+    allowed = [str(v) for v in GENE_VALUES]
+    if len(parts) != 3 or any(p not in allowed for p in parts):
+        raise ValueError(f"expected W/A/ATTN with each of {', '.join(allowed)}, e.g. 8/8/4; got {text!r}")
+    w, a, attn = (int(p) if p.isdigit() else p for p in parts)
+    try:
+        return BlockBits(w=w, a=a, attn=attn)
+    except ValidationError as e:
+        raise ValueError(f"{text!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def uniform_plan(text: str, n_blocks: int, recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING) -> Plan:
-    w, a, attn = parse_uniform(text)
-    return Plan(recipe=recipe, scheme=scheme, blocks=tuple(BlockBits(w=w, a=a, attn=attn) for _ in range(n_blocks)),
-                rounding=rounding)
+    return Plan(recipe=recipe, scheme=scheme, blocks=(parse_uniform(text),) * n_blocks, rounding=rounding)
 
 
 def paper_plan(n_blocks: int, recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING) -> Plan:

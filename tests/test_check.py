@@ -132,7 +132,7 @@ def int4_linear(k: int, block: int, op: str = "MatMul") -> onnx.ModelProto:
 def test_int4_weights_need_blocks_of_64_or_128(k, block, errors):
     m = int4_linear(k, block)
     assert found(m) == errors
-    assert found(m, WARNING) == set()
+    assert found(m, WARNING) == {("qdq-weight-only", "fc")}  # INT8 Q/DQ before an INT4 weight: still weight-only
 
 
 def test_int4_is_weight_only():
@@ -199,6 +199,73 @@ def test_residual_add_wants_a_quantized_skip_input(residual, warned):
     m = model(body, (tensor("int8", (8, 8), "w"), tensor("float", (8,), "ws", 0.01), tensor("float", (8,), "b", 0)))
     assert found(m) == set()
     assert found(m, WARNING) == ({("residual-add", "res")} if warned else set())
+
+
+def test_an_identity_of_a_bias_is_a_constant():
+    """The exporter writes equal biases (timm initialises them to 0) as Identities of one initializer: such an Add is
+    a bias Add, and the residual Add after it is judged against its MatMul."""
+    body = X_QDQ + """
+  [w_dq] wd = DequantizeLinear <axis = 1> (w, ws)
+  [fc] h = MatMul (xd, wd)
+  [same] b2 = Identity (b)
+  [bias] hb = Add (b2, h)
+  [res] y = Add (hb, x)
+"""
+    m = model(body, (tensor("int8", (8, 8), "w"), tensor("float", (8,), "ws", 0.01), tensor("float", (8,), "b", 0)))
+    assert found(m, WARNING) == {("residual-add", "res")}
+
+
+def test_int4_weight_only_and_two_quantized_types():
+    """An INT4 weight on a float input is TensorRT's weight-only GEMM (no finding); with INT8 Q/DQ on the input it is
+    still weight-only, and the input's Q/DQ runs on its own; FP8 against INT8 has no kernel at all."""
+    int4 = (tensor("int4", (128, 16), "w"), tensor("float", (1, 16), "ws", 0.01))
+    body = "  [w_dq] wd = DequantizeLinear <axis = 0, block_size = 128> (w, ws)\n  [fc] y = MatMul ({x}, wd)\n"
+    assert check_tensorrt(model(body.format(x="x"), int4, opset=21, x="float[2,128] x")) == []
+    assert found(model(X_QDQ + body.format(x="xd"), int4, opset=21, x="float[2,128] x"), WARNING) == {("qdq-weight-only", "fc")}
+    fp8 = X_QDQ + """
+  ys = Constant <value = float {0.1}> ()
+  yz = Constant <value = float8e4m3fn {0}> ()
+  [v_q] vq = QuantizeLinear(v, ys, yz)
+  [v_dq] vd = DequantizeLinear(vq, ys, yz)
+  [mm] y = MatMul (xd, vd)
+"""
+    m = onnx.parser.parse_model('<ir_version: 10, opset_import: ["" : 21]>\n'
+                                f"g (float[2,8] x, float[8,4] v) => (float y)\n{{{fp8}}}")
+    onnx.checker.check_model(m)
+    assert found(m) == set() and found(m, WARNING) == {("qdq-mixed-types", "mm")}
+
+
+# ---- what an engine runs for a plan, before any export ------------------------------------------------------
+
+def test_check_plan_names_what_tensorrt_runs_otherwise(tmp_path, capsys):
+    """PoMQ-ViT's plan on TensorRT: the 4-bit-activation blocks run INT8 Q/DQ on 16 levels, their w=4 GEMMs run
+    weight-only; on ort the same GEMMs are INT8 kernels (no weight-only note), FP8 is float math."""
+    from pomq_deploy.plan import paper_plan, save_plan
+
+    path = tmp_path / "paper.yaml"
+    save_plan(paper_plan(12, "deit_fmnist", "minmax"), path)
+    assert main(["check", "--plan", str(path), "--target", "tensorrt", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    gone = {d["what"].split(":")[0]: d["blocks"] for d in out["departures"]}
+    assert gone == {"a=4": [0, 1, 10, 11], "w=4, a=4 GEMMs": [0, 1, 10, 11], "attn=4": [0, 1, 10, 11]}
+    assert "INT4 weight-only" in out["blocks"][0]["gemm"] and out["blocks"][5]["gemm"] == "INT8 GEMM"
+    assert main(["check", "--plan", str(path), "--target", "ort", "--json"]) == 0
+    gone = {d["what"].split(":")[0] for d in json.loads(capsys.readouterr().out)["departures"]}
+    assert gone == {"a=4", "attn=4"}
+    assert main(["check", "--uniform", "fp8/fp8/fp8", "--blocks", "2", "--target", "ort", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(d["blocks"] == [0, 1] and "FP8 Q/DQ computed in float" in d["what"] for d in out["departures"])
+    assert main(["check", "--uniform", "fp8/fp8/fp8", "--blocks", "2", "--json"]) == 0  # tensorrt runs FP8
+    assert json.loads(capsys.readouterr().out)["departures"] == []
+
+
+def test_check_takes_a_file_or_a_plan(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(linear(), str(path))
+    assert main(["check", str(path), "--uniform", "8/8/8"]) == 2
+    assert "give an ONNX FILE" in capsys.readouterr().err
+    assert main(["check", str(path), "--target", "ort"]) == 2
+    assert "--target ort: no ONNX rules" in capsys.readouterr().err
 
 
 # ---- the command line --------------------------------------------------------------------------------------

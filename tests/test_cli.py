@@ -104,7 +104,7 @@ def test_plan_with_wrong_block_count(tiny_recipe, tmp_path, capsys):
 def test_plan_with_bad_width(tiny_recipe, tmp_path, capsys):
     plan = tmp_path / "p.yaml"
     plan.write_text("model: tiny\nscheme: fqvit\nblocks:\n  - {w: 4, a: 8, attn: 4}\n  - {w: 2, a: 8, attn: 4}\n")
-    assert "'blocks[1].w': Input should be 4 or 8 (got 2)" in user_error(["eval", "--plan", str(plan)], capsys)
+    assert "'blocks[1].w': Input should be 4, 8, 'fp8' or 'float' (got 2)" in user_error(["eval", "--plan", str(plan)], capsys)
 
 
 def test_bad_uniform_is_a_usage_error(capsys):

@@ -252,3 +252,37 @@ def test_every_pass_reads_a_constant_in_any_of_its_forms(tmp_path, attr):
     assert Graph(model).value("c").reshape(-1).tolist() == [want]
     onnx.save(model, str(tmp_path / "m.onnx"))
     assert len(graph_signature(tmp_path / "m.onnx")) == 16
+
+
+ENGINE_FORMATS = ("fp8/fp8/fp8", "float/float/float", "4/float/float", "8/8/fp8", "8/8/float", "8/8/8")
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_fp8_float_and_weight_only_blocks_export_and_agree(tmp_path, calibrated, target):
+    """A plan mixing an FP8 block, a float block, an INT4 weight-only block, FP8 and float attention and an INT8
+    block: FP8 weights stored as FLOAT8E4M3FN codes, no Q/DQ in the float block, the weight-only block's GEMMs on
+    float activations, and ONNX Runtime (its CPU kernels run FP8 Q/DQ) agreeing with the fake-quant reference."""
+    from pomq_deploy.plan import parse_uniform
+
+    qm = calibrated
+    plan = Plan(recipe="t", scheme=qm.scheme, blocks=tuple(parse_uniform(t) for t in ENGINE_FORMATS))
+    info = export_quantized(qm, plan, target, tmp_path / "m.onnx")
+    model = onnx.load(str(info.path))
+    assert (info.weights_fp8, info.weights_int4, info.weights_int8) == (4, 4, 3 * 4 + 2)
+    fp8_weights = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.dims]
+    assert len(fp8_weights) == 4 and all(n.startswith("model.blocks.0.") for n in fp8_weights)
+    qdq_blocks = {n.name.split("/")[3] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                  and n.name.startswith("/model/blocks/")}
+    assert qdq_blocks == {"blocks.0", "blocks.2", "blocks.3", "blocks.4", "blocks.5"}  # none in the float block
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    gemm_inputs = {n.name.split("/")[-2]: made_by.get(n.input[0]) for n in model.graph.node
+                   if n.op_type in ("MatMul", "Gemm") and n.name.startswith("/model/blocks/blocks.2/mlp/")}
+    assert set(gemm_inputs) == {"fc1", "fc2"} and "DequantizeLinear" not in gemm_inputs.values()  # weight-only
+    x = torch.cat(images(2, seed=11))
+    qm.apply(plan, "asym" if target == "ort" else "sym")
+    with torch.no_grad():
+        ref = qm(x)
+    out = torch.from_numpy(run_ort(tmp_path, info.path, x))
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999 and (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+

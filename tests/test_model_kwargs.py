@@ -118,6 +118,10 @@ def test_inspect_shows_blocks_roles_and_the_data_config(tmp_path, capsys):
     assert roles["qkv"] == "Linear 64 -> 192" and roles["fc2"] == "Linear 256 -> 64"
     assert [o["path"] for o in info["outside_8bit"]] == ["patch_embed.proj", "norm", "head"]
     assert info["data_config"]["input_size"] == [1, 28, 28] and info["kwargs"] == SHAPE
+    assert [f["genes"] for f in info["engine_formats"]] == ["float/float/float", "8/8/8", "8/8/float", "4/8/8", "4/8/float"]
+    assert main(["inspect", "--recipe", str(_recipe(tmp_path)), "--target", "tensorrt", "--json"]) == 0
+    trt = {f["genes"]: f["gemm"] for f in json.loads(capsys.readouterr().out)["engine_formats"]}
+    assert trt["4/float/float"].startswith("INT4 weight-only GEMM (W4A16)") and trt["fp8/fp8/fp8"].startswith("FP8 E4M3 GEMM")
     # Swin's blocks, numbered across its stages (the shipped recipe; no weights are read)
     assert main(["inspect", "--recipe", "swin_tiny", "--json"]) == 0
     swin = json.loads(capsys.readouterr().out)

@@ -31,7 +31,10 @@ def test_measured_roundtrips(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ("{w: 5, a: 8, attn: 4}", r"'blocks\[1\].w': Input should be 4 or 8 \(got 5\)"),
+        ("{w: 5, a: 8, attn: 4}", r"'blocks\[1\].w': Input should be 4, 8, 'fp8' or 'float' \(got 5\)"),
+        ("{w: fp8, a: 8, attn: 8}", r"'blocks\[1\]': w=fp8 with a=8: no engine runs that GEMM; with w=fp8, a is fp8$"),
+        ("{w: float, a: 4, attn: 8}", r"'blocks\[1\]': w=float with a=4: .*; with w=float, a is float$"),
+        ("{w: 8, a: fp8, attn: 8}", r"'blocks\[1\]': w=8 with a=fp8: .*; with w=8, a is 4 or 8 or float$"),
         ("{w: 4, a: 8}", r"missing required key 'blocks\[1\].attn'"),
         ("{w: 4, a: 8, attn: 4, x: 1}", r"unknown key 'blocks\[1\].x'; allowed keys here: w, a, attn"),
     ],
@@ -66,6 +69,23 @@ def test_uniform_and_mixed():
     assert not uniform_plan("4/4/4", 3, "m", "fqvit").is_mixed and paper_plan().is_mixed
     with pytest.raises(ValueError, match="expected W/A/ATTN"):
         parse_uniform("8/8/2")
+
+
+def test_engine_genes_parse_and_plans_of_today_keep_their_ids(tmp_path):
+    """fp8 and float genes beside 4 and 8; the ids below were computed by the code before those genes existed."""
+    assert parse_uniform("4/float/float") == BlockBits(w=4, a="float", attn="float")
+    assert not parse_uniform("fp8/fp8/8").integer and parse_uniform("8/4/8").integer
+    with pytest.raises(ValueError, match="'fp8/8/8': w=fp8 with a=8"):
+        parse_uniform("fp8/8/8")
+    path = tmp_path / "p.yaml"
+    path.write_text("recipe: m\nscheme: fqvit\nblocks:\n  - {w: float, a: float, attn: float}\n  - {w: 4, a: float, attn: fp8}\n")
+    plan = load_plan(path)
+    assert plan.blocks[1] == BlockBits(w=4, a="float", attn="fp8") and not plan.is_mixed
+    save_plan(plan, path)
+    assert "  - {w: 4, a: float, attn: fp8}\n" in path.read_text() and load_plan(path) == plan
+    from pomq_deploy.plan import paper_plan as papers_plan
+    assert papers_plan(12, "deit_fmnist", "repq").plan_id == "4a2ee837c3b0"
+    assert uniform_plan("4/8/8", 12, "deit_fmnist", "fqvit", "gptq").plan_id == "a779cf7c6649"
 
 
 def test_plan_id_is_content_hash():

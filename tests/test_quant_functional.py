@@ -171,3 +171,16 @@ def test_o2sf_gives_the_outlier_channel_a_second_scale():
 def test_qrange():
     assert Fq.qrange(8, False) == (0, 255) and Fq.qrange(8, True) == (-128, 127)
     assert Fq.qrange(4, False) == (0, 15) and Fq.qrange(4, True) == (-8, 7)
+
+
+def test_fp8_rounds_to_nearest_even_and_saturates_by_hand():
+    """E4M3: 3 mantissa bits; between 1 and 2 the step is 1/8, and the smallest subnormal is 2^-9."""
+    from pomq_deploy.quant.fp8 import fp8_fake_quant, fp8_weight_fake_quant, fp8_weight_scale
+
+    x = torch.tensor([1.0625, 1.1875, 1.2, 500.0, -1000.0, 2.0**-9, 2.0**-11, 3 * 2.0**-10, 0.0])
+    assert fp8_fake_quant(x, 1.0).tolist() == [1.0, 1.25, 1.25, 448.0, -448.0, 2.0**-9, 0.0, 2.0**-8, 0.0]
+    assert fp8_fake_quant(torch.tensor([0.53125, 300.0]), 0.5).tolist() == [0.5, 224.0]
+    w = torch.tensor([[896.0, 1.0], [2.0, -0.5]])  # per output channel: scales 2 and 2/448
+    assert torch.allclose(fp8_weight_scale(w), torch.tensor([2.0, 2.0 / 448]))
+    assert fp8_weight_fake_quant(w).tolist() == [[896.0, 1.0], [2.0, -0.5]]
+    assert fp8_weight_fake_quant(torch.tensor([[448.0, 17.0]])).tolist() == [[448.0, 16.0]]  # 17 between 16 and 18: even

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from pomq_deploy.export import export_quantized
 from pomq_deploy.plan import BlockBits, Plan, dump_plan, uniform_plan
+from pomq_deploy.quant.adapters import ModelError
 from pomq_deploy.quant.fitting import fit_gptq, setting_key
 from pomq_deploy.quant.functional import weight_codes
 from pomq_deploy.quant.model import QuantModel
@@ -97,6 +98,26 @@ def test_the_rounding_is_part_of_the_plans_identity():
     assert nearest.plan_id != gptq.plan_id
     assert nearest.plan_id == Plan(recipe="deit_fmnist", scheme="repq", blocks=nearest.blocks).plan_id
     assert "rounding: gptq\n" in dump_plan(gptq)
+
+
+def test_fp8_and_float_blocks_take_no_fit_and_a_weight_only_one_is_refused(fitted):
+    """A fitted rounding rounds integer weights onto their grids: an FP8 or float block has none (its weights are
+    cast or kept), so it is the same as with nearest; an integer weight beside a float activation has no fit."""
+    n = fitted.num_blocks
+    plan = _plan(fitted, [(8, 8, 8)] * (n - 2) + [("fp8", "fp8", "fp8"), ("float", "float", "float")])
+    h = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(0))  # tokens entering the last two blocks
+    outs = {}
+    for rounding in ("gptq", "nearest"):
+        fitted.rounding = rounding
+        fitted.apply(dataclasses.replace(plan, rounding=rounding))
+        with torch.no_grad():
+            outs[rounding] = fitted.model.blocks[n - 1](fitted.model.blocks[n - 2](h))
+    fitted.rounding = "gptq"
+    assert torch.equal(outs["gptq"], outs["nearest"])
+    fp8, flt = fitted.weighted[f"blocks.{n - 2}.mlp.fc1"], fitted.weighted[f"blocks.{n - 1}.mlp.fc1"]
+    assert (fp8.weight_bits, fp8.fitted, flt.weight_bits) == ("fp8", None, None)
+    with pytest.raises(ModelError, match=r"block 0 \(4/float/float\): rounding gptq fits integer weights"):
+        fitted.apply(_plan(fitted, [(4, "float", "float")] + [(8, 8, 8)] * (n - 1)))
 
 
 def test_a_plan_for_another_rounding_is_refused(fitted):

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from pomq_deploy.backends import Artifact, BackendError, get_backend
 from pomq_deploy.backends.tensorrt import LAYERS_NAME, OnnxInput, artifact_label, autocast_fp16, engine_loader, manifest_section, read_onnx_input, rules_gate
 from pomq_deploy.backends.trt_inspect import (
+    FP8,
     FP16,
     FP32,
     INT4,
@@ -141,6 +142,13 @@ def test_layer_summary_names_what_the_engine_did_not_honour():
     ((8, 8, 8), "qkv", FP16, "w=8/a=8 runs in FP16, not INT8"),
     ((8, 8, 4), "attn@v", FP32, "attn=4 runs in FP32, not INT8"),  # FQ-ViT's LIS: log-domain float ops
     ((8, 8, 8), "attn@v", INT8, None),
+    ((4, "float", "float"), "fc1", INT4, None),  # INT4 weight-only on float activations: the format itself
+    ((4, "float", "float"), "attn@v", FP16, None),
+    (("fp8", "fp8", "fp8"), "qkv", FP8, None),
+    (("fp8", "fp8", "fp8"), "attn@v", FP16, "attn=fp8 runs in FP16, not FP8"),
+    (("fp8", "fp8", "fp8"), "fc2", FP16, "w=fp8 runs in FP16, not FP8"),
+    (("float", "float", "float"), "proj", FP32, None),
+    (("float", "float", "float"), "proj", INT8, "w=float runs in INT8, not float"),
 ])
 def test_judge_each_plan_setting(bits, linear, precision, note):
     assert judge(BlockBits(w=bits[0], a=bits[1], attn=bits[2]), linear, precision) == note
@@ -437,6 +445,22 @@ def test_engine_agrees_with_ort_cpu(plan, reference_recipe, fmnist_root, tmp_pat
     assert (built_trt.directory / LAYERS_NAME).is_file() and m.tensorrt["trtexec"].startswith("trtexec --onnx=model.onnx")
     assert set(m.backend.options["built_with"]) == {"tensorrt", "gpu", "compute_capability", "cuda"}
     assert m.latency.runs >= 200 and 0 < m.latency.median_ms <= m.latency.p90_ms
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("genes", ["fp8/fp8/fp8", "4/float/float"])
+def test_engine_formats_build_and_agree_with_ort_cpu(genes, reference_recipe, fmnist_root, tmp_path):
+    """Uniform FP8 (Ada/Hopper and later) and INT4 weight-only: the engine builds, the layer summary finds the
+    plan honoured, and top-1 agrees with ONNX Runtime on the same ONNX (which computes FP8 in float) on >= 99%."""
+    from pomq_deploy.build import BuildOptions, build
+
+    p = uniform_plan(genes, 12, "deit_fmnist", "fqvit")
+    trt = get_backend("tensorrt", batch=8, timing_cache=tmp_path / ".trt_timing.cache")
+    built_trt = build(reference_recipe, p, BuildOptions(trt, "tensorrt", tmp_path / "trt", runs=50))
+    built_ort = build(reference_recipe, p, BuildOptions(get_backend("ort-cpu"), "tensorrt", tmp_path / "ort", runs=5))
+    agree = np.mean(_predictions(trt, built_trt.runnable, reference_recipe) == _predictions(get_backend("ort-cpu"), built_ort.runnable, reference_recipe))
+    assert agree >= 0.99, f"top-1 agreement {agree:.4f}"
+    assert built_trt.manifest.tensorrt["layers"]["not_honoured"] == []
 
 
 @pytest.mark.gpu

@@ -42,7 +42,7 @@ from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
 
 UNIFORM = {"minmax": ["8/8/8", "4/4/4"]}  # the uniform plans of a scheme, default DEFAULT_UNIFORM
-DEFAULT_UNIFORM = ["8/8/8", "8/8/4", "4/4/4"]
+DEFAULT_UNIFORM = ["8/8/8", "8/8/4", "4/4/4", "fp8/fp8/fp8"]
 MIXED = {"minmax": 0, "fqvit": 3}  # how many of the mixed plans a scheme is evaluated on, default 1 (the paper's)
 PARITY_NOTE = ("Every GEMM of a plan runs on integer codes in both (PyTorch: `integer_linear`, `integer_product` and the "
                "attention's two MatMuls; ORT: its integer kernels, and two MatMulIntegers for a V-2SF input), except "
@@ -77,6 +77,13 @@ def mixed_plans(recipe: str, scheme: str, n: int) -> dict[str, Plan]:
         "4-bit weights in blocks 3-10, 8/8/8 elsewhere": plan([(4 if 2 <= i < 10 else 8, 8, 8) for i in range(n)]),
         "4-bit weights and attention, 8-bit activations": plan([(4, 8, 4)] * n),
     }
+
+
+def fp8_plan(recipe: str, scheme: str, n: int) -> tuple[str, Plan]:
+    """FP8 per block: the paper's 4-bit blocks (1-2, 11-12) in FP8 instead, 8/8/8 elsewhere."""
+    rows = [("fp8",) * 3 if i < 2 or i >= n - 2 else (8, 8, 8) for i in range(n)]
+    return "FP8 in blocks 1-2, 11-12, 8/8/8 elsewhere", Plan(recipe=recipe, scheme=scheme, blocks=tuple(
+        BlockBits(w=w, a=a, attn=t) for w, a, t in rows))
 
 
 def main() -> None:
@@ -158,6 +165,9 @@ def main() -> None:
         for label, plan in list(mixed_plans(recipe.name, scheme, model.num_blocks).items())[: MIXED.get(scheme, 1)]:
             if wanted(label):
                 run(model, label, scheme, plan.plan_id, plan)
+        label, plan = fp8_plan(recipe.name, scheme, model.num_blocks)
+        if scheme != "minmax" and wanted(label):
+            run(model, label, scheme, plan.plan_id, plan)
 
     lines = [
         "# Accuracy of the reference model under quantization",

@@ -1,5 +1,6 @@
 """Latency on TensorRT at batch 1 and 32: an FP16 engine of the float model against our plans (8/8/8 and the
-mixed plans of tools/bench_ort.py), for the reference model and timm's deit_small_patch16_224 with random
+mixed plans of tools/bench_ort.py, and the engine formats TensorRT runs per block: uniform FP8 and INT4
+weight-only; `check --plan` says what each runs as), for the reference model and timm's deit_small_patch16_224 with random
 weights at 224x224. Every number comes from this one run; speed-up = the FP16 engine's median / this median
 at the same batch. Each (variant, batch) gets its own engine, tuned for that batch (opt shape), sharing one
 timing cache. Needs an NVIDIA GPU with TensorRT; elsewhere it exits 2 with one line saying what is missing.
@@ -23,6 +24,7 @@ from bench_ort import PHASES, plans
 
 from pomq_deploy.backends import BackendError
 from pomq_deploy.backends.tensorrt import machine, require_gpu_stack
+from pomq_deploy.plan import uniform_plan
 
 BATCHES = (1, 32)
 
@@ -49,7 +51,10 @@ def bench_model(label: str, fp: torch.nn.Module, qmodel, args, work: Path) -> li
               file=sys.stderr, flush=True)
 
     run("FP16 engine of the float model", None, fp16=True)
-    for what, plan in plans(label, qmodel.scheme, qmodel.num_blocks).items():
+    n = qmodel.num_blocks
+    engine = {f"ours {qmodel.scheme} {text}": uniform_plan(text, n, label, qmodel.scheme)
+              for text in ("fp8/fp8/fp8", "4/float/float")}  # FP8 (Ada, Hopper and later), W4A16
+    for what, plan in (plans(label, qmodel.scheme, n) | engine).items():
         run(what, plan, fp16=True)
     return rows
 

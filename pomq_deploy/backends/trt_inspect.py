@@ -120,15 +120,28 @@ def plan_layers(layers: Iterable[EngineLayer], order: list[tuple[int, int]]) -> 
     return found
 
 
+FLOATS = (FP16, BF16, FP32)
+
+
 def judge(bits: BlockBits, linear: str, precision: str) -> str | None:
     """How the engine departs from the plan for one of a block's layers, or None where it does not."""
     if linear == "attn@v":
+        if bits.attn == "float":
+            return None if precision in FLOATS else f"attn=float runs in {precision}, not float"
+        if bits.attn == "fp8":
+            return None if precision == FP8 else f"attn=fp8 runs in {precision}, not FP8"
         if precision == INT8:
             return None if bits.attn == 8 else "attn=4 runs as INT8 (TensorRT has no 4-bit activation math)"
         return f"attn={bits.attn} runs in {precision}, not INT8"
+    if bits.w == "float":
+        return None if precision in FLOATS else f"w=float runs in {precision}, not float"
+    if bits.w == "fp8":
+        return None if precision == FP8 else f"w=fp8 runs in {precision}, not FP8"
     if bits.w == 4:
         if precision != INT4:
             return f"w=4 runs as {precision}, not INT4 weight-only"
+        if bits.a == "float":
+            return None
         return f"a={bits.a} runs in float: TensorRT's INT4 is weight-only, so this GEMM takes float activations"
     if precision != INT8:
         return f"w=8/a={bits.a} runs in {precision}, not INT8"

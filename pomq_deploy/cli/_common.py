@@ -94,7 +94,8 @@ def add_quant_arguments(p: argparse.ArgumentParser, required: bool = False) -> N
     which = g.add_mutually_exclusive_group(required=required)
     which.add_argument("--plan", metavar="P", type=Path, help="bit-width plan YAML (names its recipe and scheme)")
     which.add_argument("--uniform", metavar="W/A/ATTN", type=uniform_spec,
-                       help="the same widths in every block, e.g. 8/8/8, 8/8/4, 4/4/4")
+                       help="the same genes in every block, each of 4, 8, fp8, float: e.g. 8/8/8, 8/8/4, 4/4/4, "
+                       "fp8/fp8/fp8, 4/float/float (INT4 weight-only), float/float/float")
     add_scheme_argument(g, f"the plan's, else {DEFAULT_SCHEME}")
     add_rounding_argument(g, f"the plan's, else {DEFAULT_ROUNDING}")
     g.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")

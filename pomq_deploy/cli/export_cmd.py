@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     info = export_quantized(model, plan, target, args.out)
     out = {"onnx": str(info.path), "recipe": recipe.name, "plan_id": plan.plan_id, "scheme": plan.scheme, "rounding": plan.rounding,
            "target": target, "bytes": info.path.stat().st_size, "weight_bytes": info.weight_bytes,
-           "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8, "weights_int4": info.weights_int4}
+           "initializer_bytes": info.initializer_bytes, "weights_int8": info.weights_int8, "weights_int4": info.weights_int4,
+           "weights_fp8": info.weights_fp8}
     emit(args.json, out, f"wrote {info.path} ({out['bytes'] / 1e6:.2f} MB; weights: {info.weights_int8} INT8, "
-                         f"{info.weights_int4} INT4; plan {plan.plan_id}, {plan.scheme}, {plan.rounding} rounding, target {target})")
+                         f"{info.weights_int4} INT4, {info.weights_fp8} FP8; plan {plan.plan_id}, {plan.scheme}, {plan.rounding} rounding, target {target})")
     return 0

@@ -12,16 +12,21 @@ quantizer does, then list the encoder blocks found (module path, timm class, the
 each block's layers with the role a plan gives them (qkv, proj, fc1, fc2 at the block's w and a widths;
 the attention probabilities at attn), the layers outside the blocks that stay 8-bit, and the timm data
 config in force (input size, mean, std, interpolation, crop). The first check that the tool understands a
-model: a block family without an adapter fails here with one line.
+model: a block family without an adapter fails here with one line. Then the per-block formats the --target's
+engine runs (what `search --space engine` draws from) and what each runs as; `check --plan` says it for a
+whole plan.
 
 examples:
   pomq-deploy inspect
-  pomq-deploy inspect --recipe my_vit.yaml --json
+  pomq-deploy inspect --recipe my_vit.yaml --target tensorrt --json
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..targets import TARGETS
+
     add_recipe_arguments(p)
+    p.add_argument("--target", choices=list(TARGETS), default="ort", help="whose per-block engine formats to list (default: ort)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -83,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     info = describe(data_model(recipe.model))
-    info = {"recipe": recipe.name, "arch": recipe.model.arch, "kwargs": recipe.model.kwargs, **info}
+    info = {"recipe": recipe.name, "arch": recipe.model.arch, "kwargs": recipe.model.kwargs, **info,
+            "engine_formats": engine_formats(args.target)}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -107,4 +113,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = info["data_config"]
     stdout.print(f"data config: input {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, "
                  f"{cfg['interpolation']}, crop {cfg['crop_pct']}")
+    formats = Table(title=f"per-block formats {args.target}'s engine runs (search --space engine)")
+    for col in ("format", "w/a/attn", "qkv, proj, fc1, fc2", "probs @ v"):
+        formats.add_column(col, overflow="fold")
+    for f in info["engine_formats"]:
+        formats.add_row(f["format"], f["genes"], f["gemm"], f["attention"])
+    stdout.print(formats)
     return 0
+
+
+def engine_formats(target_name: str) -> list[dict]:
+    """Each (format, attention) of the target's engine space with what its engine runs (uniform attention
+    quantizers; a scheme's log-domain attention runs as float ops, which `check --plan` says per plan)."""
+    from ..targets import get_target
+
+    target = get_target(target_name)
+    return [{"format": f.name, "genes": "/".join(map(str, (f.w, f.a, t))), "gemm": target.gemm(f.w, f.a)[0],
+             "attention": target.attention(f.a, t, log_domain=False)[0]} for f in target.formats for t in f.attn]

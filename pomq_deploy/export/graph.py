@@ -1,4 +1,4 @@
-"""Passes over the exported ONNX graph that turn float weights under Q/DQ into real integer initializers.
+"""Passes over the exported ONNX graph that turn float weights under Q/DQ into real integer (or FP8) initializers.
 
 The exporter writes each quantized weight as ``float initializer -> QuantizeLinear -> DequantizeLinear``.
 ``store_integer_weights`` runs the QuantizeLinear once, here, and keeps only its integer codes (INT8, or
@@ -17,12 +17,14 @@ import onnx
 from onnx import numpy_helper
 
 from ..onnx_graph import Graph, node_attr
+from ..quant.fp8 import E4M3_MAX
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int]) -> int:
-    """Replace ``W -> QuantizeLinear`` on each weight named in ``weight_bits`` with W's integer codes.
+def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int | str]) -> int:
+    """Replace ``W -> QuantizeLinear`` on each weight named in ``weight_bits`` with W's codes: INT8, INT4, or
+    FLOAT8E4M3FN for ``"fp8"`` (saturated, rounded to nearest even as the QuantizeLinear does).
 
     Returns how many weights were converted. A 4-bit weight whose codes do not fit INT4 is a bug upstream
     (its scale is amax/7), so it raises rather than silently storing INT8."""
@@ -34,12 +36,16 @@ def store_integer_weights(model: onnx.ModelProto, weight_bits: dict[str, int]) -
         axis = node_attr(q, "axis", 1)
         shape = [1] * w.ndim
         shape[axis] = -1
-        codes = np.clip(np.rint(w / scale.reshape(shape)), -128, 127)
-        if bits == 4:
+        if bits == "fp8":
+            codes = np.clip(w / scale.reshape(shape), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+            tensor = numpy_helper.from_array(codes, f"{name}_fp8")
+        elif bits == 4:
+            codes = np.clip(np.rint(w / scale.reshape(shape)), -128, 127)
             if codes.min() < -8 or codes.max() > 7:
                 raise ValueError(f"{name}: 4-bit weight codes span [{codes.min()}, {codes.max()}], outside INT4")
             tensor = numpy_helper.from_array(codes.astype(ml_dtypes.int4), f"{name}_int4")
         else:
+            codes = np.clip(np.rint(w / scale.reshape(shape)), -128, 127)
             tensor = numpy_helper.from_array(codes.astype(np.int8), f"{name}_int8")
         g.replace_initializer(None, tensor)
         for dq in g.consumers(q.output[0]):
@@ -152,10 +158,11 @@ def qdq_to_attention_matmuls(model: onnx.ModelProto, quantize_first: bool = Fals
     the MatMul, so both attention MatMuls ran in float. The shape ops only move values, so the codes are
     the same, and so is the QuantizeLinear work; q's factor c goes into its DequantizeLinear's scale
     (``DQ(code, s*c)``, exact for DeiT's c = 1/8, within one float rounding otherwise). ``quantize_first``
-    (ONNX Runtime) moves 1-byte codes through the shape ops; without it (TensorRT) each attention MatMul
-    input gets the Q/DQ pair that TensorRT's attention fusion looks for. Returns the DequantizeLinears moved."""
+    (ONNX Runtime) moves 1-byte integer codes through the shape ops; without it (TensorRT), and for FP8 codes,
+    each attention MatMul input gets the Q/DQ pair that TensorRT's attention fusion looks for. Returns the
+    DequantizeLinears moved."""
     g = Graph(model)
-    moved = 0
+    moved, codes_moved = 0, False
     for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
         q = g.producer(dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or len(g.consumers(q.output[0])) != 1:
@@ -166,14 +173,17 @@ def qdq_to_attention_matmuls(model: onnx.ModelProto, quantize_first: bool = Fals
         leaves = _shape_leaves(g, dq.output[0])
         if leaves is None:
             continue
-        g.replace_uses(dq.output[0], q.output[0] if quantize_first else q.input[0])
+        # FP8 codes stay floats through the shape ops: ONNX's Split takes no float8 tensor
+        first = quantize_first and zero is not None and np.issubdtype(zero.dtype, np.integer)
+        g.replace_uses(dq.output[0], q.output[0] if first else q.input[0])
         for leaf in leaves:
-            _insert_qdq(g, leaf, scale, zero, _scalar_mul_into_matmul(g, leaf), with_q=not quantize_first)
-        if not quantize_first:
+            _insert_qdq(g, leaf, scale, zero, _scalar_mul_into_matmul(g, leaf), with_q=not first)
+        if not first:
             g.remove(q)
         g.remove(dq)
         moved += 1
-    if quantize_first and moved:  # the tensors between Q and DQ now hold codes, not floats: let ONNX re-infer them
+        codes_moved |= first
+    if codes_moved:  # the tensors between Q and DQ now hold codes, not floats: let ONNX re-infer them
         del g.graph.value_info[:]
     g.finish()
     return moved

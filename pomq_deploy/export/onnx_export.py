@@ -33,6 +33,7 @@ class ExportInfo:
     weights_int4: int
     initializer_bytes: dict[str, int]
     ops: dict[str, int]
+    weights_fp8: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -61,11 +62,11 @@ def _trace(module: nn.Module, size: tuple[int, ...]) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _save(model: onnx.ModelProto, path: Path, target: str, int8: int, int4: int) -> ExportInfo:
+def _save(model: onnx.ModelProto, path: Path, target: str, int8: int, int4: int, fp8: int = 0) -> ExportInfo:
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     replace_atomically(path, lambda tmp: onnx.save(model, str(tmp)))
-    return ExportInfo(path, target, int8, int4, initializer_bytes(model), count_ops(model))
+    return ExportInfo(path, target, int8, int4, initializer_bytes(model), count_ops(model), fp8)
 
 
 def export_fp32(model: nn.Module, path: Path) -> ExportInfo:
@@ -96,5 +97,4 @@ def export_quantized(qmodel: QuantModel, plan: Plan, target: str, path: Path) ->
     qdq_to_attention_matmuls(model, quantize_first=spec.quantize_first)
     if spec.int4_blocks:
         block_int4_scales(model)
-    int4 = sum(b == 4 for b in bits.values())
-    return _save(model, path, target, len(bits) - int4, int4)
+    return _save(model, path, target, *(sum(b == kind for b in bits.values()) for kind in (8, 4, "fp8")))

@@ -296,6 +296,19 @@ def _check_weighted_inputs(node: onnx.NodeProto, g: Graph) -> Iterator[Finding]:
     sources = [_source(i, g) for i in node.input[:2]]
     if not any(_is_dq(s) or _fed_by_dq(s, g) for s in sources):
         return  # a float op by design: nothing to fuse
+    types = [_qtype(s, g) if _is_dq(s) else None for s in sources]
+    if types[1] == TensorProto.INT4:  # [schemes] INT4 is weight-only: the GEMM takes float activations
+        if types[0] is not None:
+            yield Finding("qdq-weight-only", _name(node), f"{node.op_type} has an INT4 weight and "
+                          f"{TensorProto.DataType.Name(types[0])} Q/DQ on its input; TensorRT's INT4 is weight-only, "
+                          "so it runs the GEMM on float activations and the input's Q/DQ as kernels of their own.",
+                          WARNING)
+        return
+    if None not in types and types[0] != types[1]:
+        yield Finding("qdq-mixed-types", _name(node), f"{node.op_type} reads {TensorProto.DataType.Name(types[0])} "
+                      f"and {TensorProto.DataType.Name(types[1])} inputs; TensorRT has no kernel for two quantized "
+                      f"types, so it runs the {node.op_type} in float.", WARNING)
+        return
     for index, source in enumerate(sources):
         if _is_dq(source):
             continue
@@ -310,11 +323,17 @@ def _check_weighted_inputs(node: onnx.NodeProto, g: Graph) -> Iterator[Finding]:
                           WARNING)
 
 
+def _constant(tensor: str, g: Graph) -> bool:
+    """A constant, or an Identity of one (the exporter writes equal biases as Identities of one initializer)."""
+    node = g.producer(tensor)
+    return g.tensor(tensor) is not None or (node is not None and node.op_type == "Identity" and _constant(node.input[0], g))
+
+
 def _weighted_producer(tensor: str, g: Graph) -> onnx.NodeProto | None:
     """The Conv/MatMul/Gemm whose output ``tensor`` is, directly or after its bias Add."""
     node = g.producer(tensor)
     if node is not None and node.op_type == "Add":
-        rest = [i for i in node.input if g.tensor(i) is None]
+        rest = [i for i in node.input if not _constant(i, g)]
         node = g.producer(rest[0]) if len(rest) == 1 else None
     return node if node is not None and node.op_type in WEIGHTED else None
 
@@ -322,7 +341,7 @@ def _weighted_producer(tensor: str, g: Graph) -> onnx.NodeProto | None:
 def _check_residual(node: onnx.NodeProto, g: Graph) -> Iterator[Finding]:
     """[explicit] TensorRT fuses an Add after a quantized weighted op when the Add's other (residual) input is
     quantized too; the guide recommends Q/DQ on that skip-connection input."""
-    if len(node.input) != 2 or any(g.tensor(i) is not None for i in node.input):
+    if len(node.input) != 2 or any(_constant(i, g) for i in node.input):
         return
     for mine, other in ((0, 1), (1, 0)):
         weighted = _weighted_producer(node.input[mine], g)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "POMQ_DEPLOY_CACHE"
 # Bump when the fitted state's meaning changes, so that old cache files are not reused.
-CALIB_FORMAT = 2  # 2: GELU correctly rounded while observing (quant.modules.PreciseGELU)
+CALIB_FORMAT = 3  # 2: GELU correctly rounded while observing (quant.modules.PreciseGELU); 3: an FP8 quantizer per activation
 FIT_FORMAT = 5  # the same for a fitted rounding's weights (quant.fitting); 2: learned activation quantizers beside them; 3: reconstruction in its setting's uniform context; 4: 8-bit weights and steps not learned; 5: steps-only settings at a quarter of the iterations
 
 

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..plan import Plan
+from ..plan import Gene, Plan
 from .adapters import ADAPTERS, Form, ModelError, adapter_for, looks_like_block, replace, unsupported
 from .attention import integer_attention
 from .fitting import setting_key
-from .functional import weight_scale
 from .modules import ActQuant, PreciseGELU, QuantInput, QuantWeighted
 from .observers import RangeObserver
-from .quantizers import FORMATS, from_state, get_method, to_state
+from .quantizers import FORMATS, Quantizer, from_state, get_method, to_state
 from .roundings import DEFAULT_ROUNDING, get_rounding
 from .schemes import get_scheme
 
@@ -125,6 +124,23 @@ class BlockFolds:
             if deployed is not None and fold:
                 for aq, q in zip((site.quant, *site.also), deployed, strict=True):
                     aq.active = q
+
+
+def quantizer_for(aq: ActQuant, fmt: str, gene: Gene) -> Quantizer | None:
+    """The fitted quantizer an activation takes for ``gene`` in integer format ``fmt``: ``{fmt}{bits}``, the
+    FP8 one, or None (float)."""
+    if gene == "float":
+        return None
+    return aq.fitted["fp8" if gene == "fp8" else f"{fmt}{gene}"]
+
+
+def _check_fitted(plan: Plan) -> None:
+    """A fitted rounding fits integer weights in PoMQ-ViT's settings; FP8 and float weights it leaves as they are
+    (there is no integer grid to round to), but an integer weight next to an FP8 or float gene has no fit."""
+    for i, b in enumerate(plan.blocks):
+        if isinstance(b.w, int) and not b.integer:
+            raise ModelError(f"block {i} ({b.text()}): rounding {plan.rounding} fits integer weights in settings whose "
+                             "genes are all 4 or 8; use --rounding nearest for this plan")
 
 
 def _identities(folded: list) -> list:
@@ -263,7 +279,7 @@ class QuantModel(nn.Module):
             aq.exporting = True
         for w in self.weighted.values():
             # computed here, outside the trace, so that the exporter sees the scales as constants
-            w.export_scale = None if w.weight_bits is None else weight_scale(w.layer.weight, w.weight_bits)
+            w.export_scale = None if w.weight_bits is None else w.weight_scale(w.weight_bits)
             if w.weight_bits is not None and w.fitted is not None:
                 codes, scale = w.weight_codes(w.weight_bits)
                 originals[w] = w.layer.weight.detach().clone()
@@ -289,8 +305,17 @@ class QuantModel(nn.Module):
             if not (w.block == block and gene == "w"):
                 w.weight_bits = None
 
-    def weight_bits(self) -> dict[str, int]:
-        """Width of each quantized weight, by its parameter name in this module's state dict."""
+    def isolate_block(self, block: int) -> None:
+        """After ``apply``: keep only ``block`` quantized, everything else in FP32 (a per-format sensitivity)."""
+        for aq in self.act_quants.values():
+            if aq.block != block:
+                aq.active = None
+        for w in self.weighted.values():
+            if w.block != block:
+                w.weight_bits = None
+
+    def weight_bits(self) -> dict[str, int | str]:
+        """Format of each quantized weight (4, 8 or "fp8"), by its parameter name in this module's state dict."""
         return {f"model.{name}.layer.weight": w.weight_bits for name, w in self.weighted.items() if w.weight_bits}
 
     def apply(self, plan: Plan | None, fmt: str = "asym") -> None:
@@ -306,24 +331,28 @@ class QuantModel(nn.Module):
             raise ValueError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
         plan.check_blocks(self.num_blocks)
         fits = self.fits(plan.rounding, fmt)
-        block_fits = [None if fits is None else fits[setting_key(i, b.w, b.a, b.attn)] for i, b in enumerate(plan.blocks)]
+        if fits is not None:
+            _check_fitted(plan)
+        block_fits = [None if fits is None or not isinstance(b.w, int) else fits[setting_key(i, b.w, b.a, b.attn)]
+                      for i, b in enumerate(plan.blocks)]
         self.quantize_activations(None, fmt, OUTSIDE_BITS, OUTSIDE_BITS)
         for i, b in enumerate(plan.blocks):  # before the weights are quantized: RepQ-ViT quantizes the folded weights
             self.quantize_activations(i, fmt, b.a, b.attn, None if block_fits[i] is None else block_fits[i]["acts"])
         for name, w in self.weighted.items():
-            w.weight_bits = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
-            w.fitted = None if w.block is None or fits is None else block_fits[w.block]["weights"][name]
+            gene = OUTSIDE_BITS if w.block is None else plan.blocks[w.block].w
+            w.weight_bits = None if gene == "float" else gene
+            w.fitted = None if w.block is None or block_fits[w.block] is None else block_fits[w.block]["weights"][name]
         self._set_state("quant")
 
-    def quantize_activations(self, block: int | None, fmt: str, a: int, attn: int, learned: dict | None = None) -> None:
+    def quantize_activations(self, block: int | None, fmt: str, a: Gene, attn: Gene, learned: dict | None = None) -> None:
         """Put the activations of ``block`` (None: the layers outside the blocks) on their fitted quantizers at
-        width ``a`` (post-Softmax: ``attn``) in ``fmt``, and fold RepQ-ViT's factors into its LayerNorms and Linears
+        gene ``a`` (post-Softmax: ``attn``) in ``fmt``, and fold RepQ-ViT's factors into its LayerNorms and Linears
         for them; their state is left as it is (``apply`` switches the whole model, the fitting one block).
         ``learned``: activation name -> the saved state of a quantizer a fitted rounding learned for this block
         setting (after the fold: it replaces the per-tensor quantizer the folded LayerNorm output deploys with)."""
         quants = [aq for aq in self.act_quants.values() if aq.block == block]
         for aq in quants:
-            aq.active = aq.fitted[f"{fmt}{attn if aq.role == 'attn' else a}"]
+            aq.active = quantizer_for(aq, fmt, attn if aq.role == "attn" else a)
         if block is not None:
             self.block_folds[block].apply()
         for aq in quants:

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import FP8QDQ, fp8_weight_fake_quant, fp8_weight_scale
 from .functional import integer_linear, integer_patchify, is_patchify, weight_codes
 from .observers import RangeObserver
-from .quantizers import FORMATS, Parts, Quantizer, TwoScaleQ, UniformQ, fit
+from .quantizers import FORMATS, Parts, Quantizer, TwoScaleQ, UniformQ, fit, fit_fp8
 from .schemes import Scheme
 
 
@@ -54,7 +55,7 @@ class ActQuant(nn.Module):
             self.observer.update(x)
             if self.state == "fit":
                 self.fitted = {f"{fmt}{bits}": fit(self.scheme.method(self.role, bits), self.observer, x, bits, fmt)
-                               for bits in (4, 8) for fmt in FORMATS}
+                               for bits in (4, 8) for fmt in FORMATS} | {"fp8": fit_fp8(self.observer)}
         return x
 
     def _fitting(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class QuantWeighted(nn.Module):
     def __init__(self, layer: nn.Module, block: int | None, in_quant: ActQuant, out_quant: ActQuant | None = None):
         super().__init__()
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
-        self.weight_bits: int | None = None
+        self.weight_bits: int | str | None = None  # 4, 8, "fp8", or None (float)
         self.fitted: dict[str, torch.Tensor] | None = None  # codes and scales a fitted rounding gave (QuantModel.apply)
         self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype) -> nearest codes and scales
         self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
@@ -133,7 +134,18 @@ class QuantWeighted(nn.Module):
     def weight_changed(self) -> None:
         self._codes.clear()
 
-    def quantized_weight(self, bits: int) -> torch.Tensor:
+    def weight_scale(self, bits: int | str) -> torch.Tensor:
+        """The per-output-channel scale the weight is quantized with at ``bits`` (4, 8 or "fp8")."""
+        if bits == "fp8":
+            return fp8_weight_scale(self.layer.weight)
+        return self.weight_codes(bits)[1]
+
+    def quantized_weight(self, bits: int | str) -> torch.Tensor:
+        if bits == "fp8":
+            key = (bits, self.layer.weight.dtype)
+            if key not in self._codes:
+                self._codes[key] = fp8_weight_fake_quant(self.layer.weight.detach())
+            return self._codes[key]
         codes, scale = self.weight_codes(bits)
         return codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))
 
@@ -159,7 +171,7 @@ class QuantWeighted(nn.Module):
         """The Linear (or patchify Conv2d) as an integer GEMM, when its input is written as codes and its weight
         is quantized."""
         conv = isinstance(self.layer, nn.Conv2d)
-        if self.weight_bits is None or (conv and not is_patchify(self.layer, x.shape[-2:])):
+        if not isinstance(self.weight_bits, int) or (conv and not is_patchify(self.layer, x.shape[-2:])):
             return None
         parts = self.in_quant.parts(x)
         if parts is None:
@@ -176,6 +188,8 @@ class QuantWeighted(nn.Module):
             w = self.soft()
         elif self.weight_bits is None:
             w = self.layer.weight
+        elif self.export_scale is not None and self.weight_bits == "fp8":
+            w = FP8QDQ.apply(self.layer.weight, self.export_scale.float())
         elif self.export_scale is not None:  # Q/DQ on the float weight; the export's graph pass stores the codes
             zero = torch.zeros_like(self.export_scale, dtype=torch.int32)
             w = torch.fake_quantize_per_channel_affine(self.layer.weight, self.export_scale, zero, 0, -128, 127)

@@ -2,7 +2,8 @@
 
 A quantizer is fitted once per (bits, format) at calibration time and cached; applying a plan only picks
 one per activation. ``format`` is ``asym`` (uint codes with a zero point: FQ-ViT's activations and what
-ONNX Runtime's x86 kernels fuse) or ``sym`` (int codes, zero point 0: what TensorRT accepts).
+ONNX Runtime's x86 kernels fuse) or ``sym`` (int codes, zero point 0: what TensorRT accepts). Each
+activation also gets one FP8 quantizer (``fp8``), the same on both targets.
 """
 
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import functional as Fq
+from .fp8 import FP8QDQ, fp8_fake_quant, fp8_scale
 from .observers import RangeObserver
 
 FORMATS = ("asym", "sym")
@@ -115,7 +117,26 @@ class TwoScaleQ:
         return (self.coarse_scale, self.coarse_zero_point), (self.fine_scale, self.fine_zero_point)
 
 
-Quantizer = UniformQ | Log2Q | TwoScaleQ  # and the types other modules register (see register_quantizer)
+@register_quantizer("fp8")
+@dataclass(frozen=True)
+class FP8Q:
+    """Per-tensor FP8 E4M3 Q/DQ (:mod:`.fp8`): the ``fp8`` gene's activations, whatever the scheme."""
+
+    scale: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_fake_quant(x, self.scale)
+
+    def onnx(self, x: torch.Tensor) -> torch.Tensor:
+        return FP8QDQ.apply(x, torch.tensor(self.scale, dtype=torch.float32))
+
+
+def fit_fp8(obs: RangeObserver) -> FP8Q:
+    """``amax / 448`` over the observer's per-tensor range (:mod:`.fp8`)."""
+    return FP8Q(float(fp8_scale(torch.maximum(-obs.lo, obs.hi))))
+
+
+Quantizer = UniformQ | Log2Q | TwoScaleQ | FP8Q  # and the types other modules register (see register_quantizer)
 def to_state(q: Quantizer) -> dict:
     kind = next(k for k, cls in QUANTIZER_TYPES.items() if type(q) is cls)
     return {"type": kind, **{k: v for k, v in vars(q).items() if v is not None}}
