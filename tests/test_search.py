@@ -218,6 +218,55 @@ def test_selection_scores_on_the_full_split_only_what_decides():
     assert select(rows, {}, "top1-within-1pt", score).number == 0
 
 
+def test_an_accuracy_budget_selects_the_fastest_then_smallest_plan_within_it():
+    """--max-drop 0.3 point: FP32 0.930 on the full split, so the floor is 0.927; the fastest plans (5 ms) miss it,
+    of the two at 6 ms that make it the smaller wins; with a floor none makes, no plan (the caller names the closest)."""
+    rows = [_row(0, 0.93, 10, 100), _row(1, 0.90, 5, 60), _row(2, 0.929, 6, 70), _row(3, 0.935, 6, 65), _row(4, 0.93, 8, 50)]
+    full = {0: 0.931, 1: 0.92, 2: 0.928, 3: 0.927, 4: 0.93}
+    pick = select(rows, {}, "top1-within-1pt", lambda r: full[r.number], max_drop=0.003, fp32_full=lambda: 0.930)
+    assert pick.number == 3  # 0.927 is exactly at the floor (0.930 - 0.003 in floats): within it
+    assert select(rows, {}, "top1-within-1pt", lambda r: full[r.number], max_drop=0.0, fp32_full=lambda: 0.932) is None
+    # without the callables: the rows' own top-1 and FP32's on the full split, where base has it
+    assert select(rows, {"fp32": {"top1": 0.93, "top1_full": 0.935}}, "max-top1", max_drop=0.006).number == 3
+    assert select(rows, {"fp32": {"top1": 0.93, "top1_full": 0.94}}, "max-top1", max_drop=0.001) is None
+
+
+def test_a_study_of_another_space_or_budget_is_refused(tmp_path):
+    from pomq_deploy.search.space import get_space
+    from pomq_deploy.search.study import SearchConfig, SearchError, open_study
+
+    cfg = SearchConfig("tiny", "fqvit", "random", 4, 4, 0, f"sqlite:///{tmp_path}/s.db", "one", space=get_space("engine", "ort"),
+                       target="ort", max_drop=0.003)
+    assert open_study(cfg).user_attrs["space"] == "engine"
+    with pytest.raises(SearchError, match="searched the engine space of ort with --max-drop 0.003, not the paper space"):
+        open_study(SearchConfig("tiny", "fqvit", "random", 4, 4, 0, cfg.storage, "one"))
+    with pytest.raises(SearchError, match="with --max-drop 0.003, not the engine space with --max-drop None"):
+        open_study(SearchConfig("tiny", "fqvit", "random", 4, 4, 0, cfg.storage, "one", space=cfg.space, target="ort"))
+
+
+def test_engine_space_search_with_an_accuracy_budget(recipe, tmp_path, capsys):
+    """--space engine --mode model on ort-cpu: the design set holds each of the target's formats on every block and
+    each alternating with 8/8/8; every measured plan is made of ort's formats; the sensitivities are per format;
+    with a budget every plan meets (100 points), best.yaml is the fastest front plan, the smallest among ties."""
+    from pomq_deploy.targets import get_target
+
+    out = tmp_path / "e"
+    assert main(["search", "--recipe", str(recipe), "--mode", "model", "--builds", "11", "--space", "engine",
+                 "--max-drop", "100", "--out", str(out), "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "pareto.json").read_text())
+    assert doc["meta"]["space"] == "engine" and doc["meta"]["max_drop"] == 1.0
+    formats = {"/".join(map(str, s)) for s in get_target("ort").space()}
+    assert all("/".join(str(b[g]) for g in ("w", "a", "attn")) in formats for t in doc["trials"] for b in t["plan"])
+    assert [t["source"] for t in doc["trials"]].count("design") == 8
+    assert all(set(k) == formats - {"float/float/float"} for k in doc["models"]["accuracy"]["kl"])
+    front = [t for t in doc["trials"] if t["on_front"]]
+    fastest = min(front, key=lambda t: (t["latency_ms"], t["size_bytes"]))
+    assert best["plan_id"] == fastest["plan_id"] and load_plan(out / "best.yaml").plan_id == fastest["plan_id"]
+    assert all("top1_vs_budget" in t["constraints"] for t in doc["trials"])
+    assert "Search space `engine` (ort formats)" in (out / "report.md").read_text()
+
+
 def test_model_check_states_how_far_apart_the_checked_plans_lie():
     """report.md puts the spans of the plans the models are checked on beside their measurements' spread: ratios
     0.600 and 0.630 (5.0% apart; intervals +-1% and +-3%: median +-2%), top-1 0.92 and 0.93 (10 of 1000 images)."""

@@ -124,3 +124,57 @@ def test_kl_sensitivities_are_per_block_and_gene():
     assert len(kl) == 6 and all(set(k) == {"w", "a", "attn"} and min(k.values()) > 0 for k in kl)
     with torch.no_grad():
         assert torch.equal(qm(x), qm.model(x))  # apply(None) at the end: nothing quantized
+
+
+def test_the_engine_space_holds_the_targets_formats_and_writes_one_parameter_per_block():
+    from pomq_deploy.search.space import PAPER, get_space
+
+    ort, trt = get_space("engine", "ort"), get_space("engine", "tensorrt")
+    assert ort.settings == (("float",) * 3, (8, 8, 8), (8, 8, "float"), (4, 8, 8), (4, 8, "float"))
+    assert ("fp8", "fp8", "fp8") in trt.settings and (4, "float", "float") in trt.settings and (4, 8, 8) not in trt.settings
+    plan = plan_of([("float",) * 3, (4, 8, 8)], "r", "fqvit")
+    assert ort.params(plan) == {"b0": "float/float/float", "b1": "4/8/8"}
+    assert ort.settings_of(ort.params(plan), 2) == [("float",) * 3, (4, 8, 8)]
+    assert PAPER.params(plan_of([(4, 8, 8)], "r", "fqvit")) == {"b0_w": 4, "b0_a": 8, "b0_attn": 8}  # as before spaces
+    assert not ort.mixed and ort.size_reference == "fp32" and PAPER.mixed
+    with pytest.raises(ValueError, match="search space 'wide'; allowed: paper, engine"):
+        get_space("wide", "ort")
+
+
+def test_engine_design_set_and_features():
+    from pomq_deploy.search.space import get_space
+
+    space = get_space("engine", "ort")
+    plans = design_plans([0] * 6, "r", "fqvit", space=space)
+    assert len(plans) == 4 + 4  # each non-8/8/8 format on every block, each alternating with 8/8/8
+    assert [(b.w, b.a, b.attn) for b in plans[4].blocks] == [("float",) * 3, (8, 8, 8)] * 3
+    x = features(plan_of([("float",) * 3, (8, 8, 8), (4, 8, 8), (4, 8, 8)], "r", "fqvit"), [0] * 4, space.settings)
+    assert x.tolist() == [1, 1, 0, 2, 0, 2]  # 1, float x1, 8/8/float x0, 4/8/8 x2, 4/8/float x0, boundaries 2
+
+
+def test_engine_accuracy_model_is_held_against_fp32():
+    """Per block and format, the KL with only that block in that format; a float block adds nothing."""
+    kl = [{"8/8/8": 0.01, "4/8/8": 0.05}, {"8/8/8": 0.02, "4/8/8": 0.08}]
+    m = AccuracyModel(0.92, kl, space="engine")
+    plans = [plan_of([(8, 8, 8), (8, 8, 8)], "r", "fqvit"), plan_of([("float",) * 3, (4, 8, 8)], "r", "fqvit")]
+    assert [m.perturbation(p) for p in plans] == pytest.approx([0.03, 0.08])
+    m.fit(plans, [0.92 - 0.003, 0.92 - 0.008])
+    assert m.coef == pytest.approx(0.1) and m.predict(plans[1]) == pytest.approx(0.912)
+
+
+def test_kl_sensitivities_per_block_and_format():
+    """Only the block measured is quantized (isolate_block): the KL of a block's 8/8/8 is positive, its float format is
+    not measured (0 by definition), and the model is back in FP32 afterwards."""
+    from pomq_deploy.search.space import get_space
+
+    qm = QuantModel(tiny_vit(), "fqvit")
+    qm.calibrate(images())
+    qm.apply(plan_of([(4, 8, 8)] * 6, "t", "fqvit"))
+    qm.isolate_block(3)
+    assert {aq.block for aq in qm.act_quants.values() if aq.active is not None} == {3}
+    assert {w.block for w in qm.weighted.values() if w.weight_bits is not None} == {3}
+    x = torch.cat(images(2, seed=5))
+    kl = kl_sensitivities(qm, x, "t", "fqvit", space=get_space("engine", "ort"))
+    assert len(kl) == 6 and all(set(k) == {"8/8/8", "8/8/float", "4/8/8", "4/8/float"} and min(k.values()) > 0 for k in kl)
+    with torch.no_grad():
+        assert torch.equal(qm(x), qm.model(x))

@@ -26,7 +26,7 @@ from pomq_deploy.atomic import write_generated
 from pomq_deploy.backends.cpu import detect
 from pomq_deploy.quant.roundings import ROUNDINGS
 from pomq_deploy.quant.schemes import SCHEMES
-from pomq_deploy.search.study import GENES
+from pomq_deploy.search.space import GENES
 
 
 def smallest_within(front: list[dict], uniform8_top1: float, points: float) -> dict | None:

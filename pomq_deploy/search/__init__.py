@@ -8,3 +8,4 @@ SELECT_RULES = {
     "min-latency": "lowest latency on the front",
     "min-size": "smallest artifact on the front",
 }
+SPACES = ("paper", "engine")  # search spaces (search.space), here for --help

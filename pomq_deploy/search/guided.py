@@ -15,7 +15,8 @@ from ..progress import Phases
 from ._progress import trial_step
 from .evaluator import PlanEvaluator
 from .models import AccuracyModel, AdditiveModel, block_groups, design_plans, errors, kl_sensitivities
-from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, measure_plans, plan_from_params, study_rounding
+from .space import Space, text
+from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, constraints, measure_plans, plan_from_params, study_rounding, study_space
 
 MODEL_TRIALS, MODEL_POPULATION = 3000, 60  # NSGA-II on the models: thousands of plans in seconds
 
@@ -32,9 +33,10 @@ class Models:
                 "size_bytes": self.size.predict(plan)}
 
     def as_dict(self) -> dict:
-        return {"measured_on": self.measured_on, "groups": self.latency.groups, "latency_ratio_coef": self.latency.coef,
-                "size_coef": self.size.coef, "accuracy": {"top1_uniform8": self.accuracy.top1_uniform8,
-                                                          "kl": self.accuracy.kl, "kl_to_top1_drop": self.accuracy.coef}}
+        reference = "top1_uniform8" if self.accuracy.space == "paper" else "top1_fp32"
+        return {"measured_on": self.measured_on, "groups": self.latency.groups, "settings": [text(s) for s in self.latency.settings],
+                "latency_ratio_coef": self.latency.coef, "size_coef": self.size.coef,
+                "accuracy": {reference: self.accuracy.reference_top1, "kl": self.accuracy.kl, "kl_to_top1_drop": self.accuracy.coef}}
 
 
 @dataclass
@@ -55,8 +57,8 @@ def measured_on(evaluator: PlanEvaluator) -> dict:
     return {"backend": evaluator.backend.name, "machine": machine, "batch": evaluator.batch}
 
 
-def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, phases: Phases) -> list[dict]:
-    """Per-gene KL sensitivities, measured once per study (kept in it)."""
+def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, phases: Phases, space: Space) -> list[dict]:
+    """Per-gene (paper space) or per-format (engine space) KL sensitivities, measured once per study (kept in it)."""
     key = f"kl_sensitivity_{images}"
     if key not in study.user_attrs:
         from ..data import eval_dataset
@@ -64,17 +66,22 @@ def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, p
 
         data = eval_dataset(evaluator.recipe.data, data_model(evaluator.recipe.model))
         x = torch.stack([data[i][0] for i in range(min(images, len(data)))])
-        cfg, steps = study.user_attrs, 3 * evaluator.num_blocks
-        with phases(f"per-block sensitivities: {steps} one-gene-4-bit runs of the PyTorch model on {len(x)} images",
+        cfg = study.user_attrs
+        if space.name == "paper":
+            steps, what = 3 * evaluator.num_blocks, "one-gene-4-bit"
+        else:
+            steps, what = sum(s != ("float",) * 3 for s in space.settings) * evaluator.num_blocks, "one-block-one-format"
+        with phases(f"per-block sensitivities: {steps} {what} runs of the PyTorch model on {len(x)} images",
                     total=steps) as step:
-            study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"], on_step=step))
+            study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"], on_step=step,
+                                                      space=space))
     return study.user_attrs[key]
 
 
 def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_images: int, phases: Phases) -> Models:
     """Fit the models on the study's design trials and the uniform 8-bit baseline."""
     n, recipe, scheme = evaluator.num_blocks, study.user_attrs["recipe"], study.user_attrs["scheme"]
-    rounding = study_rounding(study.user_attrs)
+    rounding, space = study_rounding(study.user_attrs), study_space(study.user_attrs)
     here = measured_on(evaluator)
     stored = study.user_attrs.get("models_measured_on")
     if stored is not None and stored != here:
@@ -83,13 +90,18 @@ def fit(study: optuna.Study, evaluator: PlanEvaluator, base: dict, sensitivity_i
                           f"at batch {here['batch']}); pick another --study or --mode measured")
     study.set_user_attr("models_measured_on", here)
     design = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("source") == "design"]
-    plans = [plan_from_params(t.params, n, recipe, scheme, rounding) for t in design] + [evaluator.uniform8()]
+    plans = [plan_from_params(t.params, n, recipe, scheme, rounding, space) for t in design] + [evaluator.uniform8()]
     ratios = [t.user_attrs["ratio"]["ratio"] for t in design] + [base["uniform8"]["ratio"]["ratio"]]
     sizes = [t.user_attrs["size_bytes"] for t in design] + [base["uniform8"]["size_bytes"]]
+    top1 = [t.user_attrs["top1"] for t in design] + [base["uniform8"]["top1"]]
     groups = block_groups(evaluator.qmodel.blocks)
-    accuracy = AccuracyModel(base["uniform8"]["top1"], _sensitivities(study, evaluator, sensitivity_images, phases))
-    accuracy.fit(plans[:-1], [t.user_attrs["top1"] for t in design])
-    return Models(AdditiveModel.fit(plans, ratios, groups), AdditiveModel.fit(plans, sizes, groups), accuracy, here)
+    kl = _sensitivities(study, evaluator, sensitivity_images, phases, space)
+    if space.name == "paper":  # the drop below uniform 8-bit, whose perturbation is 0 by construction
+        accuracy = AccuracyModel(base["uniform8"]["top1"], kl).fit(plans[:-1], top1[:-1])
+    else:  # the drop below FP32: uniform 8-bit is a measured point like any other
+        accuracy = AccuracyModel(base["fp32"]["top1"], kl, space="engine").fit(plans, top1)
+    return Models(AdditiveModel.fit(plans, ratios, groups, space.settings), AdditiveModel.fit(plans, sizes, groups, space.settings),
+                  accuracy, here)
 
 
 def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict,
@@ -99,29 +111,30 @@ def predicted_front(models: Models, cfg: SearchConfig, n_blocks: int, base: dict
                                 sampler=optuna.samplers.NSGAIISampler(population_size=MODEL_POPULATION, seed=cfg.seed))
 
     def objective(trial: Trial):
-        plan = _suggest(trial, n_blocks, cfg.recipe, cfg.scheme, cfg.rounding)
+        plan = _suggest(trial, n_blocks, cfg.recipe, cfg.scheme, cfg.rounding, cfg.space)
         p = models.predict(plan, base)
-        constraints = [0.0 if plan.is_mixed else 1.0, p["latency_ms"] - base["fp32"]["latency_ms"],
-                       p["size_bytes"] - base["uniform8"]["size_bytes"]]
-        for name, value in zip(CONSTRAINTS, constraints, strict=True):
+        for name, value in zip(CONSTRAINTS, constraints(plan, cfg.space, p["top1"], p["latency_ms"], p["size_bytes"], base,
+                                                        cfg.max_drop), strict=False):
             trial.set_constraint(name, value)
         return p["top1"], p["latency_ms"], p["size_bytes"]
 
     study.optimize(objective, n_trials=MODEL_TRIALS, callbacks=[lambda *_: on_trial()] if on_trial else None)
     front = {}
     for t in study.best_trials:
-        plan = plan_from_params(t.params, n_blocks, cfg.recipe, cfg.scheme, cfg.rounding)
+        plan = plan_from_params(t.params, n_blocks, cfg.recipe, cfg.scheme, cfg.rounding, cfg.space)
         front[plan.plan_id] = {"plan": plan, "predicted": dict(zip(("top1", "latency_ms", "size_bytes"), t.values, strict=True))}
     return sorted(front.values(), key=lambda p: p["predicted"]["latency_ms"])
 
 
-def pick(front: list[dict], k: int, base: dict, measured: set[str]) -> list[dict]:
-    """Up to ``k`` plans of the predicted front not measured yet: first the one the default rule would choose
-    (the fastest within 1 point of uniform 8-bit's top-1), then plans spread evenly along predicted latency."""
+def pick(front: list[dict], k: int, base: dict, measured: set[str], max_drop: float | None = None) -> list[dict]:
+    """Up to ``k`` plans of the predicted front not measured yet: first the one the selection would choose (the
+    fastest within 1 point of uniform 8-bit's top-1, or within ``max_drop`` of FP32's), then plans spread evenly
+    along predicted latency."""
     todo = [p for p in front if p["plan"].plan_id not in measured]
     if k <= 0 or not todo:
         return []
-    close = [p for p in todo if p["predicted"]["top1"] >= base["uniform8"]["top1"] - 0.01]
+    floor = base["uniform8"]["top1"] - 0.01 if max_drop is None else base["fp32"]["top1"] - max_drop
+    close = [p for p in todo if p["predicted"]["top1"] >= floor]
     chosen = [min(close, key=lambda p: p["predicted"]["latency_ms"])] if close else []
     rest = [p for p in todo if p not in chosen]
     want = k - len(chosen)
@@ -136,7 +149,7 @@ def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
     """Design set -> models -> NSGA-II on the models -> the predicted front measured, within ``builds`` real builds
     of this process (the baselines' two included); each a phase of ``phases``."""
     groups = block_groups(evaluator.qmodel.blocks)
-    design = design_plans(groups, cfg.recipe, cfg.scheme, cfg.rounding)
+    design = design_plans(groups, cfg.recipe, cfg.scheme, cfg.rounding, cfg.space)
     with phases(f"design set: {len(design)} plans built and measured ({len(set(groups))} group(s) of same-shaped blocks)",
                 total=len(design)) as step:
         measure_plans(study, evaluator, base, design, "design", on_trial=trial_step(step))
@@ -144,7 +157,7 @@ def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
     with phases(f"NSGA-II on the models: {MODEL_TRIALS} predicted plans", total=MODEL_TRIALS) as step:
         front = predicted_front(models, cfg, evaluator.num_blocks, base, on_trial=step)
     done = {t.user_attrs.get("plan_id") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    picks = pick(front, builds - evaluator.builds, base, done)
+    picks = pick(front, builds - evaluator.builds, base, done, cfg.max_drop)
     with phases(f"predicted front: {len(front)} plans, {len(picks)} of them built and measured", total=len(picks)) as step:
         measure_plans(study, evaluator, base, [p["plan"] for p in picks], "front",
                       predicted=[p["predicted"] for p in picks], on_trial=trial_step(step))
@@ -154,7 +167,7 @@ def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
         p["trial"] = None if t is None else t.number
     held_out = [t for t in trials.values() if t.user_attrs.get("source") != "design"]
     n, recipe, scheme = evaluator.num_blocks, cfg.recipe, cfg.scheme
-    preds = [models.predict(plan_from_params(t.params, n, recipe, scheme, cfg.rounding), base) for t in held_out]
+    preds = [models.predict(plan_from_params(t.params, n, recipe, scheme, cfg.rounding, cfg.space), base) for t in held_out]
     errs = {"latency": errors([p["latency_ms"] for p in preds], [t.user_attrs["latency_ms"] for t in held_out], relative=True),
             "top1": errors([p["top1"] for p in preds], [t.user_attrs["top1"] for t in held_out], relative=False),
             "size": errors([p["size_bytes"] for p in preds], [t.user_attrs["size_bytes"] for t in held_out], relative=True)}

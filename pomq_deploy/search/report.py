@@ -14,7 +14,10 @@ from ..atomic import replace_atomically, write_text
 from ..plan import Plan, save_plan
 from ..timing import Ratio
 from . import SELECT_RULES
-from .study import GENES, plan_from_params
+from .space import GENES, PAPER, Space
+from .study import plan_from_params
+
+CODES = {4: "4", 8: "8", "fp8": "e", "float": "f"}  # one character per block in the report's tables
 
 
 @dataclass
@@ -41,15 +44,16 @@ class Row:
                 "top1": self.top1, "latency_ms": self.latency_ms, "latency_ratio_fp32": self.ratio,
                 "latency_ratio_fp32_confirmed": self.ratio_confirmed, "predicted": self.predicted, "size_bytes": self.size_bytes,
                 "feasible": self.feasible, "constraints": {"mixed": self.constraints[0], "latency_vs_fp32_ms": self.constraints[1],
-                                                           "size_vs_uniform8_bytes": self.constraints[2]},
+                                                           "size_vs_reference_bytes": self.constraints[2]}
+                | ({"top1_vs_budget": self.constraints[3]} if len(self.constraints) > 3 else {}),
                 "on_front": self.on_front, "top1_full": self.top1_full}
 
 
-def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str, rounding: str) -> list[Row]:
+def rows_of(study: optuna.Study, n_blocks: int, recipe: str, scheme: str, rounding: str, space: Space = PAPER) -> list[Row]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme, rounding), a["top1"], a["latency_ms"],
+        out.append(Row(t.number, plan_from_params(t.params, n_blocks, recipe, scheme, rounding, space), a["top1"], a["latency_ms"],
                        a["size_bytes"], a["feasible"], a["constraints"], source=a.get("source", "search"),
                        ratio=a.get("ratio"), predicted=a.get("predicted")))
     return out
@@ -77,13 +81,18 @@ def hypervolume(rows: list[Row], base: dict) -> float:
     return float(moocore.hypervolume(np.minimum(pts, 1.0), ref=np.ones(3)))
 
 
-def select(front: list[Row], base: dict, rule: str, full: Callable[[Row | None], float] | None = None) -> Row | None:
+def select(front: list[Row], base: dict, rule: str, full: Callable[[Row | None], float] | None = None,
+           max_drop: float | None = None, fp32_full: Callable[[], float] | None = None) -> Row | None:
     """The plan ``rule`` (one of ``SELECT_RULES``) picks from the front; None when the front is empty.
 
     ``full(row)`` (``None``: uniform 8-bit) is a plan's top-1 on the whole evaluation split, asked for only where
     the rule's answer depends on it, once per plan, in the order that settles it soonest: a search scores plans
     on demand, each costing a pass over the split. Without it, the top-1 the rows and ``base`` hold (the full
-    split's where known)."""
+    split's where known).
+
+    ``max_drop`` (points of top-1, as a fraction) replaces the rule by the accuracy budget: the fastest, then
+    smallest, plan whose top-1 is at most that far below FP32's (``fp32_full()``, else ``base``'s); None when no
+    plan of the front is."""
     if rule not in SELECT_RULES:
         raise ValueError(f"unknown selection rule {rule!r}; allowed: {', '.join(SELECT_RULES)}")
     if not front:
@@ -99,6 +108,10 @@ def select(front: list[Row], base: dict, rule: str, full: Callable[[Row | None],
             else:
                 asked[id(r)] = r.top1 if r.top1_full is None else r.top1_full
         return asked[id(r)]
+
+    if max_drop is not None:
+        floor = (fp32_full() if fp32_full is not None else base["fp32"].get("top1_full", base["fp32"]["top1"])) - max_drop
+        return next((r for r in sorted(front, key=lambda r: (r.latency_ms, r.size_bytes)) if top1(r) >= floor - 1e-9), None)  # 1e-9: float rounding of k/N
 
     if rule == "max-top1":
         return max(front, key=lambda r: (top1(r), -r.latency_ms))
@@ -147,10 +160,13 @@ def plot(rows: list[Row], base: dict, path: Path, predicted: list[dict] | None =
 
 
 def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict],
-                  guided=None) -> None:
-    """``guided``: the model-guided search's result (its models and predicted front), when it ran."""
+                  guided=None, closest: Row | None = None) -> None:
+    """``guided``: the model-guided search's result (its models and predicted front), when it ran. ``closest``: with
+    an accuracy budget no plan met, the plan nearest it (named, never written as best.yaml)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "baselines": base, "best": best.as_dict() if best else None, "trials": [r.as_dict() for r in rows]}
+    if closest is not None:
+        doc["closest_to_budget"] = closest.as_dict()
     predicted = None
     if guided is not None:
         predicted = [{"plan_id": p["plan"].plan_id, "plan": [{g: getattr(b, g) for g in GENES} for b in p["plan"].blocks],
@@ -170,7 +186,7 @@ def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, 
                                  "batch": meta["batch"], "backend": meta["backend"],
                                  "size_bytes": best.size_bytes, "trial": best.number, "select": meta["select"]}),
                   out_dir / "best.yaml")
-    write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows, guided))
+    write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows, guided, closest))
 
 
 def _full_or_subset(baseline: dict, meta: dict) -> str:
@@ -180,15 +196,27 @@ def _full_or_subset(baseline: dict, meta: dict) -> str:
     return f"{baseline['top1']:.4f} (first {meta['eval_images']} images)"
 
 
-def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict], guided=None) -> str:
+def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_rows: list[dict], guided=None,
+              closest: Row | None = None) -> str:
     front = [r for r in rows if r.on_front]
     feasible = sum(r.feasible for r in rows)
-    if feasible == 0:
+    budget = meta.get("max_drop")
+    if best is None and budget is not None:
+        first = (f"NO PLAN WITHIN THE BUDGET: none of the {len(rows)} evaluated plans is within {100 * budget:g} point(s) of "
+                 f"FP32's top-1 and faster than FP32 on {meta['backend']}; no best.yaml was written.")
+        if closest is not None:
+            first += (f" The closest: trial {closest.number} (plan {closest.plan.plan_id}), top-1 {closest.top1:.4f} on the "
+                      f"search's images against FP32's {base['fp32']['top1']:.4f}.")
+    elif feasible == 0:
         first = (f"NO FEASIBLE PLAN: none of the {len(rows)} evaluated plans is both faster than FP32 "
-                 f"({base['fp32']['latency_ms']:.2f} ms) and smaller than uniform 8-bit on {meta['backend']}.")
+                 f"({base['fp32']['latency_ms']:.2f} ms) and smaller than "
+                 f"{'FP32' if meta.get('space') == 'engine' else 'uniform 8-bit'} on {meta['backend']}.")
     else:
         first = (f"{feasible} of {len(rows)} evaluated plans are feasible; the Pareto front holds {len(front)}; "
                  f"best.yaml is trial {best.number} (plan {best.plan.plan_id}).")
+        floats = [i for i, b in enumerate(best.plan.blocks) if b.w == "float"]
+        if floats:
+            first += f" It keeps block(s) {', '.join(map(str, floats))} in float."
         if best.ratio_confirmed is not None and best.ratio is not None:
             c = best.ratio_confirmed
             first += (f" Its latency / FP32, timed again after the selection: {c['ratio']:.3f} ({c['low']:.3f}-{c['high']:.3f}; "
@@ -198,7 +226,12 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
              f"Backend {meta['backend']}, latency batch {meta['batch']}; top-1 during the search on the first "
              f"{meta['eval_images']} evaluation images; 'top-1 full' on the whole split, scored for the plans the "
              f"selection needed (every front plan and FP32 with --full-front). "
-             f"Selection rule `{meta['select']}`: {SELECT_RULES[meta['select']]}. Hypervolume of the feasible front "
+             f"Search space `{meta.get('space', 'paper')}`"
+             f"{' (' + meta['target'] + ' formats)' if meta.get('space') == 'engine' else ''}. "
+             + (f"Selection: the fastest, then smallest, plan within {100 * budget:g} point(s) of FP32's top-1 on the whole "
+                f"split (--max-drop, also a constraint of the search on its images). " if budget is not None else
+                f"Selection rule `{meta['select']}`: {SELECT_RULES[meta['select']]}. ")
+             + "Hypervolume of the feasible front "
              f"(normalised to FP32 latency and uniform-8 size, reference point 1,1,1): {meta['hypervolume']:.4f}.", "",
              "## In the paper's form", "", "| method | top-1 | latency (ms) | size (MB) |", "| --- | --- | --- | --- |",
              f"| FP32 | {_full_or_subset(base['fp32'], meta)} | {base['fp32']['latency_ms']:.2f} | "
@@ -210,12 +243,12 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
               "| trial | source | plan-id | w | a | attn | top-1 (subset) | top-1 full | latency (ms) | / FP32 (90% interval) | size (MB) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(front, key=lambda r: -r.top1):
-        w, a, t = ("".join(str(getattr(b, g))[0] for b in r.plan.blocks) for g in GENES)
+        w, a, t = ("".join(CODES[getattr(b, g)] for b in r.plan.blocks) for g in GENES)
         full = "" if r.top1_full is None else f"{r.top1_full:.4f}"
         ratio = "" if r.ratio is None else f"{r.ratio['ratio']:.3f} ({r.ratio['low']:.3f}-{r.ratio['high']:.3f}, {r.ratio['rounds']} rounds)"
         lines.append(f"| {r.number}{' (best)' if best is r else ''} | {r.source} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | "
                      f"{full} | {r.latency_ms:.2f} | {ratio} | {r.size_bytes / 1e6:.2f} |")
-    lines += ["", "Widths are per block, first to last (4 or 8). Every trial, feasible or not, is in pareto.json. Latency is "
+    lines += ["", "Genes are per block, first to last: 4 or 8 bits, e FP8 (E4M3), f float. Every trial, feasible or not, is in pareto.json. Latency is "
               "the ratio to FP32 measured interleaved with it until its 90% interval is within +-3%, shown in the study's "
               "FP32 milliseconds. An empty 'top-1 full' is a plan the selection did not need scored on the whole split.", ""]
     if guided is not None:

@@ -13,7 +13,8 @@ from ..recipe import Recipe
 from .evaluator import PlanEvaluator
 from .guided import run_guided
 from .report import Row, hypervolume, mark_front, rows_of, select, write_outputs
-from .study import SearchConfig, baselines, open_study, run_trials, study_rounding, warm_ratio_cache
+from .space import PAPER, Space
+from .study import SearchConfig, baselines, open_study, run_trials, study_rounding, study_space, warm_ratio_cache
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class SearchOptions:
     builds: int = 20  # model mode: real builds of this process, the baselines' included
     sensitivity_images: int = 32  # model mode: images of the per-gene sensitivity runs
     full_front: bool = False  # top-1 on the full split for every front plan and FP32, not only what the selection needs
+    space: Space = PAPER  # what a block may take: PoMQ-ViT's widths, or the target's engine formats
+    max_drop: float | None = None  # accuracy budget: top-1 below FP32's, a fraction (0.003 = 0.3 point)
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,11 @@ class SearchResult:
     hypervolume: float
     builds: int  # real builds this process made
     seconds: float
+    closest: Row | None = None  # with --max-drop and no plan within it: the measured plan nearest the budget
 
 
 def _choose(study: optuna.Study, evaluator: PlanEvaluator, front: list[Row], base: dict, rule: str, full_front: bool,
-            phases: Phases) -> Row | None:
+            phases: Phases, max_drop: float | None = None) -> Row | None:
     """``select`` with top-1 on the whole evaluation split, scored only for the plans the rule needs and the chosen
     one (each a pass over the split: for the whole front and FP32 the search's costliest phase, 144 of 305 s on
     the reference model, docs/search.md), kept in the study. ``full_front``: every front plan and FP32 too, in one
@@ -74,7 +78,11 @@ def _choose(study: optuna.Study, evaluator: PlanEvaluator, front: list[Row], bas
         score([plan])
         return full[plan.plan_id]
 
-    best = select(front, base, rule, top1)
+    def fp32() -> float:
+        score([None])
+        return full["fp32"]
+
+    best = select(front, base, rule, top1, max_drop, fp32)
     if best is not None:
         top1(best)  # best.yaml always carries the chosen plan's full-split top-1
     for r in front:
@@ -86,20 +94,23 @@ def _choose(study: optuna.Study, evaluator: PlanEvaluator, front: list[Row], bas
     return best
 
 
-def _paper_rows(storage: str, recipe: str, scheme: str, rounding: str, n_blocks: int, rule: str, base: dict) -> list[dict]:
-    """The chosen plan of every study of this recipe, scheme and rounding in the storage (e.g. NSGA-II and random)."""
+def _paper_rows(storage: str, recipe: str, scheme: str, rounding: str, n_blocks: int, rule: str, base: dict,
+                space: Space = PAPER, max_drop: float | None = None) -> list[dict]:
+    """The chosen plan of every study of this recipe, scheme, rounding, space and budget in the storage (e.g.
+    NSGA-II and random)."""
     out = []
     for summary in optuna.get_all_study_summaries(storage):
         attrs = summary.user_attrs
-        if attrs.get("recipe") != recipe or attrs.get("scheme") != scheme or study_rounding(attrs) != rounding:
+        if attrs.get("recipe") != recipe or attrs.get("scheme") != scheme or study_rounding(attrs) != rounding \
+                or study_space(attrs).settings != space.settings or attrs.get("max_drop") != max_drop:
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        rows = rows_of(study, n_blocks, recipe, scheme, rounding)
+        rows = rows_of(study, n_blocks, recipe, scheme, rounding, space)
         front = mark_front(rows, study)
         full = study.user_attrs.get("top1_full", {})
         for r in front:
             r.top1_full = full.get(r.plan.plan_id)
-        best = select(front, base, rule)
+        best = select(front, base, rule, max_drop=max_drop)
         if best is not None:
             name = {"nsga2": "NSGA-II", "random": "random (stochastic)", "model": "model-guided NSGA-II"}[attrs["algorithm"]]
             out.append({"method": f"{name}, {len(rows)} plans ({summary.study_name})", "top1": best.top1_full or best.top1,
@@ -112,7 +123,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     from ._progress import trial_step
 
     cfg = SearchConfig(opts.recipe.name, opts.scheme, opts.algorithm, opts.population, opts.trials, opts.seed,
-                       opts.storage, opts.study, opts.rounding)
+                       opts.storage, opts.study, opts.rounding, opts.space, opts.target, opts.max_drop)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)  # fails fast (bad URL, another recipe's study) before any calibration
     phases = Phases(console)
@@ -130,9 +141,9 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
             with phases(f"measured search: {opts.trials} plans built and measured", total=opts.trials,
                         completed=min(kept, opts.trials)) as step:
                 run_trials(study, evaluator, cfg, base, trial_step(step))
-        rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme, opts.rounding)
+        rows = rows_of(study, evaluator.num_blocks, opts.recipe.name, opts.scheme, opts.rounding, opts.space)
         front = mark_front(rows, study)
-        best = _choose(study, evaluator, front, base, opts.select, opts.full_front, phases)
+        best = _choose(study, evaluator, front, base, opts.select, opts.full_front, phases, opts.max_drop)
         if best is not None:
             with phases(f"timing the chosen plan {best.plan.plan_id} against FP32 again, in fresh rounds",
                         total=MAX_ROUNDS) as step:
@@ -145,11 +156,27 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
             "study": opts.study, "storage": opts.storage, "backend": opts.backend.name, "batch": opts.batch,
             "eval_images": opts.eval_images, "trials": len(rows), "select": opts.select, "hypervolume": hv, "seed": opts.seed,
             "population": opts.population, "builds": evaluator.builds, "seconds": round(seconds, 1),
-            "phases": dict(phases.table())}
-    paper = _paper_rows(opts.storage, opts.recipe.name, opts.scheme, opts.rounding, evaluator.num_blocks, opts.select, base)
-    write_outputs(opts.out, rows, base, best, meta, paper, guided)
-    first = (f"NO FEASIBLE PLAN among {len(rows)}: none beats FP32 latency and uniform 8-bit size on {opts.backend.name}"
-             if best is None else f"{sum(r.feasible for r in rows)} of {len(rows)} plans feasible, {len(front)} on the front, "
-             f"hypervolume {hv:.4f}")
+            "phases": dict(phases.table()), "space": opts.space.name, "target": opts.target, "max_drop": opts.max_drop}
+    closest = None if best is not None or opts.max_drop is None else _closest(rows, base)
+    paper = _paper_rows(opts.storage, opts.recipe.name, opts.scheme, opts.rounding, evaluator.num_blocks, opts.select, base,
+                        opts.space, opts.max_drop)
+    write_outputs(opts.out, rows, base, best, meta, paper, guided, closest)
+    size_ref = "uniform 8-bit" if opts.space.size_reference == "uniform8" else "FP32"
+    if best is not None:
+        first = f"{sum(r.feasible for r in rows)} of {len(rows)} plans feasible, {len(front)} on the front, hypervolume {hv:.4f}"
+    elif opts.max_drop is not None:
+        first = f"NO PLAN WITHIN --max-drop {100 * opts.max_drop:g} point(s) of FP32 among {len(rows)} measured"
+        if closest is not None:
+            first += (f"; the closest: trial {closest.number} (plan {closest.plan.plan_id}), top-1 {closest.top1:.4f} against "
+                      f"FP32's {base['fp32']['top1']:.4f} on the search's {opts.eval_images} images")
+    else:
+        first = f"NO FEASIBLE PLAN among {len(rows)}: none beats FP32 latency and {size_ref} size on {opts.backend.name}"
     first += f"; {evaluator.builds} real builds in {seconds:.0f} s"
-    return SearchResult(first, best, rows, hv, evaluator.builds, seconds)
+    return SearchResult(first, best, rows, hv, evaluator.builds, seconds, closest)
+
+
+def _closest(rows: list[Row], base: dict) -> Row | None:
+    """The measured plan nearest an accuracy budget none met: the most accurate of those that meet the other
+    constraints (faster than FP32, within the size reference), else of all."""
+    others = [r for r in rows if all(c <= 0 for c in r.constraints[:3])] or rows
+    return max(others, key=lambda r: (r.top1_full if r.top1_full is not None else r.top1, -r.latency_ms), default=None)

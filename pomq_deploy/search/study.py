@@ -1,10 +1,12 @@
 """PoMQ-ViT's search as an optuna study: every evaluated plan is a trial in storage.
 
-Genes: per encoder block, ``w``, ``a`` and ``attn`` each in {4, 8} (constraint 1 holds by construction).
-Objectives: top-1 (max), latency (min: the ratio to FP32 measured interleaved with it, in the study's FP32
-milliseconds), artifact bytes (min). Constraints, recorded per trial for
-NSGA-II's constrained domination (<= 0 is satisfied): mixed plan (2), latency below the FP32 model's on
-the same backend (3), size below uniform 8-bit's (4). Infeasible plans stay in the study, marked.
+Genes: per encoder block, ``w``, ``a`` and ``attn`` each in {4, 8} (constraint 1 holds by construction), or
+one of the target's engine formats (``--space engine``, :mod:`.space`). Objectives: top-1 (max), latency (min:
+the ratio to FP32 measured interleaved with it, in the study's FP32 milliseconds), artifact bytes (min).
+Constraints, recorded per trial for NSGA-II's constrained domination (<= 0 is satisfied): mixed plan (2; the
+paper space only), latency below the FP32 model's on the same backend (3), size below uniform 8-bit's (4; the
+engine space: below FP32's), and with ``--max-drop P`` top-1 at most P points below FP32's on the search's
+evaluation images. Infeasible plans stay in the study, marked.
 
 A plan is never evaluated twice: a trial whose plan another trial already finished (or is running) is
 pruned at once, so the study ends with N completed trials holding N distinct plans, whether one process
@@ -22,16 +24,16 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..errors import PomqError, first_line
-from ..plan import BlockBits, Plan
+from ..plan import Plan
 from ..progress import Phases
 from ..quant.roundings import DEFAULT_ROUNDING
 from ..timing import MAX_ROUNDS
 from .evaluator import PlanEvaluator
+from .space import PAPER, Space, get_space, plan_of
 
-GENES = ("w", "a", "attn")
 DIRECTIONS = ("maximize", "minimize", "minimize")  # top-1, latency, size
 OBJECTIVES = ("top1", "latency_ms", "size_bytes")
-CONSTRAINTS = ("mixed", "latency_vs_fp32", "size_vs_uniform8")
+CONSTRAINTS = ("mixed", "latency_vs_fp32", "size_vs_reference", "top1_vs_budget")  # the last with --max-drop
 # a trial whose process stops beating for GRACE_S is marked failed (e.g. after SIGKILL) when any worker next starts
 # a trial; whole seconds (optuna's). POMQ_HEARTBEAT_S / POMQ_GRACE_S override them: tests/test_postgres.py shortens both
 HEARTBEAT_S = int(os.environ.get("POMQ_HEARTBEAT_S", "10"))
@@ -54,21 +56,36 @@ class SearchConfig:
     storage: str
     study_name: str
     rounding: str = DEFAULT_ROUNDING
+    space: Space = PAPER
+    target: str = "ort"  # whose engine formats the engine space holds
+    max_drop: float | None = None  # top-1 points below FP32 a plan may lose (a constraint); None: no budget
 
 
-def plan_from_params(params: dict, n_blocks: int, recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING) -> Plan:
-    return Plan(recipe=recipe, scheme=scheme, rounding=rounding,
-                blocks=tuple(BlockBits(**{g: int(params[f"b{i}_{g}"]) for g in GENES}) for i in range(n_blocks)))
+def plan_from_params(params: dict, n_blocks: int, recipe: str, scheme: str, rounding: str = DEFAULT_ROUNDING,
+                     space: Space = PAPER) -> Plan:
+    return plan_of(space.settings_of(params, n_blocks), recipe, scheme, rounding)
 
 
-def _suggest(trial: Trial, n_blocks: int, recipe: str, scheme: str, rounding: str) -> Plan:
-    params = {f"b{i}_{g}": trial.suggest_categorical(f"b{i}_{g}", [4, 8]) for i in range(n_blocks) for g in GENES}
-    return plan_from_params(params, n_blocks, recipe, scheme, rounding)
+def _suggest(trial: Trial, n_blocks: int, recipe: str, scheme: str, rounding: str, space: Space = PAPER) -> Plan:
+    return plan_of(space.suggest(trial, n_blocks), recipe, scheme, rounding)
 
 
 def study_rounding(attrs: dict) -> str:
     """A study's rounding (studies from before roundings existed used nearest)."""
     return attrs.get("rounding", DEFAULT_ROUNDING)
+
+
+def study_space(attrs: dict) -> Space:
+    """A study's search space (studies from before spaces existed searched the paper's)."""
+    return get_space(attrs.get("space", "paper"), attrs.get("target", "ort"))
+
+
+def constraints(plan: Plan, space: Space, top1: float, latency_ms: float, size_bytes: float, base: dict,
+                max_drop: float | None) -> list[float]:
+    """The plan's constraints (<= 0: met), in ``CONSTRAINTS``' order; the budget only with ``max_drop``."""
+    out = [0.0 if space.feasible_mix(plan) else 1.0, latency_ms - base["fp32"]["latency_ms"],
+           float(size_bytes - base[space.size_reference]["size_bytes"])]
+    return out if max_drop is None else out + [base["fp32"]["top1"] - max_drop - top1]
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
@@ -111,10 +128,21 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
         study.set_user_attr("scheme", cfg.scheme)
         study.set_user_attr("rounding", cfg.rounding)
         study.set_user_attr("algorithm", cfg.algorithm)
+        study.set_user_attr("space", cfg.space.name)
+        study.set_user_attr("target", cfg.target)
+        study.set_user_attr("max_drop", cfg.max_drop)
     elif owner != cfg.recipe or study.user_attrs.get("scheme") != cfg.scheme or study_rounding(study.user_attrs) != cfg.rounding:
         raise SearchError(f"--study {cfg.study_name}: belongs to recipe {owner!r} (scheme {study.user_attrs.get('scheme')!r}, "
                           f"rounding {study_rounding(study.user_attrs)!r}), not {cfg.recipe!r} ({cfg.scheme!r}, "
                           f"{cfg.rounding!r}); pick another --study")
+    else:
+        a = study.user_attrs
+        mine = (study_space(a).settings, a.get("max_drop"))
+        if mine != (cfg.space.settings, cfg.max_drop):
+            raise SearchError(f"--study {cfg.study_name}: searched the {a.get('space', 'paper')} space"
+                              f"{'' if a.get('space', 'paper') == 'paper' else ' of ' + a.get('target', 'ort')} with "
+                              f"--max-drop {a.get('max_drop')}, not the {cfg.space.name} space with --max-drop "
+                              f"{cfg.max_drop}; pick another --study")
     return study
 
 
@@ -138,14 +166,14 @@ def record(trial: Trial, plan: Plan, evaluator: PlanEvaluator, study: optuna.Stu
     m = evaluator.measure(plan)
     ref = study.user_attrs.get("baselines", base)  # the study's, should another worker have stored its own
     latency = m.ratio.ratio * ref["fp32"]["latency_ms"]  # the ratio, measured interleaved, in the study's FP32 ms
-    constraints = [0.0 if plan.is_mixed else 1.0, latency - ref["fp32"]["latency_ms"],
-                   float(m.size_bytes - ref["uniform8"]["size_bytes"])]
+    attrs = study.user_attrs
+    met = constraints(plan, study_space(attrs), m.top1, latency, m.size_bytes, ref, attrs.get("max_drop"))
     ratio_uniform8 = m.ratio.ratio / ref["uniform8"]["ratio"]["ratio"]  # via FP32: uniform 8-bit's from the baselines
-    for k, v in (m.attrs() | {"latency_ms": latency, "ratio_uniform8": ratio_uniform8, "constraints": constraints}).items():
+    for k, v in (m.attrs() | {"latency_ms": latency, "ratio_uniform8": ratio_uniform8, "constraints": met}).items():
         trial.set_user_attr(k, v)
-    for name, value in zip(CONSTRAINTS, constraints, strict=True):
+    for name, value in zip(CONSTRAINTS, met, strict=False):
         trial.set_constraint(name, value)
-    trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
+    trial.set_user_attr("feasible", all(c <= 0 for c in met))
     trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
     return m.top1, latency, float(m.size_bytes)
 
@@ -168,7 +196,7 @@ def run_trials(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig,
     n = evaluator.num_blocks
 
     def objective(trial: Trial):
-        plan = _suggest(trial, n, cfg.recipe, cfg.scheme, cfg.rounding)
+        plan = _suggest(trial, n, cfg.recipe, cfg.scheme, cfg.rounding, cfg.space)
         trial.set_user_attr("source", "search")
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= cfg.trials:
             study.stop()
@@ -202,8 +230,9 @@ def measure_plans(study: optuna.Study, evaluator: PlanEvaluator, base: dict, pla
     # was killed) is queued again, which optuna's own skip_if_exists would not do
     live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
     have = {tuple(sorted(t.system_attrs.get("fixed_params", t.params).items())) for t in live}
+    space = study_space(study.user_attrs)
     for i, plan in enumerate(plans):
-        params = {f"b{j}_{g}": getattr(b, g) for j, b in enumerate(plan.blocks) for g in GENES}
+        params = space.params(plan)
         if tuple(sorted(params.items())) not in have:
             study.enqueue_trial(params, user_attrs={"source": source} | ({"predicted": predicted[i]} if predicted else {}))
             have.add(tuple(sorted(params.items())))
@@ -212,8 +241,8 @@ def measure_plans(study: optuna.Study, evaluator: PlanEvaluator, base: dict, pla
         if "source" not in trial.user_attrs:  # not a queued plan: the queue is empty, other workers took the rest
             study.stop()
             raise optuna.TrialPruned("no queued plan left")
-        return _measure_new(trial, _suggest(trial, n, study.user_attrs["recipe"], study.user_attrs["scheme"], study_rounding(study.user_attrs)), evaluator,
-                            study, base)
+        a = study.user_attrs
+        return _measure_new(trial, _suggest(trial, n, a["recipe"], a["scheme"], study_rounding(a), space), evaluator, study, base)
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:
         if on_trial is not None and trial.state == TrialState.COMPLETE:
