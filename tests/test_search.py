@@ -231,6 +231,20 @@ def test_an_accuracy_budget_selects_the_fastest_then_smallest_plan_within_it():
     assert select(rows, {"fp32": {"top1": 0.93, "top1_full": 0.94}}, "max-top1", max_drop=0.001) is None
 
 
+def test_a_budget_picks_from_every_feasible_plan_not_only_the_subset_front():
+    """On the search's images plan 0 dominates plan 1, so only 0 is on the front; on the whole split 0 misses a
+    0.3-point budget and 1 meets it: the budget's answer is 1, off the front (without a budget: the front)."""
+    from pomq_deploy.search.runner import candidates
+
+    rows = [_row(0, 0.93, 5, 50), _row(1, 0.92, 6, 60), _row(2, 0.95, 1, 1, feasible=False)]
+    front = mark_front(rows, _study_of(rows))
+    assert [r.number for r in front] == [0] and candidates(rows, front, None) == front
+    full = {0: 0.900, 1: 0.929}
+    pool = candidates(rows, front, 0.003)
+    assert [r.number for r in pool] == [0, 1]
+    assert select(pool, {}, "top1-within-1pt", lambda r: full[r.number], max_drop=0.003, fp32_full=lambda: 0.930).number == 1
+
+
 def test_a_study_of_another_space_or_budget_is_refused(tmp_path):
     from pomq_deploy.search.space import get_space
     from pomq_deploy.search.study import SearchConfig, SearchError, open_study
@@ -238,16 +252,16 @@ def test_a_study_of_another_space_or_budget_is_refused(tmp_path):
     cfg = SearchConfig("tiny", "fqvit", "random", 4, 4, 0, f"sqlite:///{tmp_path}/s.db", "one", space=get_space("engine", "ort"),
                        target="ort", max_drop=0.003)
     assert open_study(cfg).user_attrs["space"] == "engine"
-    with pytest.raises(SearchError, match="searched the engine space of ort with --max-drop 0.003, not the paper space"):
+    with pytest.raises(SearchError, match="searched the engine space of ort with --max-drop 0.3, not the paper space with no --max-drop"):
         open_study(SearchConfig("tiny", "fqvit", "random", 4, 4, 0, cfg.storage, "one"))
-    with pytest.raises(SearchError, match="with --max-drop 0.003, not the engine space with --max-drop None"):
+    with pytest.raises(SearchError, match="with --max-drop 0.3, not the engine space with no --max-drop"):
         open_study(SearchConfig("tiny", "fqvit", "random", 4, 4, 0, cfg.storage, "one", space=cfg.space, target="ort"))
 
 
 def test_engine_space_search_with_an_accuracy_budget(recipe, tmp_path, capsys):
     """--space engine --mode model on ort-cpu: the design set holds each of the target's formats on every block and
     each alternating with 8/8/8; every measured plan is made of ort's formats; the sensitivities are per format;
-    with a budget every plan meets (100 points), best.yaml is the fastest front plan, the smallest among ties."""
+    with a budget every plan meets (100 points), best.yaml is the fastest feasible plan, the smallest among ties."""
     from pomq_deploy.targets import get_target
 
     out = tmp_path / "e"
@@ -260,8 +274,8 @@ def test_engine_space_search_with_an_accuracy_budget(recipe, tmp_path, capsys):
     assert all("/".join(str(b[g]) for g in ("w", "a", "attn")) in formats for t in doc["trials"] for b in t["plan"])
     assert [t["source"] for t in doc["trials"]].count("design") == 8
     assert all(set(k) == formats - {"float/float/float"} for k in doc["models"]["accuracy"]["kl"])
-    front = [t for t in doc["trials"] if t["on_front"]]
-    fastest = min(front, key=lambda t: (t["latency_ms"], t["size_bytes"]))
+    feasible = [t for t in doc["trials"] if t["feasible"]]
+    fastest = min(feasible, key=lambda t: (t["latency_ms"], t["size_bytes"]))
     assert best["plan_id"] == fastest["plan_id"] and load_plan(out / "best.yaml").plan_id == fastest["plan_id"]
     assert all("top1_vs_budget" in t["constraints"] for t in doc["trials"])
     assert "Search space `engine` (ort formats)" in (out / "report.md").read_text()

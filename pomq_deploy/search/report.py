@@ -189,6 +189,13 @@ def write_outputs(out_dir: Path, rows: list[Row], base: dict, best: Row | None, 
     write_text(out_dir / "report.md", report_md(rows, base, best, meta, paper_rows, guided, closest))
 
 
+def closest_text(r: Row, base: dict, eval_images: int) -> str:
+    """How near an accuracy budget's closest plan came: on the whole split where it and FP32 were scored there."""
+    if r.top1_full is not None and base["fp32"].get("top1_full") is not None:
+        return f"top-1 {r.top1_full:.4f} against FP32's {base['fp32']['top1_full']:.4f} on the whole split"
+    return f"top-1 {r.top1:.4f} against FP32's {base['fp32']['top1']:.4f} on the search's {eval_images} images"
+
+
 def _full_or_subset(baseline: dict, meta: dict) -> str:
     """A baseline's top-1 on the full split, or on the search's subset (said so) where it was not scored."""
     if baseline.get("top1_full") is not None:
@@ -205,8 +212,7 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
         first = (f"NO PLAN WITHIN THE BUDGET: none of the {len(rows)} evaluated plans is within {100 * budget:g} point(s) of "
                  f"FP32's top-1 and faster than FP32 on {meta['backend']}; no best.yaml was written.")
         if closest is not None:
-            first += (f" The closest: trial {closest.number} (plan {closest.plan.plan_id}), top-1 {closest.top1:.4f} on the "
-                      f"search's images against FP32's {base['fp32']['top1']:.4f}.")
+            first += f" The closest: trial {closest.number} (plan {closest.plan.plan_id}), {closest_text(closest, base, meta['eval_images'])}."
     elif feasible == 0:
         first = (f"NO FEASIBLE PLAN: none of the {len(rows)} evaluated plans is both faster than FP32 "
                  f"({base['fp32']['latency_ms']:.2f} ms) and smaller than "
@@ -242,11 +248,13 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
     lines += ["", "## Pareto front (measured)", "",
               "| trial | source | plan-id | w | a | attn | top-1 (subset) | top-1 full | latency (ms) | / FP32 (90% interval) | size (MB) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(front, key=lambda r: -r.top1):
+    shown = front + ([best] if best is not None and best not in front else [])  # a budget may pick off the front
+    for r in sorted(shown, key=lambda r: -r.top1):
         w, a, t = ("".join(CODES[getattr(b, g)] for b in r.plan.blocks) for g in GENES)
         full = "" if r.top1_full is None else f"{r.top1_full:.4f}"
         ratio = "" if r.ratio is None else f"{r.ratio['ratio']:.3f} ({r.ratio['low']:.3f}-{r.ratio['high']:.3f}, {r.ratio['rounds']} rounds)"
-        lines.append(f"| {r.number}{' (best)' if best is r else ''} | {r.source} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | "
+        mark = "" if best is not r else " (best)" if r.on_front else " (best, off the front)"
+        lines.append(f"| {r.number}{mark} | {r.source} | {r.plan.plan_id} | {w} | {a} | {t} | {r.top1:.4f} | "
                      f"{full} | {r.latency_ms:.2f} | {ratio} | {r.size_bytes / 1e6:.2f} |")
     lines += ["", "Genes are per block, first to last: 4 or 8 bits, e FP8 (E4M3), f float. Every trial, feasible or not, is in pareto.json. Latency is "
               "the ratio to FP32 measured interleaved with it until its 90% interval is within +-3%, shown in the study's "

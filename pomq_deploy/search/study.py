@@ -88,6 +88,10 @@ def constraints(plan: Plan, space: Space, top1: float, latency_ms: float, size_b
     return out if max_drop is None else out + [base["fp32"]["top1"] - max_drop - top1]
 
 
+def _budget(max_drop: float | None) -> str:
+    return "no --max-drop" if max_drop is None else f"--max-drop {100 * max_drop:g}"
+
+
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if cfg.algorithm == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
@@ -141,8 +145,8 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
         if mine != (cfg.space.settings, cfg.max_drop):
             raise SearchError(f"--study {cfg.study_name}: searched the {a.get('space', 'paper')} space"
                               f"{'' if a.get('space', 'paper') == 'paper' else ' of ' + a.get('target', 'ort')} with "
-                              f"--max-drop {a.get('max_drop')}, not the {cfg.space.name} space with --max-drop "
-                              f"{cfg.max_drop}; pick another --study")
+                              f"{_budget(a.get('max_drop'))}, not the {cfg.space.name} space with {_budget(cfg.max_drop)}; "
+                              "pick another --study")
     return study
 
 
