@@ -336,6 +336,8 @@ def test_hypervolume_by_hand():
     rows = [_row(0, 0.5, 5.0, 50), _row(1, 0.25, 2.5, 50), _row(2, 0.99, 0.1, 1, feasible=False)]
     assert hypervolume(rows[:1], base) == pytest.approx(0.125)
     assert hypervolume(rows, base) == pytest.approx(0.125 + 0.25 * 0.25 * 0.5)
+    base["fp32"]["size_bytes"] = 200  # the engine space holds sizes against FP32's: each plan at half the size again
+    assert hypervolume(rows[:1], base, "fp32") == pytest.approx(0.5 * 0.5 * 0.75)
 
 
 def test_held_out_plans_are_scored_in_one_pass_and_timed_together(recipe):

@@ -68,12 +68,14 @@ def mark_front(rows: list[Row], study: optuna.Study) -> list[Row]:
     return [r for r in rows if r.on_front]
 
 
-def hypervolume(rows: list[Row], base: dict) -> float:
-    """Hypervolume of the feasible front in normalised objectives (1 - top-1, latency / FP32's, size /
-    uniform 8-bit's) against the reference point (1, 1, 1): larger is better, 0 for an empty front."""
+def hypervolume(rows: list[Row], base: dict, size_reference: str = "uniform8") -> float:
+    """Hypervolume of the feasible front in normalised objectives (1 - top-1, latency / FP32's, size / the
+    space's size reference: uniform 8-bit's, FP32's in the engine space) against the reference point (1, 1, 1):
+    larger is better, 0 for an empty front."""
     import moocore
 
-    pts = np.array([[1 - r.top1, r.latency_ms / base["fp32"]["latency_ms"], r.size_bytes / base["uniform8"]["size_bytes"]]
+    size = base[size_reference]["size_bytes"]
+    pts = np.array([[1 - r.top1, r.latency_ms / base["fp32"]["latency_ms"], r.size_bytes / size]
                     for r in rows if r.feasible])
     if len(pts) == 0:
         return 0.0
@@ -238,7 +240,8 @@ def report_md(rows: list[Row], base: dict, best: Row | None, meta: dict, paper_r
                 f"split (--max-drop, also a constraint of the search on its images). " if budget is not None else
                 f"Selection rule `{meta['select']}`: {SELECT_RULES[meta['select']]}. ")
              + "Hypervolume of the feasible front "
-             f"(normalised to FP32 latency and uniform-8 size, reference point 1,1,1): {meta['hypervolume']:.4f}.", "",
+             f"(normalised to FP32 latency and {'FP32' if meta.get('space') == 'engine' else 'uniform-8'} size, reference "
+             f"point 1,1,1): {meta['hypervolume']:.4f}.", "",
              "## In the paper's form", "", "| method | top-1 | latency (ms) | size (MB) |", "| --- | --- | --- | --- |",
              f"| FP32 | {_full_or_subset(base['fp32'], meta)} | {base['fp32']['latency_ms']:.2f} | "
              f"{base['fp32']['size_bytes'] / 1e6:.2f} |",

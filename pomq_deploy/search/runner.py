@@ -151,7 +151,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
                 best.ratio_confirmed = evaluator.confirm(best.plan, on_round=step).as_dict()
     finally:
         evaluator.close()
-    hv = hypervolume(rows, base)
+    hv = hypervolume(rows, base, opts.space.size_reference)
     seconds = time.perf_counter() - start
     meta = {"recipe": opts.recipe.name, "scheme": opts.scheme, "rounding": opts.rounding, "algorithm": opts.algorithm, "mode": opts.mode,
             "study": opts.study, "storage": opts.storage, "backend": opts.backend.name, "batch": opts.batch,
