@@ -26,8 +26,10 @@ where every trial is built and measured (PoMQ-ViT's own loop; for small budgets 
 which): ort: float, INT8, INT4 weights on INT8 kernels; tensorrt: float (FP16), INT8, FP8, INT4 weight-only;
 the attention quantized or in float where the engine has the choice. No mixing constraint; a plan must beat
 FP32's latency and size. --max-drop P (points): an accuracy budget, a constraint of the search (on its
-images) and the selection: best.yaml is the fastest, then smallest, front plan within P points of FP32's
-top-1 on the whole evaluation split; when none is, no best.yaml, the closest plan named, exit 1.
+images) and the selection in place of --select: best.yaml is the fastest, then smallest, feasible measured
+plan within P points of FP32's top-1 on the whole evaluation split (the search's images are too few to tell
+plans near FP32 apart, so the front on them is not the pool); when none is, no best.yaml, the closest plan
+named, exit 1.
 
 Each measured plan is an optuna trial in --storage (default: SQLite in the output directory): stop the
 search at any moment and start it again with the same --study to continue, or start several processes on
@@ -98,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--space", choices=SPACES, default="paper", help="paper: w, a, attn each 4 or 8 per block (PoMQ-ViT); "
                    "engine: per block a format the target's engine runs (default: paper)")
     g.add_argument("--max-drop", metavar="P", type=points, help="accuracy budget: top-1 at most P points below FP32's "
-                   "(a constraint, and the selection: the fastest plan within it)")
+                   "(a constraint, and the selection in place of --select: the fastest plan within it)")
     g.add_argument("--allow-infeasible", action="store_true", help="exit 0 even when no plan meets the constraints")
     b = add_backend_arguments(p)
     b.add_argument("--batch", type=positive_int, help="latency batch size (and the tensorrt engine's batch)")

@@ -94,7 +94,7 @@ def select(front: list[Row], base: dict, rule: str, full: Callable[[Row | None],
 
     ``max_drop`` (points of top-1, as a fraction) replaces the rule by the accuracy budget: the fastest, then
     smallest, plan whose top-1 is at most that far below FP32's (``fp32_full()``, else ``base``'s); None when no
-    plan of the front is."""
+    plan given is (the runner gives every feasible plan: ``runner.candidates``)."""
     if rule not in SELECT_RULES:
         raise ValueError(f"unknown selection rule {rule!r}; allowed: {', '.join(SELECT_RULES)}")
     if not front:
