@@ -15,7 +15,7 @@ from ..progress import Phases
 from ._progress import trial_step
 from .evaluator import PlanEvaluator
 from .models import AccuracyModel, AdditiveModel, block_groups, design_plans, errors, kl_sensitivities
-from .space import Space, text
+from .space import Space, sensitivity_settings, text
 from .study import CONSTRAINTS, DIRECTIONS, SearchConfig, SearchError, _suggest, constraints, measure_plans, plan_from_params, study_rounding, study_space
 
 MODEL_TRIALS, MODEL_POPULATION = 3000, 60  # NSGA-II on the models: thousands of plans in seconds
@@ -70,7 +70,7 @@ def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, p
         if space.name == "paper":
             steps, what = 3 * evaluator.num_blocks, "one-gene-4-bit"
         else:
-            steps, what = sum(s != ("float",) * 3 for s in space.settings) * evaluator.num_blocks, "one-block-one-format"
+            steps, what = len(sensitivity_settings(space)) * evaluator.num_blocks, "one-block-one-format"
         with phases(f"per-block sensitivities: {steps} {what} runs of the PyTorch model on {len(x)} images",
                     total=steps) as step:
             study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"], on_step=step,

@@ -16,7 +16,6 @@ perturbation is the sum over its blocks, and its drop below FP32 that sum times 
 block is what buys accuracy back there, so the reference is FP32, not uniform 8-bit).
 """
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +23,9 @@ import torch
 
 from ..plan import BlockBits, Plan
 from ..quant.roundings import DEFAULT_ROUNDING
-from .space import BASE, GENES, PAPER, Space, plan_of, text
+from .space import BASE, GENES, PAPER, Space, plan_of, sensitivity_settings, text
 
-SETTINGS = tuple(itertools.product((4, 8), repeat=3))  # (w, a, attn): the paper's space
+SETTINGS = PAPER.settings  # (w, a, attn): the paper's space
 EIGHT = BASE
 PROBES = ((4, 4, 4), (4, 8, 8), (8, 4, 8), (8, 8, 4))  # alternated with 8/8/8 in the paper's design set: boundary costs
 
@@ -147,7 +146,7 @@ def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, on_
     if space.name == "paper":
         steps = [(i, g) for i in range(n) for g in GENES]
     else:
-        steps = [(i, s) for i in range(n) for s in space.settings if s != ("float",) * 3]
+        steps = [(i, s) for i in range(n) for s in sensitivity_settings(space)]
     for i, g in steps:
         if space.name == "paper":
             bits = [EIGHT] * n

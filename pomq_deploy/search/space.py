@@ -62,6 +62,14 @@ def plan_of(settings: list[tuple], recipe: str, scheme: str, rounding: str = DEF
     return Plan(recipe=recipe, scheme=scheme, rounding=rounding, blocks=tuple(BlockBits(w=w, a=a, attn=t) for w, a, t in settings))
 
 
+FLOAT_BLOCK = ("float",) * 3
+
+
+def sensitivity_settings(space: Space) -> list[tuple]:
+    """The engine space's settings a block's KL sensitivity is measured for: every one but float (KL 0)."""
+    return [s for s in space.settings if s != FLOAT_BLOCK]
+
+
 PAPER = Space("paper", tuple(itertools.product((4, 8), repeat=3)), mixed=True, size_reference="uniform8")
 
 
