@@ -64,7 +64,7 @@ def _outputs(model: nn.Module, modules: list[nn.Module], images: torch.Tensor) -
     from .quant.modules import QuantWeighted
 
     seen: dict[int, np.ndarray] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out.detach().numpy().copy()))
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out.detach().cpu().numpy().copy()))
              for i, m in enumerate(modules)]
 
     def call_input_quantizer(mod, args) -> None:
@@ -75,7 +75,7 @@ def _outputs(model: nn.Module, modules: list[nn.Module], images: torch.Tensor) -
               for m in model.modules() if isinstance(m, QuantWeighted) and id(m.in_quant) in wanted]
     try:
         with torch.inference_mode():
-            logits = model(images).numpy()
+            logits = model(images).cpu().numpy()
     finally:
         for h in hooks:
             h.remove()
@@ -91,7 +91,13 @@ def _row(name, tensor, node, deployed, fakequant, fp32=None, isolated=None) -> T
 def compare(run_onnx, onnx_model, qmodel, plan, act_format: str, images: torch.Tensor, backend: str, inputs: str,
             tensors: bool = False) -> Comparison:
     """Compare the deployed ``onnx_model`` (run by ``run_onnx(model, feeds) -> outputs``, a backend's) with
-    ``qmodel`` (calibrated) under ``plan`` in ``act_format``, and with the FP32 model, on ``images``."""
+    ``qmodel`` (calibrated) under ``plan`` in ``act_format``, on its exact path, and with the FP32 model, on
+    ``images``."""
+    with qmodel.exact_path():
+        return _compare(run_onnx, onnx_model, qmodel, plan, act_format, images, backend, inputs, tensors)
+
+
+def _compare(run_onnx, onnx_model, qmodel, plan, act_format, images, backend, inputs, tensors) -> Comparison:
     from polygraphy.backend.onnx import ModifyOutputs
 
     from .quant.modules import ActQuant

@@ -32,6 +32,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[
     start = time.perf_counter()
     for images, labels in batches:
         logits = predict(images)
+        labels = labels.to(logits.device)
         top1 += topk_correct(logits, labels, 1)
         top5 += topk_correct(logits, labels, 5)
         n += len(labels)

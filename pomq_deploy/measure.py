@@ -53,13 +53,13 @@ def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recip
     from .data import calibration_batches
     from .errors import VerifyError
     from .export.onnx_export import input_size
-    from .quant.model import QuantModel, find_blocks
-    from .verify import CALIB_IMAGES, NOISE_IMAGES, noise_images, verify, worst_block
+    from .quant.model import QuantModel, exactly, find_blocks
+    from .verify import CALIB_IMAGES, NOISE_IMAGES, noise_images, reference_pair, verify, worst_block
 
     calib = torch.cat(calibration_batches(recipe.data, reference))[:CALIB_IMAGES]
     cfg = resolve_data_config({}, model=reference)
     noise = noise_images(NOISE_IMAGES, input_size(getattr(reference, "model", reference)), cfg["mean"], cfg["std"])
-    result = verify(lambda x: backend.run(artifact, x), reference, calib, noise)
+    result = verify(lambda x: backend.run(artifact, x), *reference_pair(reference), calib, noise)
     if result.passed:
         return result.to_json()
     run_onnx = getattr(backend, "run_onnx", None)
@@ -70,7 +70,8 @@ def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recip
         images = calib if not result.calibration.ok() else noise
         try:
             blocks = reference.blocks if isinstance(reference, QuantModel) else find_blocks(reference)  # found once, when wrapped
-            worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, blocks, images)
+            with exactly(reference):
+                worst = worst_block(run_onnx, onnx.load(str(onnx_path)), reference, blocks, images)
             result = dataclasses.replace(result, worst_block=worst)
         except ValueError as e:  # blocks the graph does not delimit as expected: report without them
             unlocated = f" (no per-block comparison: {e})"
@@ -82,8 +83,20 @@ def export_model(model: nn.Module, plan: Plan | None, target: str, path: Path) -
     """``plan`` on the calibrated QuantModel ``model`` as Q/DQ ONNX in ``target``'s format; with ``plan`` None,
     ``model`` (a float model) as it is."""
     from .export import export_fp32, export_quantized
+    from .quant.model import QuantModel
 
-    return export_fp32(model, path) if plan is None else export_quantized(model, plan, target, path)
+    if plan is None:
+        return export_fp32(model, path)
+    device = model.device if isinstance(model, QuantModel) else torch.device("cpu")
+    if device.type == "cpu":
+        return export_quantized(model, plan, target, path)
+    model.to_device(torch.device("cpu"))  # the graph is traced on the CPU: its constants and input live there
+    try:
+        return export_quantized(model, plan, target, path)
+    finally:  # back where the reference runs, the plan applied again as the export left it
+        from .targets import get_target
+
+        model.to_device(device).apply(plan, get_target(target).act_format)
 
 
 def measure(backend: Backend, out_dir: Path, *, model: nn.Module | None = None, plan: Plan | None = None,

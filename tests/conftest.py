@@ -26,12 +26,14 @@ def _have_gpu_stack() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _have_gpu_stack():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA and TensorRT")
+    import torch
+
+    skips = {"gpu": None if _have_gpu_stack() else pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA and TensorRT"),
+             "cuda": None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU PyTorch sees")}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

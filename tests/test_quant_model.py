@@ -37,14 +37,18 @@ def test_wraps_every_block_and_layer():
     assert all(not m.fused_attn for m in qm.model.modules() if hasattr(m, "fused_attn"))
 
 
-def test_gelu_is_computed_correctly_rounded():
+def test_gelu_is_computed_correctly_rounded_on_the_exact_path():
     qm = QuantModel(tiny_vit(), "fqvit")
     gelus = [m for m in qm.modules() if isinstance(m, PreciseGELU)]
     assert len(gelus) == 6 and not any(type(m) is torch.nn.GELU for m in qm.modules())
     x = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 3
     exact = torch.nn.functional.gelu(x.double())
-    assert torch.equal(gelus[0](x), exact.float())  # float64, rounded once
-    assert torch.equal(gelus[0](x.double()), exact)  # a float64 model (the FP64 floor) stays float64
+    fast = gelus[0](x)
+    assert torch.equal(fast, torch.nn.functional.gelu(x)) and not torch.equal(fast, exact.float())  # PyTorch's own
+    with qm.exact_path():
+        assert torch.equal(gelus[0](x), exact.float())  # float64, rounded once
+        assert torch.equal(gelus[0](x.double()), exact)  # a float64 model (the FP64 floor) stays float64
+    assert not gelus[0].exact  # the fast path again after the block
     # timm's own GELU classes (a model built with act_layer="gelu" / "gelu_tanh") are replaced too
     tanh = QuantModel(tiny_vit(act_layer="gelu_tanh"), "fqvit")
     kinds = {m.approximate for m in tanh.modules() if isinstance(m, PreciseGELU)}
@@ -181,13 +185,16 @@ def test_attention_matmuls_run_on_codes(scheme, monkeypatch):
 
     with torch.no_grad():
         patch(counting)
+        fast = qm(x)  # the fast path leaves both MatMuls to timm's float ones
+        assert taken == []
+        qm.set_exact(True)
         on_codes = qm(x)
         patch(lambda name: lambda self, a, b: None)
         in_float = qm(x)
     tokens, heads, dim = 17, 2, 32  # test_vit at 32 px, patch 8: 16 patches + cls; 64-d, 2 heads
     assert taken == [("_qk", (8, heads, tokens, dim), (8, heads, dim, tokens), True),
                      ("_pv", (8, heads, tokens, tokens), (8, heads, tokens, dim), True)] * 6
-    assert cos(on_codes, in_float) > 0.9999
+    assert cos(on_codes, in_float) > 0.9999 and cos(on_codes, fast) > 0.9999
     monkeypatch.undo()
     taken.clear()
     copied = copy.deepcopy(qm)  # its hooks take its own modules' codes, not the original's

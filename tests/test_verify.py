@@ -3,6 +3,7 @@
 import io
 import json
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from pomq_deploy.cli.main import main
 from pomq_deploy.errors import VerifyError
 from pomq_deploy.plan import uniform_plan
 from pomq_deploy.recipe import load_recipe
-from pomq_deploy.verify import agreement, noise_images
+from pomq_deploy.verify import agreement, float_noise, noise_images, reference_pair, verify
 
 BUILD = ["--limit", "8", "--runs", "2", "--batch", "2"]
 
@@ -24,8 +25,19 @@ def test_agreement_by_hand():
     out = np.array([[1.0, 0.0], [1.0, 0.0]])
     a = agreement(ref, out)
     # top-1: 1 of 2; whole cosine: (2*1) / (sqrt(5) * sqrt(2)); per image: 1 and 0
-    assert (a.images, a.top1, a.cosine_min) == (2, 0.5, 0.0) and a.cosine == pytest.approx(2 / np.sqrt(10))
+    assert (a.images, a.top1, a.cosine_min, a.judged) == (2, 0.5, 0.0, 2) and a.cosine == pytest.approx(2 / np.sqrt(10))
     assert not a.ok() and agreement(ref, 3 * ref).ok()
+
+
+def test_top1_is_judged_where_the_margin_is_above_twice_the_float_noise():
+    ref = np.array([[3.0, 0.0, 0.0], [1.0, 1.3, 0.0], [0.0, 0.5, 2.0], [0.2, 0.0, 0.1]])  # margins 3, 0.3, 1.5, 0.1
+    out = np.array([[3.0, 0.1, 0.0], [1.3, 1.0, 0.0], [0.0, 2.1, 2.0], [0.0, 0.0, 0.3]])  # images 1, 2, 3 change class
+    assert float_noise(ref, ref + [[0.0, 0.2, -0.1], [0.0] * 3, [0.0] * 3, [0.0] * 3]) == pytest.approx(0.2)
+    assert agreement(ref, out).top1 == 0.25  # every image counted
+    a = agreement(ref, out, noise=0.2)  # 2 x 0.2 = 0.4: images 0 and 2 judged, image 2 changed class
+    assert (a.judged, a.top1, a.noise) == (2, 0.5, 0.2)
+    assert agreement(ref, out, noise=0.8).judged == 1 and agreement(ref, out, noise=0.8).top1 == 1.0
+    assert agreement(ref, out, noise=2.0).judged == 0 and agreement(ref, out, noise=2.0).top1 == 1.0  # cosine alone
 
 
 def test_noise_images_cover_the_pixel_range_normalised():
@@ -106,3 +118,91 @@ def test_block_scopes_follow_the_exporters_node_names():
     assert _in_scope("/layers/layers.1/blocks/blocks.1/attn/MatMul", ("layers.1", "blocks.1"))
     assert not _in_scope("/layers/layers.0/blocks/blocks.1/attn/MatMul", ("layers.1", "blocks.1"))
     assert not _in_scope("/layers/layers.1/blocks/blocks.10/Add", ("layers.1", "blocks.1"))
+
+
+def _near_tied_recipe(tmp_path) -> Path:
+    """A random 1000-class model (as the ViT-B the issue met): its logits are near-tied on every image. Its blocks'
+    weights are heavy-tailed (|w|^0.3, scaled back to timm's init size), so that many INT8 weight codes sit near
+    the ends of their range, where a u8 x s8 pair saturates int16."""
+    import timm
+    import torch
+    from conftest import make_fmnist
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_fmnist", num_classes=1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("blocks") and p.ndim == 2:
+                p.copy_(p.sign() * p.abs() ** 0.3 * 0.02 ** 0.7)
+    save_file(model.state_dict(), str(tmp_path / "tied.safetensors"))
+    data = make_fmnist(tmp_path / "fm", n_train=64, n_test=16)
+    path = tmp_path / "tied.yaml"
+    path.write_text(f"name: tied\nmodel: {{arch: deit_fmnist, checkpoint: {tmp_path / 'tied.safetensors'}, "
+                    f"kwargs: {{num_classes: 1000}}}}\ndata: {{kind: fashion_mnist, root: {data}, calib_images: 64, calib_batch: 32}}\n")
+    return path
+
+
+def _saturating_integer(original):
+    """``QuantWeighted._integer`` as an AVX2 CPU's u8 x s8 kernel computes it (VPMADDUBSW): raw uint8 activations
+    times int8 weights, each pair of products summed in int16 with saturation, then accumulated exactly."""
+    import torch
+
+    def integer(self, x, bias):
+        parts = self.in_quant.parts(x)
+        if isinstance(self.layer, torch.nn.Conv2d) or parts is None or len(parts[1]) != 1 or self.weight_bits != 8:
+            return original(self, x, bias)
+        scale, [(codes, _)] = parts
+        z = self.in_quant.active.zero_point
+        w, w_scale = self.weight_codes(8)
+        raw = (codes + z).flatten(0, -2)
+        pairs = torch.einsum("njk,jko->njo", raw.reshape(len(raw), -1, 2), w.T.reshape(-1, 2, w.shape[0]))
+        acc = pairs.clamp_(-32768, 32767).sum(1) - z * w.sum(1)  # exact in float32: |acc| < 2^24 here
+        y = (acc.double() * (scale * w_scale.double())).float().reshape(*codes.shape[:-1], -1)
+        return y if bias is None else y + bias
+
+    return integer
+
+
+def test_near_tied_logits_pass_a_correct_artifact_and_fail_a_saturating_one(tmp_path, monkeypatch):
+    """On near-tied logits (most images' top-1 margin below twice the float noise) the self-check passes the
+    ONNX Runtime artifact and the same graph run without ORT's integer rewrites (float GEMMs on dequantized
+    values: another correct order of the sums), and still fails the artifact's arithmetic with saturating
+    u8 x s8 pairs."""
+    import onnxruntime as ort
+    import torch
+
+    from pomq_deploy.data import calibration_batches
+    from pomq_deploy.measure import measure
+    from pomq_deploy.quant.calibration import calibrated_model
+    from pomq_deploy.quant.modules import QuantWeighted
+    from pomq_deploy.verify import margins
+
+    recipe = load_recipe(str(_near_tied_recipe(tmp_path)))
+    qm, _ = calibrated_model(recipe, "fqvit")
+    plan = uniform_plan("8/8/8", 12, recipe.name, "fqvit")
+    backend = OrtCpuBackend(threads=2)
+    m = measure(backend, tmp_path / "built", model=qm, plan=plan, target="ort")
+    calib = torch.cat(calibration_batches(recipe.data, qm))[:64]
+    noise = noise_images(64, (1, 28, 28), (0.2860,), (0.3530,))
+    reference, second = reference_pair(qm)
+    with torch.inference_mode():
+        ref = reference(calib).numpy()
+        assert np.median(margins(ref)) < 2 * float_noise(ref, second(calib).numpy())  # near-tied
+    correct = verify(lambda x: backend.run(m.artifact, x), reference, second, calib, noise)
+    assert correct.passed, correct.failure()
+    assert 0 < correct.calibration.judged < 32 and 0 < correct.noise.judged < 32
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(m.onnx_path), options, providers=["CPUExecutionProvider"])
+    floats = verify(lambda x: plain.run(None, {plain.get_inputs()[0].name: x})[0], reference, second, calib, noise)
+    assert floats.passed, floats.failure()
+    saturating = _saturating_integer(QuantWeighted._integer)
+
+    def saturating_artifact(x):
+        with monkeypatch.context() as patch, torch.inference_mode(), qm.exact_path():
+            patch.setattr(QuantWeighted, "_integer", saturating)
+            return qm(torch.from_numpy(x)).numpy()
+
+    broken = verify(saturating_artifact, reference, second, calib, noise)
+    assert not broken.passed and broken.noise.cosine < 0.99 and broken.calibration.cosine < 0.99, broken.failure()

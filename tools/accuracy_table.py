@@ -37,6 +37,7 @@ from pomq_deploy.models.loading import load_model
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.progress import Phases
 from pomq_deploy.quant.calibration import calibrated_model
+from pomq_deploy.quant.model import exactly
 from pomq_deploy.quant.schemes import SCHEMES
 from pomq_deploy.recipe import load_recipe
 from pomq_deploy.verify import agreement, noise_images
@@ -116,7 +117,7 @@ def main() -> None:
         n = t1 = t5 = o1 = n64 = 0
         ref_all, ort_all, ref64, out64 = [], [], [], []
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), exactly(model), exactly(model64):  # the reference ORT is judged against
             for images, labels in phases.track(loader, len(loader), f"{scheme} {plan_text} {label}: fake-quant and ORT"):
                 logits = model(images)
                 ort_logits = torch.from_numpy(backend.run(art, images.numpy()))
@@ -174,7 +175,7 @@ def main() -> None:
         "",
         f"Recipe `{recipe.name}` (`{recipe.model.arch}`), Fashion-MNIST test set, first {n} images; "
         f"calibration: {recipe.data.calib_images} training images in batches of {recipe.data.calib_batch}, seed "
-        f"{recipe.data.seed}, min/max observer. 'top-1' is the PyTorch fake-quant model in the `ort` target's "
+        f"{recipe.data.seed}, min/max observer. 'top-1' is the PyTorch fake-quant model (its exact path) in the `ort` target's "
         "format (uint8 asymmetric activations, int8/int4 symmetric per-channel weights); 'ORT top-1' is the "
         "exported Q/DQ ONNX run by ONNX Runtime (ort-cpu backend, all graph optimisations) on the same images, "
         "and 'agree' the fraction of images where both predict the same class, 'cosine' the cosine of their logits "

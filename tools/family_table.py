@@ -70,7 +70,7 @@ def row(label: str, arch: str, kwargs: dict, work: Path) -> str:
         if text == "8/8/8":
             on_codes = matmuls_on_codes(onnx.load(trt))
         info = export_quantized(qm, plan, "ort", work / f"{label}.onnx")
-        with torch.no_grad():
+        with torch.no_grad(), qm.exact_path():
             ref = qm(x).numpy()
         a = agreement(ref, backend.run(backend.build(info.path, work), x.numpy()))
         cells.append(f"{a.top1:.3f} / {a.cosine:.5f} (TensorRT rule errors: {errors})")

@@ -112,7 +112,7 @@ def main() -> None:
                 approximate[i] = m.approximate
         for role in ("norm1", "norm2"):
             layers(i, role).module.register_forward_pre_hook(lambda _, a, k=f"{role}.{i}": seen.__setitem__(k, a[0].detach().clone()))
-    with torch.inference_mode(), SoftmaxInputs() as softmax:
+    with torch.inference_mode(), SoftmaxInputs() as softmax, model.exact_path():  # the ops' inputs in the exact reference
         model(images)
 
     print(f"CPU: {detect().describe()}; onnxruntime {ort.__version__}, torch {torch.__version__}")

@@ -30,6 +30,19 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="input size the model was trained at (e.g. 384); sets model.kwargs.img_size, and the data config follows")
 
 
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    from ..device import DEVICES
+
+    p.add_argument("--device", default="auto", metavar="D", help=f"where PyTorch calibrates, fits and runs the fake-quant "
+                   f"reference: {', '.join(DEVICES)} or cuda:N (default auto: the first CUDA GPU PyTorch sees, else the CPU)")
+
+
+def device_of(args: argparse.Namespace):
+    from ..device import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"))
+
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--limit", metavar="N", type=positive_int, help="evaluate only the first N images; sets eval.limit")
@@ -157,7 +170,7 @@ def calibrated_from_args(args: argparse.Namespace):
 
     plan = load_plan_arg(args)
     recipe = recipe_from_args(args)
-    model = quant_model(recipe, scheme_of(args, plan), args.observer, rounding_of(args, plan))
+    model = quant_model(recipe, scheme_of(args, plan), args.observer, rounding_of(args, plan), device_of(args))
     plan = resolve_plan(args, plan, recipe, model.num_blocks)  # a bad plan fails fast, before calibration
     calibrate_cached(model, recipe, track=calib_track)
     return recipe, plan, model

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from ._common import add_recipe_arguments, add_rounding_argument, add_scheme_argument, calib_track, recipe_from_args
+from ._common import add_device_argument, add_recipe_arguments, add_rounding_argument, add_scheme_argument, calib_track, device_of, recipe_from_args
 
 HELP = "calibrate a recipe's model for a scheme and cache the result"
 DESCRIPTION = """\
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_rounding_argument(p, DEFAULT_ROUNDING, DEFAULT_ROUNDING)
     p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer (default: minmax)")
     p.add_argument("--force", action="store_true", help="calibrate again even if a cached calibration exists")
+    add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     model, info = calibrated_model(recipe, args.scheme, args.observer, force=args.force, track=calib_track,
-                                   rounding=args.rounding)
+                                   rounding=args.rounding, device=device_of(args))
     out = {"recipe": recipe.name, "scheme": args.scheme, "observer": args.observer, "rounding": args.rounding,
            "cache": str(info.path), "cached": info.cached, "seconds": round(info.seconds, 2), "blocks": model.num_blocks,
            "activations": len(model.act_quants)}

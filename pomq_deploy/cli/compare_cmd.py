@@ -5,7 +5,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ._common import add_quant_arguments, add_recipe_arguments, positive_int
+from ._common import add_device_argument, add_quant_arguments, add_recipe_arguments, device_of, positive_int
 
 HELP = "compare the deployed model with the fake-quant and FP32 models block by block (which block loses accuracy)"
 DESCRIPTION = """\
@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_recipe_arguments(p)
     add_quant_arguments(p)
+    add_device_argument(p)
     p.add_argument("--artifact", metavar="DIR", type=Path,
                    help="compare a built artifact (engines/<recipe>/<plan-id>): its ONNX, plan and backend, instead of --plan/--uniform")
     g = p.add_argument_group("inputs")
@@ -102,7 +103,7 @@ def _from_artifact(args):
     if m.plan is None:
         raise PomqError(f"{args.artifact}: an FP32 build has no quantized model to compare; give a quantized artifact")
     recipe = recipe_from_args(args, m.recipe_spec)
-    model = quant_model(recipe, m.scheme, m.observer, m.plan.rounding)
+    model = quant_model(recipe, m.scheme, m.observer, m.plan.rounding, device_of(args))
     m.plan.check_blocks(model.num_blocks, str(args.artifact))
     calibrate_cached(model, recipe, track=calib_track)
     return recipe, m.plan, model, m.target, backend, built.directory / m.onnx.file

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_recipe_arguments, add_rounding_argument, add_scheme_argument, output_folder, positive_int
+from ._common import add_device_argument, add_recipe_arguments, add_rounding_argument, add_scheme_argument, device_of, output_folder, positive_int
 
 HELP = "search per-block plans (4/8-bit, or the engine's formats) for the Pareto front of top-1, latency and size"
 DESCRIPTION = """\
@@ -76,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..search import SELECT_RULES, SPACES
 
     add_recipe_arguments(p)
+    add_device_argument(p)
     g = p.add_argument_group("search (defaults: the recipe's 'search' section)")
     g.add_argument("--mode", choices=("model", "measured"), help="model: NSGA-II on latency/accuracy models fitted to a "
                    "measured design set, then the predicted front measured; measured: every trial built and measured "
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                          eval_images=args.eval_images or spec.eval_images, batch=batch,
                          runs=spec.latency_runs, select=args.select, mode=mode,
                          builds=args.builds or spec.builds, sensitivity_images=spec.sensitivity_images,
-                         full_front=args.full_front)
+                         full_front=args.full_front, device=device_of(args))
     result = run_search(opts, stderr)
     say = stderr if args.json else stdout  # with --json, stdout holds the JSON object alone
     say.print(result.first_line)

@@ -3,7 +3,7 @@
 timm computes ``q @ k^T`` and ``attn @ v`` with ``@`` inside its attention's forward, on the dequantized
 tensors: a float GEMM, whose summation order differs from the deployed model's integer kernels (ONNX
 Runtime runs both MatMuls on the codes). At 4-bit activations such a last-bit difference moves codes
-downstream. While the quantized model runs, a ``TorchFunctionMode`` around each attention's forward catches
+downstream. While the quantized model runs on its exact path, a ``TorchFunctionMode`` around each attention's forward catches
 those two MatMuls and computes them as the deployed kernels do: exact sums of code products, one scale.
 Nothing of timm's forward is copied; a MatMul whose operands are not on integer grids (LIS probabilities)
 stays float. Where rotary embeddings (EVA-02) sit between the q/k projections and ``q @ k^T``, the mode also
@@ -120,7 +120,7 @@ def _enter(attn: nn.Module, args) -> None:
     else:  # a fused qkv's one output grid serves all three
         q, k, v = (m.out_quant for m in (qkv * 3 if len(qkv) == 1 else qkv))
         factor = float(attn.scale)
-    integer = q.state == "quant" and not q.exporting
+    integer = q.state == "quant" and not q.exporting and proj.exact
     linears = {id(m.layer.weight): m for m in [*qkv, proj]} if at.functional_linear else {}
     if integer or linears or at.rotary_qk:
         mode = IntegerAttention(q, k, v, probs, factor, at.rotary_qk, integer, linears)

@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..atomic import inside, replace_atomically
+from ..device import to_cpu
 from ..recipe import Recipe
 from . import reconstruction  # noqa: F401  (registers the adaround and qdrop fitters)
 from .fitting import FITTERS
@@ -67,11 +68,14 @@ def cache_path(recipe: Recipe, key: dict, suffix: str = "") -> Path:
 Track = Callable[[Iterable, int, str], Iterable]
 
 
-def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax", rounding: str = DEFAULT_ROUNDING) -> QuantModel:
-    """The recipe's model wrapped for ``scheme``, not yet calibrated (cheap: use it to check a plan first)."""
+def quant_model(recipe: Recipe, scheme: str, observer: str = "minmax", rounding: str = DEFAULT_ROUNDING,
+                device: torch.device | None = None) -> QuantModel:
+    """The recipe's model wrapped for ``scheme``, not yet calibrated (cheap: use it to check a plan first), on
+    ``device`` (None: the CPU), where its calibration, fitting and fake-quant forward then run."""
     from ..models.loading import load_model
 
-    return QuantModel(load_model(recipe.model), scheme, observer, rounding)
+    qmodel = QuantModel(load_model(recipe.model), scheme, observer, rounding)
+    return qmodel.to_device(device) if device is not None else qmodel
 
 
 def calibrate_cached(qmodel: QuantModel, recipe: Recipe, force: bool = False, track: Track | None = None) -> CalibInfo:
@@ -116,17 +120,18 @@ def _fits_cached(qmodel: QuantModel, recipe: Recipe, calib_key: dict, fmt: str, 
         return torch.load(path, weights_only=True)["fits"]
     start = time.perf_counter()
     fits = FITTERS[qmodel.rounding](qmodel, batches or calibration_batches(recipe.data, qmodel), fmt, track, recipe.fit)
-    replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "fits": fits,
+    replace_atomically(path, lambda tmp: torch.save({"key": key, "version": __version__, "fits": to_cpu(fits),
                                                      "seconds": time.perf_counter() - start}, tmp))
     log.info("%s weights (%s) fitted in %.1f s, saved to %s", qmodel.rounding, fmt, time.perf_counter() - start, path)
     return fits
 
 
 def calibrated_model(recipe: Recipe, scheme: str, observer: str = "minmax", force: bool = False,
-                     track: Track | None = None, rounding: str = DEFAULT_ROUNDING) -> tuple[QuantModel, CalibInfo]:
-    """The recipe's model wrapped for ``scheme``, with its quantizers (and a fitted rounding's weights)
-    calibrated or loaded from the cache."""
+                     track: Track | None = None, rounding: str = DEFAULT_ROUNDING,
+                     device: torch.device | None = None) -> tuple[QuantModel, CalibInfo]:
+    """The recipe's model wrapped for ``scheme`` on ``device``, with its quantizers (and a fitted rounding's
+    weights) calibrated or loaded from the cache."""
     start = time.perf_counter()
-    qmodel = quant_model(recipe, scheme, observer, rounding)
+    qmodel = quant_model(recipe, scheme, observer, rounding, device)
     info = calibrate_cached(qmodel, recipe, force, track)
     return qmodel, dataclasses.replace(info, seconds=time.perf_counter() - start)

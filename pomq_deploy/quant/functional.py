@@ -35,13 +35,21 @@ def uniform_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bo
 
 
 def quant_codes(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """The centred integer codes ``q - z`` (as floats): ``fake_quant(x) == quant_codes(x) * scale``."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point
+    """The centred integer codes ``q - z`` (as floats): ``fake_quant(x) == quant_codes(x) * scale``.
+
+    Without gradients the steps run in place on one new tensor, the zero point folded into the clamp's bounds
+    (``clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z)`` for the integers r and z, exactly in
+    float): the same values (0 may come out as -0.0), one allocation and three passes instead of five of each
+    (on the CPU a fresh activation-sized buffer costs more than the arithmetic; docs/benchmarks.md)."""
+    if x.requires_grad:
+        return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point
+    return (x / scale).round_().clamp_(qmin - zero_point, qmax - zero_point)
 
 
 def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize then dequantize: exactly what a QuantizeLinear -> DequantizeLinear pair computes."""
-    return quant_codes(x, scale, zero_point, qmin, qmax) * scale
+    codes = quant_codes(x, scale, zero_point, qmin, qmax)
+    return codes * scale if codes.requires_grad else codes.mul_(scale)
 
 
 def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, shift: torch.Tensor,
@@ -52,7 +60,7 @@ def fake_quant_shifted(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int,
     sharing one integer zero point, in the per-tensor form TensorRT accepts for activations (multiplying
     by a power of two is exact). ``quant`` is the per-tensor fake quantizer (``fake_quant_onnx`` to export).
     """
-    factor = torch.pow(2.0, shift.to(x.dtype))
+    factor = torch.pow(2.0, shift.to(x.device, x.dtype))
     return quant(x * (1.0 / factor), scale, zero_point, qmin, qmax) * factor
 
 
@@ -81,10 +89,16 @@ def integer_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor
     (docs/quantization.md)."""
     dtype = a_codes.dtype
     # float32 sums integers exactly while every partial sum stays below 2^24, in any summation order
-    bound = a_codes.shape[-1] * float(a_codes.abs().max()) * float(b_codes.abs().max()) if a_codes.numel() else 0.0
+    bound = a_codes.shape[-1] * _amax(a_codes) * _amax(b_codes) if a_codes.numel() else 0.0
     if dtype == torch.float32 and bound < 2**24:
         return a_codes @ b_codes
     return (a_codes.double() @ b_codes.double()).to(dtype)
+
+
+def _amax(t: torch.Tensor) -> float:
+    """max |t| without an |t|-sized temporary."""
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
 
 
 def integer_product(parts: list[tuple[torch.Tensor, int]], b_codes: torch.Tensor) -> torch.Tensor:
@@ -105,8 +119,8 @@ def integer_linear(x_parts: list[tuple[torch.Tensor, int]], w_codes: torch.Tenso
     exactly (``integer_product``), then one scale ``s_x s_w[c]`` per output channel and the bias, in the codes'
     float type (float32: ONNX Runtime's MatMulIntegerToFloat, an INT8 GEMM with a float epilogue)."""
     dtype = x_parts[0][0].dtype
-    y = integer_product(x_parts, w_codes.T) * (torch.tensor(x_scale, dtype=dtype) * w_scale.to(dtype))
-    return y if bias is None else y + bias
+    y = integer_product(x_parts, w_codes.T).mul_(torch.tensor(x_scale, dtype=dtype) * w_scale.to(dtype))
+    return y if bias is None else y.add_(bias)
 
 
 def is_patchify(conv: torch.nn.Conv2d, hw: tuple[int, int]) -> bool:

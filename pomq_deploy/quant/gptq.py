@@ -30,7 +30,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int 
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
     cols = w.shape[1]

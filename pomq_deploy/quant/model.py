@@ -19,7 +19,7 @@ from .attention import integer_attention
 from .fitting import setting_key
 from .modules import ActQuant, PreciseGELU, QuantInput, QuantWeighted
 from .observers import RangeObserver
-from .quantizers import FORMATS, Quantizer, from_state, get_method, to_state
+from .quantizers import FORMATS, Quantizer, from_state, get_method, moved, to_state
 from .roundings import DEFAULT_ROUNDING, get_rounding
 from .schemes import get_scheme
 
@@ -201,6 +201,18 @@ def _precise_gelus(model: nn.Module) -> None:
             replace(model, name, PreciseGELU(m.approximate if type(m) is nn.GELU else kinds[type(m)]))
 
 
+def _inputs_to_model_device(model: nn.Module, args: tuple) -> tuple:
+    device = next(model.parameters()).device
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def exactly(model: nn.Module):
+    """``model``'s exact path for the length of a ``with`` (a float model computes as it always does)."""
+    from contextlib import nullcontext
+
+    return model.exact_path() if isinstance(model, QuantModel) else nullcontext()
+
+
 class QuantModel(nn.Module):
     """The fake-quant reference model: wraps ``model`` in place; ``apply(plan)`` switches bit-widths."""
 
@@ -223,6 +235,8 @@ class QuantModel(nn.Module):
         self.weighted = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeighted)}
         for aq in self.act_quants.values():
             aq.scheme = spec
+        self.exact = False
+        model.register_forward_pre_hook(_inputs_to_model_device)  # every caller's images, wherever the model runs
 
     @property
     def pretrained_cfg(self) -> dict:
@@ -233,8 +247,41 @@ class QuantModel(nn.Module):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to_device(self, device: torch.device) -> "QuantModel":
+        """Move the model, its fitted quantizers and what it caches to ``device`` (back to FP32 first: a plan's
+        folds are made again on the device by the next ``apply``)."""
+        self.apply(None)
+        self.model.to(device)
+        for aq in self.act_quants.values():
+            aq.fitted = {k: moved(q, device) for k, q in aq.fitted.items()}
+        for w in self.weighted.values():
+            w.weight_changed()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def set_exact(self, exact: bool) -> None:
+        """The exact path (integer GEMMs, a correctly rounded GELU: what the deployed kernels are checked against)
+        or the fast one (float GEMMs on the same fake-quant values; the default). See :mod:`.modules`."""
+        self.exact = exact
+        for m in self.model.modules():
+            if isinstance(m, (QuantWeighted, PreciseGELU)):
+                m.exact = exact
+
+    @contextmanager
+    def exact_path(self) -> Iterator[None]:
+        """Run on the exact path inside the block, as before it after."""
+        before = self.exact
+        self.set_exact(True)
+        try:
+            yield
+        finally:
+            self.set_exact(before)
 
     def _set_state(self, state: str) -> None:
         for aq in self.act_quants.values():
@@ -265,8 +312,9 @@ class QuantModel(nn.Module):
         missing = set(self.act_quants) - set(state)
         if missing:
             raise ValueError(f"calibration state lacks {len(missing)} activations, e.g. {sorted(missing)[0]}")
+        device = self.device
         for name, aq in self.act_quants.items():
-            aq.fitted = {k: from_state(v) for k, v in state[name].items()}
+            aq.fitted = {k: moved(from_state(v), device) for k, v in state[name].items()}
 
     @contextmanager
     @torch.no_grad()
@@ -361,7 +409,7 @@ class QuantModel(nn.Module):
                                  "runs only folded into the layers around it, which this model's block does not allow "
                                  "(a balanced qkv needs a fused qkv Linear without rotary embeddings); use another scheme")
         for name, state in (learned or {}).items():
-            self.act_quants[name].active = from_state(state)
+            self.act_quants[name].active = moved(from_state(state), self.device)
 
     def unfold(self, block: int) -> None:
         """Block ``block``'s parameters back to the model's own (undoing the folds a plan made)."""

@@ -2,8 +2,11 @@
 
 ``ActQuant`` sits on an activation; ``QuantWeighted`` wraps a Linear or Conv2d (quantizing its input, its
 weight and optionally its output); ``QuantInput`` quantizes what enters a LayerNorm; ``PreciseGELU`` takes
-the place of a GELU, so that the reference computes it correctly rounded. Nothing of timm's
-forward code is copied: the wrappers replace child modules, and the post-Softmax quantizer takes the
+the place of a GELU, so that the exact reference computes it correctly rounded. Two paths compute the same
+fake-quant values: the *fast* one (the default) runs every GEMM and the GELU in the input's float type on the
+dequantized values, as a float model would; the *exact* one (``exact`` True, ``QuantModel.exact_path``) runs
+the GEMMs on integer codes and the GELU correctly rounded, the arithmetic the deployed kernels' results are
+compared against (the build's self-check, ``compare``). Nothing of timm's forward code is copied: the wrappers replace child modules, and the post-Softmax quantizer takes the
 place of the attention's ``attn_drop`` (timm applies it right after Softmax on the explicit path).
 """
 
@@ -115,24 +118,27 @@ class QuantWeighted(nn.Module):
         self.layer, self.block, self.in_quant, self.out_quant = layer, block, in_quant, out_quant
         self.weight_bits: int | str | None = None  # 4, 8, "fp8", or None (float)
         self.fitted: dict[str, torch.Tensor] | None = None  # codes and scales a fitted rounding gave (QuantModel.apply)
-        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype) -> nearest codes and scales
+        self._codes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (bits, dtype, device) -> nearest codes, scales
         self.export_scale: torch.Tensor | None = None  # set while exporting (QuantModel.onnx_mode)
         self.soft: Callable[[], torch.Tensor] | None = None  # a weight being fitted by gradient (quant.reconstruction)
+        self.exact = False  # GEMM on integer codes where the input is on a grid (QuantModel.exact_path)
+        self._dequantized: tuple[tuple, torch.Tensor] | None = None  # (its key, the quantized weight) the fast path reads
 
     def weight_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fitted codes at ``weight_bits`` when a fitted rounding set them (in the weight's float type), else
         the nearest ones, computed once per width and float type (a model moved to float64 gets float64 codes);
         ``weight_changed`` drops those."""
-        dtype = self.layer.weight.dtype
+        dtype, device = self.layer.weight.dtype, self.layer.weight.device
         if self.fitted is not None and bits == self.weight_bits:
-            return self.fitted["codes"].to(dtype), self.fitted["scale"].to(dtype)
-        key = (bits, dtype)
+            return self.fitted["codes"].to(device, dtype), self.fitted["scale"].to(device, dtype)
+        key = (bits, dtype, device)
         if key not in self._codes:
             self._codes[key] = weight_codes(self.layer.weight.detach(), bits)
         return self._codes[key]
 
     def weight_changed(self) -> None:
         self._codes.clear()
+        self._dequantized = None
 
     def weight_scale(self, bits: int | str) -> torch.Tensor:
         """The per-output-channel scale the weight is quantized with at ``bits`` (4, 8 or "fp8")."""
@@ -141,13 +147,19 @@ class QuantWeighted(nn.Module):
         return self.weight_codes(bits)[1]
 
     def quantized_weight(self, bits: int | str) -> torch.Tensor:
-        if bits == "fp8":
-            key = (bits, self.layer.weight.dtype)
-            if key not in self._codes:
-                self._codes[key] = fp8_weight_fake_quant(self.layer.weight.detach())
-            return self._codes[key]
-        codes, scale = self.weight_codes(bits)
-        return codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))
+        """The weight on its grid at ``bits``, in the weight's float type: computed once per width, float type,
+        device and fitted rounding (one kept: the fast path reads it every call)."""
+        w = self.layer.weight
+        key = (bits, w.dtype, w.device, id(self.fitted) if bits == self.weight_bits else None)
+        if self._dequantized is None or self._dequantized[0] != key:
+            if bits == "fp8":
+                value = fp8_weight_fake_quant(w.detach())
+            else:  # nearest codes straight from the weight: the fast path keeps no codes beside this
+                fitted = self.fitted is not None and bits == self.weight_bits
+                codes, scale = self.weight_codes(bits) if fitted else weight_codes(w.detach(), bits)
+                value = codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))
+            self._dequantized = (key, value)
+        return self._dequantized[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,7 +174,7 @@ class QuantWeighted(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: one the caller computed (BEiT's q/k/v biases), instead of the layer's own."""
         bias = self.layer.bias if bias is None else bias
-        y = self._integer(x, bias)
+        y = self._integer(x, bias) if self.exact else None
         if y is None:
             y = self._float(self.in_quant(x), bias)
         return self.out_quant(y) if self.out_quant is not None else y
@@ -212,7 +224,8 @@ class QuantInput(nn.Module):
 
 
 class PreciseGELU(nn.Module):
-    """A GELU computed in float64 and rounded once to the input's type: the correctly rounded GELU.
+    """On the exact path, a GELU computed in float64 and rounded once to the input's type: the correctly rounded
+    GELU; on the fast path PyTorch's own.
 
     PyTorch's float32 GELU is the least accurate float op of the reference, several times further from the
     exact value than ONNX Runtime's (``tools/float_ops.py``; docs/quantization.md). The code of the quantizer
@@ -224,11 +237,12 @@ class PreciseGELU(nn.Module):
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = approximate
+        self.exact = False  # QuantModel.exact_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() or x.dtype == torch.float64 or x.requires_grad:
+        if not self.exact or torch.onnx.is_in_onnx_export() or x.dtype == torch.float64 or x.requires_grad:
             return F.gelu(x, approximate=self.approximate)
         return F.gelu(x.double(), approximate=self.approximate).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}, computed in float64"
+        return f"approximate={self.approximate!r}, exact={self.exact} (exact: computed in float64)"

@@ -6,6 +6,7 @@ ONNX Runtime's x86 kernels fuse) or ``sym`` (int codes, zero point 0: what Tenso
 activation also gets one FP8 quantizer (``fp8``), the same on both targets.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -138,8 +139,18 @@ def fit_fp8(obs: RangeObserver) -> FP8Q:
 
 Quantizer = UniformQ | Log2Q | TwoScaleQ | FP8Q  # and the types other modules register (see register_quantizer)
 def to_state(q: Quantizer) -> dict:
+    """What the calibration cache stores of ``q`` (its tensors on the CPU, wherever it was fitted)."""
     kind = next(k for k, cls in QUANTIZER_TYPES.items() if type(q) is cls)
-    return {"type": kind, **{k: v for k, v in vars(q).items() if v is not None}}
+    return {"type": kind, **{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in vars(q).items() if v is not None}}
+
+
+def moved(q: Quantizer | None, device: torch.device) -> Quantizer | None:
+    """``q`` with its tensors (per-channel shifts, ranges, factors) on ``device``."""
+    if q is None or not dataclasses.is_dataclass(q):
+        return q
+    changes = {f.name: getattr(q, f.name).to(device) for f in dataclasses.fields(q)
+               if isinstance(getattr(q, f.name), torch.Tensor) and getattr(q, f.name).device != device}
+    return dataclasses.replace(q, **changes) if changes else q
 
 
 def from_state(state: dict) -> Quantizer:

@@ -54,12 +54,12 @@ class PlanEvaluator:
 
     def __init__(self, recipe: Recipe, scheme: str, rounding: str, backend: Backend, target: str, eval_images: int, batch: int,
                  runs: int = 5, observer: str = "minmax", ratio_cache: dict | None = None, track=None,
-                 say: Callable[[str], None] = lambda _: None):
+                 say: Callable[[str], None] = lambda _: None, device=None):
         from ..quant.calibration import calibrated_model
 
         self.recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=eval_images))
         self.full_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=None))
-        self.qmodel, _ = calibrated_model(recipe, scheme, observer, track=track, rounding=rounding)
+        self.qmodel, _ = calibrated_model(recipe, scheme, observer, track=track, rounding=rounding, device=device)
         self.backend, self.target, self.batch, self.runs = backend, target, batch, runs  # runs: per artifact per round
         self.ratio_cache: dict[str, dict] = dict(ratio_cache or {})  # graph signature -> Ratio.as_dict()
         stale = remove_dead_processes_folders(Path(tempfile.gettempdir()), WORK_PREFIX)

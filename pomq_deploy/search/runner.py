@@ -3,6 +3,7 @@
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -41,6 +42,7 @@ class SearchOptions:
     full_front: bool = False  # top-1 on the full split for every front plan and FP32, not only what the selection needs
     space: Space = PAPER  # what a block may take: PoMQ-ViT's widths, or the target's engine formats
     max_drop: float | None = None  # accuracy budget: top-1 below FP32's, a fraction (0.003 = 0.3 point)
+    device: Any = None  # torch.device where the PyTorch side runs (None: the CPU)
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
         phases.note(f"resuming study {opts.study} in {opts.storage}: {kept} measured plan(s) kept, none measured again")
     start, guided = time.perf_counter(), None
     evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.rounding, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
-                              ratio_cache=warm_ratio_cache(study), track=phases.track, say=phases.note)
+                              ratio_cache=warm_ratio_cache(study), track=phases.track, say=phases.note, device=opts.device)
     try:
         base = baselines(study, evaluator, cfg, phases)
         if opts.mode == "model":
