@@ -41,7 +41,7 @@ def quant_codes(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> tor
     (``clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z)`` for the integers r and z, exactly in
     float): the same values (0 may come out as -0.0), one allocation and three passes instead of five of each
     (on the CPU a fresh activation-sized buffer costs more than the arithmetic; docs/benchmarks.md)."""
-    if x.requires_grad:
+    if x.requires_grad or getattr(scale, "requires_grad", False):
         return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point
     return (x / scale).round_().clamp_(qmin - zero_point, qmax - zero_point)
 
