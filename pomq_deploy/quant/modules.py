@@ -6,8 +6,9 @@ the place of a GELU, so that the exact reference computes it correctly rounded. 
 fake-quant values: the *fast* one (the default) runs every GEMM and the GELU in the input's float type on the
 dequantized values, as a float model would; the *exact* one (``exact`` True, ``QuantModel.exact_path``) runs
 the GEMMs on integer codes and the GELU correctly rounded, the arithmetic the deployed kernels' results are
-compared against (the build's self-check, ``compare``). Nothing of timm's forward code is copied: the wrappers replace child modules, and the post-Softmax quantizer takes the
-place of the attention's ``attn_drop`` (timm applies it right after Softmax on the explicit path).
+compared against (the build's self-check, ``compare``). Nothing of timm's forward code is copied: the wrappers
+replace child modules, and the post-Softmax quantizer takes the place of the attention's ``attn_drop`` (timm
+applies it right after Softmax on the explicit path).
 """
 
 from collections.abc import Callable
