@@ -76,12 +76,14 @@ def random_deit_fmnist(tmp_path_factory):
     return path
 
 
-def tiny_recipe_file(folder: Path, checkpoint: Path) -> Path:
-    """Recipe 'tiny': the reference architecture with ``checkpoint`` on a generated 30/16-image data set."""
-    data = make_fmnist(folder / "fm", n_train=30, n_test=16)
+def tiny_recipe_file(folder: Path, checkpoint: Path, calib_images: int = 20, num_classes: int | None = None) -> Path:
+    """Recipe 'tiny': the reference architecture with ``checkpoint`` on a generated data set (``calib_images``
+    training images, at least 30, calibrated in two batches; 16 test images)."""
+    data = make_fmnist(folder / "fm", n_train=max(30, calib_images), n_test=16)
+    kwargs = f", kwargs: {{num_classes: {num_classes}}}" if num_classes else ""
     path = folder / "tiny.yaml"
-    path.write_text(f"name: tiny\nmodel: {{arch: deit_fmnist, checkpoint: {checkpoint}}}\n"
-                    f"data: {{kind: fashion_mnist, root: {data}, calib_images: 20, calib_batch: 10}}\n")
+    path.write_text(f"name: tiny\nmodel: {{arch: deit_fmnist, checkpoint: {checkpoint}{kwargs}}}\n"
+                    f"data: {{kind: fashion_mnist, root: {data}, calib_images: {calib_images}, calib_batch: {calib_images // 2}}}\n")
     return path
 
 

@@ -126,7 +126,7 @@ def _near_tied_recipe(tmp_path) -> Path:
     the ends of their range, where a u8 x s8 pair saturates int16."""
     import timm
     import torch
-    from conftest import make_fmnist
+    from conftest import tiny_recipe_file
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -136,11 +136,7 @@ def _near_tied_recipe(tmp_path) -> Path:
             if name.startswith("blocks") and p.ndim == 2:
                 p.copy_(p.sign() * p.abs() ** 0.3 * 0.02 ** 0.7)
     save_file(model.state_dict(), str(tmp_path / "tied.safetensors"))
-    data = make_fmnist(tmp_path / "fm", n_train=64, n_test=16)
-    path = tmp_path / "tied.yaml"
-    path.write_text(f"name: tied\nmodel: {{arch: deit_fmnist, checkpoint: {tmp_path / 'tied.safetensors'}, "
-                    f"kwargs: {{num_classes: 1000}}}}\ndata: {{kind: fashion_mnist, root: {data}, calib_images: 64, calib_batch: 32}}\n")
-    return path
+    return tiny_recipe_file(tmp_path, tmp_path / "tied.safetensors", calib_images=64, num_classes=1000)
 
 
 def _saturating_integer(original):
