@@ -41,17 +41,19 @@ def image_folder(root: Path, classes: int, per_class: int) -> Path:
     return root
 
 
-def recipe(work: Path, arch: str, data: Path, args) -> Path:
+def recipe(work: Path, arch: str, data: Path, args) -> tuple[Path, float]:
+    """The recipe of ``arch`` with random weights (saved once), and its parameter count in millions."""
     torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False)
     ckpt = work / f"{arch}.safetensors"
     if not ckpt.is_file():
-        save_file(timm.create_model(arch, pretrained=False).state_dict(), str(ckpt))
+        save_file(model.state_dict(), str(ckpt))
     path = work / f"{arch}.yaml"
     path.write_text(f"name: {arch}\nmodel: {{arch: {arch}, checkpoint: {ckpt}}}\n"
                     f"data: {{kind: image_folder, root: {data}, calib_images: {args.calib_images}, calib_batch: 32, workers: 0}}\n"
                     f"eval: {{batch_size: 16, limit: {args.eval_images}}}\n"
                     f"search: {{builds: {args.builds}, eval_images: {args.eval_images}, sensitivity_images: 8, batch: 1, latency_runs: 2}}\n")
-    return path
+    return path, sum(t.numel() for t in model.parameters()) / 1e6
 
 
 def timed(argv: list[str], log: Path) -> tuple[int, float, float]:
@@ -88,8 +90,7 @@ def main() -> int:
     print("| model | params | command | exit | wall s | peak memory GB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for arch in args.archs:
-        r = recipe(work, arch, data, args)
-        params = sum(t.numel() for t in timm.create_model(arch, pretrained=False).parameters()) / 1e6
+        r, params = recipe(work, arch, data, args)
         runs = {"build --uniform 8/8/8": [*cli, "build", "--recipe", str(r), "--uniform", "8/8/8", "--out", str(work / "engines"),
                                           "--runs", "5", "--batch", "1", "--device", args.device, "--json"],
                 f"search --builds {args.builds}": [*cli, "search", "--recipe", str(r), "--out", str(work / f"search-{arch}"),
