@@ -3,7 +3,7 @@ accuracy models on it (:mod:`.models`), run NSGA-II on the models for thousands 
 and measure the predicted front for real. Real measurements are trials of the study, so a resumed or shared
 study reuses them; best.yaml comes only from measured plans."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import optuna
@@ -57,23 +57,34 @@ def measured_on(evaluator: PlanEvaluator) -> dict:
     return {"backend": evaluator.backend.name, "machine": machine, "batch": evaluator.batch}
 
 
+class _Images:
+    """The images of a loader's (images, labels) batches, read anew on each pass: one batch in memory at a time."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (x for x, _ in self.loader)
+
+
 def _sensitivities(study: optuna.Study, evaluator: PlanEvaluator, images: int, phases: Phases, space: Space) -> list[dict]:
     """Per-gene (paper space) or per-format (engine space) KL sensitivities, measured once per study (kept in it)."""
     key = f"kl_sensitivity_{images}"
     if key not in study.user_attrs:
-        from ..data import eval_dataset
+        from ..data import eval_dataset, eval_loader
         from ..models.loading import data_model
 
-        data = eval_dataset(evaluator.recipe.data, data_model(evaluator.recipe.model))
-        x = torch.stack([data[i][0] for i in range(min(images, len(data)))])
+        r = evaluator.recipe
+        loader = eval_loader(eval_dataset(r.data, data_model(r.model)), r.eval.batch_size, images, r.data.workers)
+        batches = _Images(loader)
         cfg = study.user_attrs
         if space.name == "paper":
             steps, what = 3 * evaluator.num_blocks, "one-gene-4-bit"
         else:
             steps, what = len(sensitivity_settings(space)) * evaluator.num_blocks, "one-block-one-format"
-        with phases(f"per-block sensitivities: {steps} {what} runs of the PyTorch model on {len(x)} images",
+        with phases(f"per-block sensitivities: {steps} {what} runs of the PyTorch model on {len(loader.dataset)} images",
                     total=steps) as step:
-            study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, x, cfg["recipe"], cfg["scheme"], on_step=step,
+            study.set_user_attr(key, kl_sensitivities(evaluator.qmodel, batches, cfg["recipe"], cfg["scheme"], on_step=step,
                                                       space=space))
     return study.user_attrs[key]
 

@@ -16,6 +16,7 @@ perturbation is the sum over its blocks, and its drop below FP32 that sum times 
 block is what buys accuracy back there, so the reference is FP32, not uniform 8-bit).
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,15 +133,18 @@ class AccuracyModel:
 
 
 @torch.no_grad()
-def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, on_step=None,
+def kl_sensitivities(qmodel, batches: Iterable[torch.Tensor], recipe: str, scheme: str, on_step=None,
                      space: Space = PAPER) -> list[dict[str, float]]:
+    """Per block, the mean KL(FP32 || quantized) of the logits over the images of ``batches`` (re-iterable: read
+    once per run) when only one gene of that block is 4-bit (paper space; ``QuantModel.isolate``), or only that
+    block runs in one format (engine space; every format but float, ``QuantModel.isolate_block``), the rest of the
+    model in FP32; ``on_step`` after each run. One batch's activations at a time: only the FP32 log-probabilities
+    (images x classes) are kept between runs, so the images' count is not bounded by memory."""
     # the plans take the model's own rounding: a fitted one's codes are per (block, setting), so isolating one
     # gene of one block keeps that block's fitted codes
-    """Per block, the mean KL(FP32 || quantized) of the logits on ``images`` when only one gene of that block is
-    4-bit (paper space; ``QuantModel.isolate``), or only that block runs in one format (engine space; every
-    format but float, ``QuantModel.isolate_block``), the rest of the model in FP32; ``on_step`` after each."""
     qmodel.apply(None)
-    ref = torch.log_softmax(qmodel(images), dim=-1)
+    refs = [torch.log_softmax(qmodel(x), dim=-1) for x in batches]
+    images = sum(len(r) for r in refs)
     n = qmodel.num_blocks
     out = [{} for _ in range(n)]
     if space.name == "paper":
@@ -157,8 +161,11 @@ def kl_sensitivities(qmodel, images: torch.Tensor, recipe: str, scheme: str, on_
             qmodel.apply(plan_of([g] * n, recipe, scheme, qmodel.rounding))
             qmodel.isolate_block(i)
             g = text(g)
-        logp = torch.log_softmax(qmodel(images), dim=-1)
-        out[i][g] = float(torch.sum(ref.exp() * (ref - logp), dim=-1).mean())
+        total = 0.0
+        for ref, x in zip(refs, batches, strict=True):
+            logp = torch.log_softmax(qmodel(x), dim=-1)
+            total += float(torch.sum(ref.exp() * (ref - logp), dtype=torch.float64))
+        out[i][g] = total / images
         if on_step is not None:
             on_step()
     qmodel.apply(None)
