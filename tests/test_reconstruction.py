@@ -11,7 +11,7 @@ from pomq_deploy.quant.fitting import setting_key
 from pomq_deploy.quant.functional import weight_codes
 from pomq_deploy.quant.model import QuantModel
 from pomq_deploy.quant.quantizers import UniformQ, from_state
-from pomq_deploy.quant.reconstruction import LearnedStep, SoftWeight, _block_io, fit_adaround, initial_v, reconstruct_block, rectified_sigmoid, rounding_loss
+from pomq_deploy.quant.reconstruction import Fp32Blocks, LearnedStep, SoftWeight, fit_adaround, initial_v, reconstruct_block, rectified_sigmoid, rounding_loss
 
 
 def test_the_soft_weight_starts_at_the_float_weight():
@@ -74,7 +74,8 @@ def test_only_4_bit_weights_and_steps_are_learned():
     qm = QuantModel(tiny_vit(), "fqvit", rounding="adaround")
     batches = images(2)
     qm.calibrate(batches)
-    inputs, outputs = _block_io(qm, batches)
+    io = Fp32Blocks(qm, batches)
+    inputs, outputs = map(list, zip(*[(io.inputs(i), io.outputs(i)) for i in range(qm.num_blocks)], strict=True))
     nearest = {n: weight_codes(m.layer.weight.detach(), 8)[0] for n, m in qm.weighted.items() if m.block == 0}
     g = torch.Generator().manual_seed(0)
     for a, learned in ((8, False), (4, True)):
@@ -94,7 +95,8 @@ def test_fitted_blocks_stay_on_the_grid_and_follow_their_fp32_outputs_closer_tha
     qm = QuantModel(tiny_vit(), "fqvit", rounding="adaround")
     batches = images(8)
     qm.calibrate(batches)
-    inputs, outputs = _block_io(qm, batches)
+    io = Fp32Blocks(qm, batches)
+    inputs, outputs = map(list, zip(*[(io.inputs(i), io.outputs(i)) for i in range(qm.num_blocks)], strict=True))
     g = torch.Generator().manual_seed(0)
     fits = {setting_key(i, 4, 8, 8): reconstruct_block(qm, i, "asym", 8, 8, 4, inputs[i], outputs[i], 150, 16, 1e-2, 0.0, 0.01, 0.0, g)
             for i in range(qm.num_blocks)}
@@ -124,7 +126,8 @@ def test_learned_activation_steps_are_applied_with_the_fitted_block_and_exported
     qm = QuantModel(tiny_vit(), "repq", rounding="adaround")
     batches = images(4)
     qm.calibrate(batches)
-    inputs, outputs = _block_io(qm, batches)
+    io = Fp32Blocks(qm, batches)
+    inputs, outputs = map(list, zip(*[(io.inputs(i), io.outputs(i)) for i in range(qm.num_blocks)], strict=True))
     g = torch.Generator().manual_seed(0)
     fits = {setting_key(i, 4, 4, 4): reconstruct_block(qm, i, "asym", 4, 4, 4, inputs[i], outputs[i], 30, 16, 1e-2, 1e-2,
                                                        0.01, 0.0, g) for i in range(qm.num_blocks)}
@@ -163,7 +166,7 @@ def test_each_block_is_fitted_on_its_inputs_under_its_own_uniform_setting(family
     with the fits so far (the layers outside the blocks at 8 bits): carried from the block before it where its input
     is that block's output (ViT), replayed through the model where it is not (Swin's second stage, after its patch
     merging); and fitting leaves the model's own parameters as they were."""
-    from pomq_deploy.quant.reconstruction import _chained, _inputs_in_context, _run_block
+    from pomq_deploy.quant.reconstruction import _inputs_in_context, _run_block
 
     model, batches = (tiny_vit(), images(2)) if family == "vit" else \
         (_tiny_swin(), [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)])
@@ -184,19 +187,20 @@ def test_each_block_is_fitted_on_its_inputs_under_its_own_uniform_setting(family
             qm.model(b)
     for h in handles:
         h.remove()
-    fp32_inputs, fp32_outputs = _block_io(qm, batches)
+    io = Fp32Blocks(qm, batches)
+    fp32_inputs = [io.inputs(i) for i in range(qm.num_blocks)]
     for i in range(1, qm.num_blocks):
         planned = torch.cat(seen[i])
         replayed, _ = _inputs_in_context(qm, i, "asym", [setting] * i, fits, batches)
         assert torch.allclose(replayed, planned, atol=1e-5)
         assert (planned - fp32_inputs[i][0]).abs().max() > 1e-2  # the context is not the FP32 model's
-        if _chained(fp32_inputs[i], fp32_outputs[i - 1]):
+        if io.chained[i]:
             carried = _run_block(qm, i - 1, "asym", setting, fits[setting_key(i - 1, *setting)],
                                  *_inputs_in_context(qm, i - 1, "asym", [setting] * (i - 1), fits, batches))
             assert torch.allclose(carried, planned, atol=1e-5)
         else:
             assert family == "swin" and i == 2  # the stage boundary
-    assert family == "vit" or not _chained(fp32_inputs[2], fp32_outputs[1])
+    assert family == "vit" or not io.chained[2]
 
 
 def test_each_context_fits_a_block_on_the_inputs_it_names():
@@ -205,7 +209,8 @@ def test_each_context_fits_a_block_on_the_inputs_it_names():
     qm.calibrate(batches)
     fits = fit_adaround(qm, batches, "asym", iterations=3, batch=4, lr=1e-2, seed=5, context="fp32",
                         pairs=[(1, (4, 8, 4))])
-    inputs, outputs = _block_io(qm, batches)
+    io = Fp32Blocks(qm, batches)
+    inputs, outputs = map(list, zip(*[(io.inputs(i), io.outputs(i)) for i in range(qm.num_blocks)], strict=True))
     for p in qm.parameters():
         p.requires_grad_(False)
     direct = reconstruct_block(qm, 1, "asym", 8, 4, 4, inputs[1], outputs[1], 3, 4, 1e-2, 0.0, 0.01, 0.0,
@@ -227,3 +232,30 @@ def test_each_context_fits_a_block_on_the_inputs_it_names():
     assert not all(torch.equal(fitted[n]["codes"], d["codes"]) for n, d in direct["weights"].items())
     with pytest.raises(ValueError, match="fit context 'previous'; allowed: uniform, fp32"):
         fit_adaround(qm, batches, "asym", iterations=1, context="previous")
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_fp32_blocks_are_the_full_forwards_inputs_and_outputs_one_block_at_a_time(family):
+    """Bit for bit what hooks on the FP32 model's forward collect, in any order of blocks asked for (Swin: not
+    chained across its stage boundary), holding one block's tensors at a time."""
+    model, batches = (tiny_vit(), images(3)) if family == "vit" else \
+        (_tiny_swin(), [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    qm = QuantModel(model, "fqvit")
+    qm.calibrate(batches)
+    qm.apply(Plan(recipe="t", scheme="fqvit", rounding="nearest", blocks=(BlockBits(w=4, a=4, attn=4),) * qm.num_blocks))
+    io = Fp32Blocks(qm, batches)  # back to FP32 itself
+    ins = {i: [] for i in range(qm.num_blocks)}
+    outs = {i: [] for i in range(qm.num_blocks)}
+    handles = [h for i, b in enumerate(qm.blocks) for h in (b.register_forward_pre_hook(lambda m, args, i=i: ins[i].append(args[0])),
+                                                             b.register_forward_hook(lambda m, args, out, i=i: outs[i].append(out)))]
+    with torch.no_grad():
+        for b in batches:
+            qm.model(b)
+    for h in handles:
+        h.remove()
+    n = qm.num_blocks
+    assert io.chained == [False] + [True] * (n - 1) if family == "vit" else io.chained == [False, True, False, True]
+    for i in [*range(n), 1, 0, n - 1]:
+        x, kwargs = io.inputs(i)
+        assert torch.equal(x, torch.cat(ins[i])) and torch.equal(io.outputs(i), torch.cat(outs[i])), i
+        assert io.block == i and not any(torch.is_tensor(v) for v in kwargs.values())

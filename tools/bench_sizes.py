@@ -1,14 +1,18 @@
-"""Time and peak memory of ``build --uniform 8/8/8`` and a model-mode ``search`` at the paper's model sizes.
+"""Time and peak memory of ``build --uniform 8/8/8``, a model-mode ``search`` and a block-reconstruction build
+(``build --uniform 4/8/8 --rounding adaround``) at the paper's model sizes.
 
 Each timm model (DeiT-S, DeiT-B, ViT-L at 224 px by default) gets random weights (timm's init, seed 0) saved as
 a checkpoint and a small ImageNet-style folder of random JPEGs (nothing downloaded); the commands then run as a
 user runs them, each in its own process under ``/usr/bin/time -v`` (wall time, peak resident memory). The
 search is a small one (``--builds``, few images): what it shows is that the PyTorch side (calibration,
-sensitivities, the fake-quant reference) and the builds fit in memory at that size, and what they cost.
+sensitivities, the fake-quant reference) and the builds fit in memory at that size, and what they cost. The
+reconstruction runs ``--fit-iterations`` Adam steps per block (the recipe's default is 1,000): its memory is
+what a full fit holds (each block's calibration activations), its time is not a full fit's.
 The CPU heads the output; the table is markdown for docs/benchmarks.md.
 
     python tools/bench_sizes.py                                   # deit_small deit_base vit_large, build and search
     python tools/bench_sizes.py --archs vit_base_patch16_224 --only build
+    python tools/bench_sizes.py --archs vit_base_patch16_224 --only fit --calib-images 256
 """
 
 import argparse
@@ -52,14 +56,17 @@ def recipe(work: Path, arch: str, data: Path, args) -> tuple[Path, float]:
     path.write_text(f"name: {arch}\nmodel: {{arch: {arch}, checkpoint: {ckpt}}}\n"
                     f"data: {{kind: image_folder, root: {data}, calib_images: {args.calib_images}, calib_batch: 32, workers: 0}}\n"
                     f"eval: {{batch_size: 16, limit: {args.eval_images}}}\n"
-                    f"search: {{builds: {args.builds}, eval_images: {args.eval_images}, sensitivity_images: 8, batch: 1, latency_runs: 2}}\n")
+                    f"search: {{builds: {args.builds}, eval_images: {args.eval_images}, sensitivity_images: 8, batch: 1, latency_runs: 2}}\n"
+                    f"fit: {{iterations: {args.fit_iterations}}}\n")
     return path, sum(t.numel() for t in model.parameters()) / 1e6
 
 
-def timed(argv: list[str], log: Path) -> tuple[int, float, float]:
-    """(exit code, wall seconds, peak resident GB) of ``argv`` under /usr/bin/time -v."""
+def timed(argv: list[str], log: Path, cache: Path) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak resident GB) of ``argv`` under /usr/bin/time -v, with its own calibration
+    cache (``cache``: each command calibrates, and fits, as on a fresh machine)."""
+    env = {**os.environ, "POMQ_DEPLOY_CACHE": str(cache)}
     with open(log, "w") as out:
-        rc = subprocess.run(["/usr/bin/time", "-v", *argv], stdout=out, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(["/usr/bin/time", "-v", *argv], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     text = log.read_text()
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
     seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
@@ -70,10 +77,11 @@ def timed(argv: list[str], log: Path) -> tuple[int, float, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=ARCHS)
-    p.add_argument("--only", choices=("build", "search"), help="run one of the two commands (default both)")
+    p.add_argument("--only", choices=("build", "search", "fit"), help="run one of the three commands (default all)")
     p.add_argument("--calib-images", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--eval-images", type=int, default=64, help="evaluation images of the build and the search (default 64)")
     p.add_argument("--builds", type=int, default=4, help="the search's real builds, baselines included (default 4)")
+    p.add_argument("--fit-iterations", type=int, default=20, help="Adam steps per block setting of the fit (default 20)")
     p.add_argument("--device", default="auto", help="--device of both commands (default auto)")
     p.add_argument("--work", type=Path, help="folder for checkpoints, images and logs (default: a new temporary one)")
     args = p.parse_args()
@@ -91,14 +99,17 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for arch in args.archs:
         r, params = recipe(work, arch, data, args)
-        runs = {"build --uniform 8/8/8": [*cli, "build", "--recipe", str(r), "--uniform", "8/8/8", "--out", str(work / "engines"),
-                                          "--runs", "5", "--batch", "1", "--device", args.device, "--json"],
-                f"search --builds {args.builds}": [*cli, "search", "--recipe", str(r), "--out", str(work / f"search-{arch}"),
-                                                   "--allow-infeasible", "--device", args.device, "--json"]}
-        for label, argv in runs.items():
-            if args.only and not label.startswith(args.only):
+        build = [*cli, "build", "--recipe", str(r), "--out", str(work / "engines"), "--runs", "5", "--batch", "1",
+                 "--device", args.device, "--json"]
+        runs = {"build": ("build --uniform 8/8/8", [*build, "--uniform", "8/8/8"]),
+                "search": (f"search --builds {args.builds}", [*cli, "search", "--recipe", str(r), "--out", str(work / f"search-{arch}"),
+                                                              "--allow-infeasible", "--device", args.device, "--json"]),
+                "fit": (f"build --uniform 4/8/8 --rounding adaround ({args.fit_iterations} iterations)",
+                        [*build, "--uniform", "4/8/8", "--rounding", "adaround"])}
+        for kind, (label, argv) in runs.items():
+            if args.only and kind != args.only:
                 continue
-            rc, seconds, peak = timed(argv, work / f"{arch}-{label.split()[0]}.log")
+            rc, seconds, peak = timed(argv, work / f"{arch}-{kind}.log", work / f"cache-{arch}-{kind}")
             print(f"| {arch} | {params:.0f} M | `{label}` | {rc} | {seconds:.0f} | {peak:.2f} |", flush=True)
     return 0
 

@@ -28,7 +28,7 @@ from pomq_deploy.evaluate import evaluate
 from pomq_deploy.plan import BlockBits, Plan, paper_plan, uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.quant.fitting import setting_key
-from pomq_deploy.quant.reconstruction import CONTEXTS, _block_io, _inputs_in_context, fit_adaround, reconstruct_block
+from pomq_deploy.quant.reconstruction import CONTEXTS, Fp32Blocks, _inputs_in_context, fit_adaround, reconstruct_block
 from pomq_deploy.recipe import load_recipe
 
 # Two mixed plans (w, a, attn per block, 12 blocks): 4-bit activations in the first and last blocks, 4-bit weights
@@ -76,7 +76,8 @@ def main() -> None:
     qm, _ = calibrated_model(recipe, args.scheme)
     qm.rounding = "adaround"
     batches = calibration_batches(recipe.data, qm)
-    _, outputs = _block_io(qm, batches)
+    io = Fp32Blocks(qm, batches)
+    outputs = [io.outputs(i) for i in range(qm.num_blocks)]  # the reference model: every block's kept
     for param in qm.parameters():
         param.requires_grad_(False)
     data = eval_dataset(recipe.data, qm)

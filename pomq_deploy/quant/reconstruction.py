@@ -186,18 +186,17 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
     its setting's blocks before it (default: all)."""
     if context not in CONTEXTS:
         raise ValueError(f"fit context {context!r}; allowed: {', '.join(CONTEXTS)}")
-    inputs, outputs = _block_io(qmodel, batches)
+    fp32 = Fp32Blocks(qmodel, batches)
     if pairs is None:
         settings = [(w, a, attn) for a, attn in itertools.product(BITS, BITS) for w in BITS]
         pairs = [(block, setting) for block in range(qmodel.num_blocks) for setting in settings]
     fits: dict[str, dict[str, dict]] = {}
     carried: dict[tuple, tuple] = {}  # setting -> (block, its inputs with every block before it at that setting)
-    # whether each block's FP32 input is the output of the block before it: the same for every setting
-    chained = [i > 0 and _chained(inputs[i], outputs[i - 1]) for i in range(qmodel.num_blocks)] + [False]
+    chained = fp32.chained + [False]
 
     def inputs_of(block: int, setting: tuple) -> tuple:
         if context == "fp32":
-            return inputs[block]
+            return fp32.inputs(block)
         if carried.get(setting, (None,))[0] != block:
             carried[setting] = (block, _inputs_in_context(qmodel, block, fmt, [setting] * block, fits, batches))
         return carried[setting][1]
@@ -211,13 +210,13 @@ def fit_adaround(qmodel, batches: list[torch.Tensor], fmt: str, track: Track | N
         p.requires_grad_(False)
     try:
         for block, (w, a, attn) in steps:
-            fit = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs_of(block, (w, a, attn)), outputs[block],
+            target = fp32.outputs(block)
+            fit = reconstruct_block(qmodel, block, fmt, a, attn, w, inputs_of(block, (w, a, attn)), target,
                                     iterations, batch, lr, act_lr, weight, drop, g)
             fits[setting_key(block, w, a, attn)] = fit
-            if context != "fp32" and chained[block + 1]:
+            if context != "fp32" and chained[block + 1]:  # the next block's input is this one's output, same kwargs
                 x, kwargs = carried[(w, a, attn)][1]
-                carried[(w, a, attn)] = (block + 1, (_run_block(qmodel, block, fmt, (w, a, attn), fit, x, kwargs),
-                                                     inputs[block + 1][1]))
+                carried[(w, a, attn)] = (block + 1, (_run_block(qmodel, block, fmt, (w, a, attn), fit, x, kwargs), kwargs))
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -296,42 +295,78 @@ def _learn(qmodel, block: int, layers: dict, quants: dict, w: int, soft: dict, s
             aq.straight_through, aq.drop, aq.learned = False, 0.0, None
 
 
-@torch.no_grad()
-def _block_io(qmodel, batches: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
-    """Each block's FP32 inputs ((x, tensor kwargs), concatenated over the batches) and outputs."""
-    qmodel.apply(None)
-    ins: list[list] = [[] for _ in qmodel.blocks]
-    outs: list[list] = [[] for _ in qmodel.blocks]
-    handles = []
-    for i, block in enumerate(qmodel.blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, args, kwargs, i=i: ins[i].append((args[0], kwargs)),
-                                                       with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, args, out, i=i: outs[i].append(out)))
-    try:
-        for b in batches:
-            qmodel.model(b)
-    finally:
-        for h in handles:
-            h.remove()
-    return [_concat(per_batch) for per_batch in ins], [torch.cat(o) for o in outs]
+class Fp32Blocks:
+    """One block's FP32 input ((x, kwargs)) and output on the calibration images at a time, the blocks' own
+    way through the FP32 model: the next block's input is this block's output where the model chains them (ViT,
+    DeiT, BEiT, EVA; within a Swin stage), the model's forward stopped at the block elsewhere (or when an earlier
+    block is asked for). Memory: two activation tensors of the calibration images, whatever the depth (ViT-L at
+    1,000 images: 0.8 GB each), where holding every block's would take 2 x 24 of them. Each block runs on the
+    calibration batches as the forward does, so its output is bit for bit the full forward's."""
+
+    def __init__(self, qmodel, batches: list[torch.Tensor]):
+        qmodel.apply(None)
+        self.qmodel, self.batches = qmodel, batches
+        self.chained = self._chaining()
+        self.block, self._x, self._kwargs, self._y = None, None, [], None
+
+    def inputs(self, block: int) -> tuple[torch.Tensor, dict]:
+        """Block ``block``'s FP32 inputs: (x over all the images, kwargs with tensors along the batch concatenated)."""
+        self._reach(block)
+        return self._x, _concat_kwargs(self._kwargs, [len(b) for b in self.batches])
+
+    def outputs(self, block: int) -> torch.Tensor:
+        self._reach(block)
+        if self._y is None:
+            with torch.no_grad():
+                sizes = [len(b) for b in self.batches]
+                self._y = torch.cat([self.qmodel.blocks[block](x, **kw) for x, kw in zip(self._x.split(sizes), self._kwargs,
+                                                                                          strict=True)])
+        return self._y
+
+    def _reach(self, block: int) -> None:
+        if block == self.block:
+            return
+        if self.block is not None and block == self.block + 1 and self.chained[block]:
+            x = self.outputs(self.block)
+        else:
+            seen = _stopped_inputs(self.qmodel, block, self.batches)
+            x, self._kwargs = torch.cat([x for x, _ in seen]), [kw for _, kw in seen]
+        self.block, self._x, self._y = block, x, None
+
+    @torch.no_grad()
+    def _chaining(self) -> list[bool]:
+        """Per block, whether its input is the output of the block before it with the same kwargs (seen on the
+        first calibration batch)."""
+        ins, outs, handles = [], [], []
+        for block in self.qmodel.blocks:
+            handles.append(block.register_forward_pre_hook(lambda m, args, kwargs: ins.append((args[0], kwargs)),
+                                                           with_kwargs=True))
+            handles.append(block.register_forward_hook(lambda m, args, out: outs.append(out)))
+        try:
+            self.qmodel.model(self.batches[0])
+        finally:
+            for h in handles:
+                h.remove()
+        return [i > 0 and ins[i][0].shape == outs[i - 1].shape and torch.equal(ins[i][0], outs[i - 1])
+                and _same_kwargs(ins[i][1], ins[i - 1][1]) for i in range(len(ins))]
 
 
-def _concat(per_batch: list[tuple]) -> tuple[torch.Tensor, dict]:
-    """(x, kwargs) collected per batch as one (x, kwargs): tensors concatenated along the batch, the rest as given."""
-    first = per_batch[0][1]
-    return (torch.cat([x for x, _ in per_batch]),
-            {k: torch.cat([kw[k] for _, kw in per_batch]) if torch.is_tensor(v) else v for k, v in first.items()})
+def _same_kwargs(a: dict, b: dict) -> bool:
+    """The same kwargs: the same tensor objects (a rotary embedding every block is given) and equal other values."""
+    return a.keys() == b.keys() and all(v is b[k] or (not torch.is_tensor(v) and v == b[k]) for k, v in a.items())
+
+
+def _concat_kwargs(per_batch: list[dict], sizes: list[int]) -> dict:
+    """A block's kwargs collected per batch as one: tensors along the batch concatenated, the rest (a shared
+    rotary embedding, a mask for every image) as the first batch gave them."""
+    first = per_batch[0]
+    return {k: torch.cat([kw[k] for kw in per_batch]) if torch.is_tensor(v) and v.shape[:1] == (sizes[0],) else v
+            for k, v in first.items()}
 
 
 def _rows(kwargs: dict, x: torch.Tensor, pick) -> dict:
     """A block's kwargs for the rows ``pick`` of its input ``x`` (tensors with x's batch dimension are indexed)."""
     return {k: v[pick] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v for k, v in kwargs.items()}
-
-
-def _chained(inputs: tuple, previous_outputs: torch.Tensor) -> bool:
-    """Whether a block's FP32 input is the output of the block before it (ViT, DeiT, BEiT, EVA; not across Swin's
-    stages)."""
-    return inputs[0].shape == previous_outputs.shape and torch.equal(inputs[0], previous_outputs)
 
 
 @torch.no_grad()
@@ -352,13 +387,8 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def _inputs_in_context(qmodel, block: int, fmt: str, settings: list[tuple], fits: dict, batches: list[torch.Tensor]) -> tuple:
-    """Block ``block``'s inputs ((x, tensor kwargs)) with the layers outside the blocks at 8 bits and each block
-    ``j`` before it at ``settings[j]`` (w, a, attn) with its fit in ``fits``: the model forward, stopped at the
-    block."""
-    _enter(qmodel, None, fmt, OUTSIDE_BITS, OUTSIDE_BITS, OUTSIDE_BITS)
-    for j, (w, a, attn) in enumerate(settings[:block]):
-        _enter(qmodel, j, fmt, a, attn, w, fits[setting_key(j, w, a, attn)])
+def _stopped_inputs(qmodel, block: int, batches: list[torch.Tensor]) -> list[tuple]:
+    """Block ``block``'s (x, kwargs) per batch, as the model is now set: its forward, stopped at the block."""
     seen = []
 
     def stop(module, args, kwargs):
@@ -374,6 +404,20 @@ def _inputs_in_context(qmodel, block: int, fmt: str, settings: list[tuple], fits
                 pass
     finally:
         handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def _inputs_in_context(qmodel, block: int, fmt: str, settings: list[tuple], fits: dict, batches: list[torch.Tensor]) -> tuple:
+    """Block ``block``'s inputs ((x, tensor kwargs)) with the layers outside the blocks at 8 bits and each block
+    ``j`` before it at ``settings[j]`` (w, a, attn) with its fit in ``fits``: the model forward, stopped at the
+    block."""
+    _enter(qmodel, None, fmt, OUTSIDE_BITS, OUTSIDE_BITS, OUTSIDE_BITS)
+    for j, (w, a, attn) in enumerate(settings[:block]):
+        _enter(qmodel, j, fmt, a, attn, w, fits[setting_key(j, w, a, attn)])
+    try:
+        seen = _stopped_inputs(qmodel, block, batches)
+    finally:
         for j in (None, *range(block)):
             _leave(qmodel, j)
-    return _concat(seen)
+    return torch.cat([x for x, _ in seen]), _concat_kwargs([kw for _, kw in seen], [len(b) for b in batches])
