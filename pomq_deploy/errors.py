@@ -41,6 +41,11 @@ class PlanError(PomqError):
 
 
 class VerifyError(PomqError):
-    """A built artifact does not compute what the PyTorch reference computes (the build's self-check)."""
+    """A built artifact does not compute what the PyTorch reference computes (the build's self-check);
+    ``check``: the failed check's record (``Verification.to_json``)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, check: dict | None = None):
+        super().__init__(message)
+        self.check = check

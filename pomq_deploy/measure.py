@@ -76,7 +76,7 @@ def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recip
         except ValueError as e:  # blocks the graph does not delimit as expected: report without them
             unlocated = f" (no per-block comparison: {e})"
     raise VerifyError(f"self-check failed: {backend.name} vs the PyTorch reference {result.failure()}{unlocated}; "
-                      "nothing was written (--no-verify builds it anyway)")
+                      "nothing was written (--no-verify builds it anyway)", result.to_json())
 
 
 def export_model(model: nn.Module, plan: Plan | None, target: str, path: Path) -> ExportInfo:

@@ -121,9 +121,10 @@ class Verification:
         return self.calibration.ok() and self.noise.ok()
 
     def to_json(self) -> dict:
-        """The manifest's record (of a passed check: a failed one stops the build)."""
+        """The manifest's record (of a passed check: a failed one stops the build, its record in the VerifyError)."""
         return {"passed": self.passed, "thresholds": {"top1": MIN_TOP1, "cosine": MIN_COSINE, "margin": "2 x noise"},
-                "calibration": asdict(self.calibration), "noise": asdict(self.noise)}
+                "calibration": asdict(self.calibration), "noise": asdict(self.noise)} | \
+            ({"worst_block": asdict(self.worst_block)} if self.worst_block is not None else {})
 
     def failure(self) -> str:
         """The one line a failed check reports."""

@@ -139,28 +139,7 @@ def _near_tied_recipe(tmp_path) -> Path:
     return tiny_recipe_file(tmp_path, tmp_path / "tied.safetensors", calib_images=64, num_classes=1000)
 
 
-def _saturating_integer(original):
-    """``QuantWeighted._integer`` as an AVX2 CPU's u8 x s8 kernel computes it (VPMADDUBSW): raw uint8 activations
-    times int8 weights, each pair of products summed in int16 with saturation, then accumulated exactly."""
-    import torch
-
-    def integer(self, x, bias):
-        parts = self.in_quant.parts(x)
-        if isinstance(self.layer, torch.nn.Conv2d) or parts is None or len(parts[1]) != 1 or self.weight_bits != 8:
-            return original(self, x, bias)
-        scale, [(codes, _)] = parts
-        z = self.in_quant.active.zero_point
-        w, w_scale = self.weight_codes(8)
-        raw = (codes + z).flatten(0, -2)
-        pairs = torch.einsum("njk,jko->njo", raw.reshape(len(raw), -1, 2), w.T.reshape(-1, 2, w.shape[0]))
-        acc = pairs.clamp_(-32768, 32767).sum(1) - z * w.sum(1)  # exact in float32: |acc| < 2^24 here
-        y = (acc.double() * (scale * w_scale.double())).float().reshape(*codes.shape[:-1], -1)
-        return y if bias is None else y + bias
-
-    return integer
-
-
-def test_near_tied_logits_pass_a_correct_artifact_and_fail_a_saturating_one(tmp_path, monkeypatch):
+def test_near_tied_logits_pass_a_correct_artifact_and_fail_a_saturating_one(tmp_path):
     """On near-tied logits (most images' top-1 margin below twice the float noise) the self-check passes the
     ONNX Runtime artifact and the same graph run without ORT's integer rewrites (float GEMMs on dequantized
     values: another correct order of the sums), and still fails the artifact's arithmetic with saturating
@@ -168,10 +147,10 @@ def test_near_tied_logits_pass_a_correct_artifact_and_fail_a_saturating_one(tmp_
     import onnxruntime as ort
     import torch
 
+    from pomq_deploy.backends.saturation import saturating
     from pomq_deploy.data import calibration_batches
     from pomq_deploy.measure import measure
     from pomq_deploy.quant.calibration import calibrated_model
-    from pomq_deploy.quant.modules import QuantWeighted
     from pomq_deploy.verify import margins
 
     recipe = load_recipe(str(_near_tied_recipe(tmp_path)))
@@ -193,11 +172,9 @@ def test_near_tied_logits_pass_a_correct_artifact_and_fail_a_saturating_one(tmp_
     plain = ort.InferenceSession(str(m.onnx_path), options, providers=["CPUExecutionProvider"])
     floats = verify(lambda x: plain.run(None, {plain.get_inputs()[0].name: x})[0], reference, second, calib, noise)
     assert floats.passed, floats.failure()
-    saturating = _saturating_integer(QuantWeighted._integer)
 
     def saturating_artifact(x):
-        with monkeypatch.context() as patch, torch.inference_mode(), qm.exact_path():
-            patch.setattr(QuantWeighted, "_integer", saturating)
+        with saturating(qm), torch.inference_mode():
             return qm(torch.from_numpy(x)).numpy()
 
     broken = verify(saturating_artifact, reference, second, calib, noise)
