@@ -13,20 +13,33 @@ import torch
 from ..quant.modules import QuantWeighted
 
 
+def vpmaddubsw_gemm(raw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``raw @ w.T`` (uint8 codes, rows x K, times int8 codes, O x K, both as floats) as VPMADDUBSW sums it: each
+    pair of products (k = 2j, 2j+1) saturated to int16, the pairs then summed exactly; float64. Computed as the
+    exact sum corrected where a pair saturates: only pairs of weight codes with ``|w0| + |w1| > 128`` can
+    (255 x 128 = 32,640 fits in int16), so the pairs are formed for those alone."""
+    if raw.shape[-1] % 2:
+        raw, w = torch.nn.functional.pad(raw, (0, 1)), torch.nn.functional.pad(w, (0, 1))
+    acc = raw.double() @ w.double().T  # exact: |sum| < 2^53
+    out, pair = torch.nonzero(w[:, 0::2].abs() + w[:, 1::2].abs() > 128, as_tuple=True)
+    w0, w1 = w[out, 2 * pair].float(), w[out, 2 * pair + 1].float()
+    rows = max(1, 2**24 // max(1, len(out)))  # the pairs of this many rows at a time: 64 MB
+    for i in range(0, len(raw), rows):
+        p = raw[i:i + rows, 2 * pair].float() * w0 + raw[i:i + rows, 2 * pair + 1].float() * w1  # exact: |p| <= 64,770
+        acc[i:i + rows].index_add_(1, out, (p.clamp(-32768, 32767) - p).double())
+    return acc
+
+
 def _saturating_integer(self: QuantWeighted, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``QuantWeighted._integer`` with every 8-bit Linear on per-tensor activation codes as VPMADDUBSW sums it;
-    the rest (patchify convolutions, 4-bit weights, split codes) as the exact path computes it."""
+    """``QuantWeighted._integer`` with every 8-bit Linear on per-tensor activation codes through
+    ``vpmaddubsw_gemm``; the rest (patchify convolutions, 4-bit weights, split codes) as the exact path has it."""
     parts = self.in_quant.parts(x)
     if isinstance(self.layer, torch.nn.Conv2d) or parts is None or len(parts[1]) != 1 or self.weight_bits != 8:
         return QuantWeighted._integer(self, x, bias)
     scale, [(codes, _)] = parts
     z = self.in_quant.active.zero_point
     w, w_scale = self.weight_codes(8)
-    raw = (codes + z).flatten(0, -2)  # the uint8 codes the kernel reads
-    if raw.shape[-1] % 2:
-        raw, w = torch.nn.functional.pad(raw, (0, 1)), torch.nn.functional.pad(w, (0, 1))
-    pairs = torch.einsum("njk,jko->njo", raw.reshape(len(raw), -1, 2), w.T.reshape(-1, 2, w.shape[0]))
-    acc = pairs.clamp_(-32768, 32767).double().sum(1) - z * w.double().sum(1)
+    acc = vpmaddubsw_gemm((codes + z).flatten(0, -2), w) - z * w.double().sum(1)  # raw: the uint8 codes the kernel reads
     y = (acc * (scale * w_scale.double())).float().reshape(*codes.shape[:-1], -1)
     return y if bias is None else y + bias
 
