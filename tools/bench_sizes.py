@@ -10,7 +10,7 @@ reconstruction runs ``--fit-iterations`` Adam steps per block (the recipe's defa
 what a full fit holds (each block's calibration activations), its time is not a full fit's.
 The CPU heads the output; the table is markdown for docs/benchmarks.md.
 
-    python tools/bench_sizes.py                                   # deit_small deit_base vit_large, build and search
+    python tools/bench_sizes.py                                   # deit_small deit_base vit_large: build, search, fit
     python tools/bench_sizes.py --archs vit_base_patch16_224 --only build
     python tools/bench_sizes.py --archs vit_base_patch16_224 --only fit --calib-images 256
 """

@@ -357,8 +357,8 @@ def _same_kwargs(a: dict, b: dict) -> bool:
 
 
 def _concat_kwargs(per_batch: list[dict], sizes: list[int]) -> dict:
-    """A block's kwargs collected per batch as one: tensors along the batch concatenated, the rest (a shared
-    rotary embedding, a mask for every image) as the first batch gave them."""
+    """A block's kwargs collected per batch as one: tensors along the batch concatenated, the rest (a rotary
+    embedding or a mask that every image shares) as the first batch gave them."""
     first = per_batch[0]
     return {k: torch.cat([kw[k] for kw in per_batch]) if torch.is_tensor(v) and v.shape[:1] == (sizes[0],) else v
             for k, v in first.items()}
