@@ -97,6 +97,15 @@ def test_model_guided_search_measures_the_design_set_and_the_predicted_front(rec
         assert best["plan_id"] in measured and best["source"] in ("design", "front")
 
 
+def test_model_mode_refuses_fewer_builds_than_its_design_set_before_building(recipe, tmp_path, capsys):
+    err = user_error(["search", "--recipe", str(recipe), "--mode", "model", "--builds", "12", "--out", str(tmp_path / "s")],
+                     capsys)
+    assert ("--builds 12: the model-guided search builds the two baselines and the 11 design plans this study has "
+                   "not measured (11 for this model and space) before it predicts a front; give --builds 13 or more (the "
+                   "recipe's search.builds), or --mode measured") in err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.onnx"))
+
+
 def test_model_mode_refuses_measured_mode_options(recipe, tmp_path, capsys):
     err = user_error(["search", "--recipe", str(recipe), "--mode", "model", "--trials", "4", "--out", str(tmp_path)], capsys)
     assert "--algorithm, --trials and --generations apply to --mode measured; --mode model takes --builds" in err

@@ -80,7 +80,8 @@ def main() -> int:
     p.add_argument("--only", choices=("build", "search", "fit"), help="run one of the three commands (default all)")
     p.add_argument("--calib-images", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--eval-images", type=int, default=64, help="evaluation images of the build and the search (default 64)")
-    p.add_argument("--builds", type=int, default=4, help="the search's real builds, baselines included (default 4)")
+    p.add_argument("--builds", type=int, default=13,
+                   help="the search's real builds, baselines included (default 13: the baselines and the design set, no front)")
     p.add_argument("--fit-iterations", type=int, default=20, help="Adam steps per block setting of the fit (default 20)")
     p.add_argument("--device", default="auto", help="--device of both commands (default auto)")
     p.add_argument("--work", type=Path, help="folder for checkpoints, images and logs (default: a new temporary one)")

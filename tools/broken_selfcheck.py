@@ -133,7 +133,7 @@ def main() -> int:
         r = load_recipe(args.recipe)
     else:
         data = image_folder(work / "images", classes=8, per_class=8)
-        r = load_recipe(str(recipe(work, args.arch, data, argparse.Namespace(calib_images=64, eval_images=64, builds=4,
+        r = load_recipe(str(recipe(work, args.arch, data, argparse.Namespace(calib_images=64, eval_images=64, builds=13,
                                                                              fit_iterations=1))[0]))
     print(f"CPU: {detect().describe()}, {os.cpu_count()} CPUs; {r.model.arch}, fqvit 8/8/8, ort-cpu; work in {work}\n")
     qm, _ = calibrated_model(r, "fqvit")

@@ -81,8 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("model", "measured"), help="model: NSGA-II on latency/accuracy models fitted to a "
                    "measured design set, then the predicted front measured; measured: every trial built and measured "
                    "(default: the recipe's search.mode)")
-    g.add_argument("--builds", type=positive_int, help="--mode model: real builds at most, the two baselines included "
-                   "(default: the recipe's search.builds)")
+    g.add_argument("--builds", type=positive_int, help="--mode model: real builds at most, the two baselines included; "
+                   "at least the baselines and the design set (13 for a plain ViT in the paper's space), refused "
+                   "below that (default: the recipe's search.builds)")
     g.add_argument("--algorithm", choices=("nsga2", "random"), help="--mode measured: NSGA-II, or random sampling "
                    "('stochastic' in the paper)")
     g.add_argument("--population", type=positive_int, help="NSGA-II population size")

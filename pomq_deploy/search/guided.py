@@ -12,6 +12,7 @@ from optuna.trial import Trial, TrialState
 
 from ..plan import Plan
 from ..progress import Phases
+from ..recipe import ModelSpec
 from ._progress import trial_step
 from .evaluator import PlanEvaluator
 from .models import AccuracyModel, AdditiveModel, block_groups, design_plans, errors, kl_sensitivities
@@ -153,6 +154,22 @@ def pick(front: list[dict], k: int, base: dict, measured: set[str], max_drop: fl
         return chosen + rest
     step = (len(rest) - 1) / max(want - 1, 1)
     return chosen + [rest[round(i * step)] for i in range(want)]
+
+
+def check_builds(study: optuna.Study, model: ModelSpec, cfg: SearchConfig, builds: int) -> None:
+    """Refuse ``--builds`` below what the search builds before it can predict anything: the two baselines and
+    the design set's plans that the study has not measured yet. Before calibrating: the blocks are read off the
+    model's shape alone."""
+    from ..models.loading import data_model
+    from ..quant.model import find_blocks
+
+    done = {t.user_attrs.get("plan_id") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    design = design_plans(block_groups(find_blocks(data_model(model))), cfg.recipe, cfg.scheme, cfg.rounding, cfg.space)
+    need = 2 + sum(p.plan_id not in done for p in design)
+    if builds < need:
+        raise SearchError(f"--builds {builds}: the model-guided search builds the two baselines and the {need - 2} "
+                          f"design plans this study has not measured ({len(design)} for this model and space) before "
+                          f"it predicts a front; give --builds {need} or more (the recipe's search.builds), or --mode measured")
 
 
 def run_guided(study: optuna.Study, evaluator: PlanEvaluator, cfg: SearchConfig, base: dict, builds: int,

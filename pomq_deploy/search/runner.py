@@ -12,7 +12,7 @@ from ..plan import Plan
 from ..progress import Phases
 from ..recipe import Recipe
 from .evaluator import PlanEvaluator
-from .guided import run_guided
+from .guided import check_builds, run_guided
 from .report import Row, closest_text, hypervolume, mark_front, rows_of, select, write_outputs
 from .space import PAPER, Space
 from .study import SearchConfig, baselines, open_study, run_trials, study_rounding, study_space, warm_ratio_cache
@@ -132,6 +132,8 @@ def run_search(opts: SearchOptions, console) -> SearchResult:
     kept = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if kept:
         phases.note(f"resuming study {opts.study} in {opts.storage}: {kept} measured plan(s) kept, none measured again")
+    if opts.mode == "model":
+        check_builds(study, opts.recipe.model, cfg, opts.builds)
     start, guided = time.perf_counter(), None
     evaluator = PlanEvaluator(opts.recipe, opts.scheme, opts.rounding, opts.backend, opts.target, opts.eval_images, opts.batch, opts.runs,
                               ratio_cache=warm_ratio_cache(study), track=phases.track, say=phases.note, device=opts.device)
