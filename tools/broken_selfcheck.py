@@ -2,7 +2,7 @@
 
 Builds ``--uniform 8/8/8`` (fqvit, ort-cpu) of a timm model with random weights (as ``tools/bench_sizes.py``
 makes it: timm's init, seed 0, an image folder of random JPEGs) or of a recipe, runs the self-check on the
-correct artifact, then on copies of its ONNX file broken in one place each, the way an exporter or a backend
+correct artifact, then on copies of its ONNX file broken in one place or everywhere, the way an exporter or a backend
 could get one tensor wrong, each built and checked as ``build`` does (``measure.self_check``):
 
 - ``zero-points``: every activation's zero point 128 off in its DequantizeLinear (int8 codes read as uint8);
