@@ -306,20 +306,20 @@ class Fp32Blocks:
     def __init__(self, qmodel, batches: list[torch.Tensor]):
         qmodel.apply(None)
         self.qmodel, self.batches = qmodel, batches
+        self.sizes = [len(b) for b in batches]
         self.chained = self._chaining()
         self.block, self._x, self._kwargs, self._y = None, None, [], None
 
     def inputs(self, block: int) -> tuple[torch.Tensor, dict]:
         """Block ``block``'s FP32 inputs: (x over all the images, kwargs with tensors along the batch concatenated)."""
         self._reach(block)
-        return self._x, _concat_kwargs(self._kwargs, [len(b) for b in self.batches])
+        return self._x, _concat_kwargs(self._kwargs, self.sizes)
 
     def outputs(self, block: int) -> torch.Tensor:
         self._reach(block)
         if self._y is None:
             with torch.no_grad():
-                sizes = [len(b) for b in self.batches]
-                self._y = torch.cat([self.qmodel.blocks[block](x, **kw) for x, kw in zip(self._x.split(sizes), self._kwargs,
+                self._y = torch.cat([self.qmodel.blocks[block](x, **kw) for x, kw in zip(self._x.split(self.sizes), self._kwargs,
                                                                                           strict=True)])
         return self._y
 
