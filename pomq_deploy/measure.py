@@ -44,21 +44,29 @@ def evaluate_artifact(backend: Backend, artifact: Artifact, recipe: Recipe, trac
     return evaluate(lambda x: torch.from_numpy(backend.run(artifact, x.numpy())), batches)
 
 
-def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recipe: Recipe, onnx_path: Path) -> dict:
-    """The artifact against ``reference`` (pomq_deploy.verify) on the recipe's first calibration images and
-    seeded noise; the manifest's record, or a VerifyError naming the worst block (where the backend can run
-    parts of the ONNX model) when it does not agree."""
+def self_check_images(recipe: Recipe, reference: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the self-check compares on: the recipe's first calibration images and seeded uniform noise
+    normalised as the model's inputs are (pomq_deploy.verify's counts)."""
     from timm.data import resolve_data_config
 
     from .data import calibration_batches
-    from .errors import VerifyError
     from .export.onnx_export import input_size
-    from .quant.model import QuantModel, exactly, find_blocks
-    from .verify import CALIB_IMAGES, NOISE_IMAGES, noise_images, reference_pair, verify, worst_block
+    from .verify import CALIB_IMAGES, NOISE_IMAGES, noise_images
 
     calib = torch.cat(calibration_batches(recipe.data, reference))[:CALIB_IMAGES]
     cfg = resolve_data_config({}, model=reference)
-    noise = noise_images(NOISE_IMAGES, input_size(getattr(reference, "model", reference)), cfg["mean"], cfg["std"])
+    return calib, noise_images(NOISE_IMAGES, input_size(getattr(reference, "model", reference)), cfg["mean"], cfg["std"])
+
+
+def self_check(backend: Backend, artifact: Artifact, reference: nn.Module, recipe: Recipe, onnx_path: Path) -> dict:
+    """The artifact against ``reference`` (pomq_deploy.verify) on ``self_check_images``; the manifest's record,
+    or a VerifyError naming the worst block (where the backend can run parts of the ONNX model) when it does not
+    agree."""
+    from .errors import VerifyError
+    from .quant.model import QuantModel, exactly, find_blocks
+    from .verify import reference_pair, verify, worst_block
+
+    calib, noise = self_check_images(recipe, reference)
     result = verify(lambda x: backend.run(artifact, x), *reference_pair(reference), calib, noise)
     if result.passed:
         return result.to_json()

@@ -12,7 +12,7 @@ could get one tensor wrong, each built and checked as ``build`` does (``measure.
 
 and the arithmetic the check was made for: ``saturating``, the plan computed with u8 x s8 pairs saturating
 int16 as ONNX Runtime's kernel does on a CPU without VNNI (pomq_deploy.backends.saturation, on the reference's
-own codes: the ort-cpu backend never builds that artifact, so it is emulated).
+own codes and the self-check's images: the ort-cpu backend never builds that artifact, so it is emulated).
 
 Prints one row per artifact: passed or refused, and the check's own line (top-1 on the judged images, cosine,
 the block it blames). Random weights give near-tied logits: top-1 is judged on few images, the cosine carries
@@ -33,7 +33,6 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from timm.data import resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,14 +41,12 @@ from bench_sizes import image_folder, recipe
 from pomq_deploy.backends.cpu import detect
 from pomq_deploy.backends.ort_cpu import OrtCpuBackend
 from pomq_deploy.backends.saturation import saturating
-from pomq_deploy.data import calibration_batches
 from pomq_deploy.errors import VerifyError
-from pomq_deploy.export.onnx_export import input_size
-from pomq_deploy.measure import measure
+from pomq_deploy.measure import measure, self_check_images
 from pomq_deploy.plan import uniform_plan
 from pomq_deploy.quant.calibration import calibrated_model
 from pomq_deploy.recipe import load_recipe
-from pomq_deploy.verify import CALIB_IMAGES, NOISE_IMAGES, noise_images, reference_pair, verify
+from pomq_deploy.verify import reference_pair, verify
 
 
 def _value(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -160,9 +157,7 @@ def main() -> int:
         print(row(f"{name}: {what}", check), flush=True)
     if "saturating" not in args.breaks:
         return 0 if refused == len(args.breaks) else 1
-    calib = torch.cat(calibration_batches(r.data, qm))[:CALIB_IMAGES]
-    cfg = resolve_data_config({}, model=qm)
-    noise = noise_images(NOISE_IMAGES, input_size(qm.model), cfg["mean"], cfg["std"])
+    calib, noise = self_check_images(r, qm)
 
     def saturating_run(x: np.ndarray) -> np.ndarray:
         with saturating(qm), torch.inference_mode():
